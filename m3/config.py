@@ -91,16 +91,16 @@ class Config:
 
     def _problems(self) -> Any:
         positive = (
-            "vocab_size n_layer n_head n_kv_head head_dim n_embd mlp_hidden block_size "
-            "memory_tokens memories_per_chunk chunk_length reference_length"
-        ).split()
+            "vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "mlp_hidden",
+            "block_size", "memory_tokens", "memories_per_chunk", "chunk_length", "reference_length",
+        )  # fmt: skip
         for key in positive:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 yield f"{key} must be a positive integer, got {value!r}"
-        if isinstance(self.n_head, int) and isinstance(self.n_kv_head, int) and self.n_kv_head:
-            if self.n_head % self.n_kv_head:
-                yield f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
+        heads_ok = isinstance(self.n_head, int) and isinstance(self.n_kv_head, int)
+        if heads_ok and self.n_kv_head > 0 and self.n_head % self.n_kv_head:
+            yield f"n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
         if isinstance(self.head_dim, int) and self.head_dim % 2:
             yield f"head_dim must be even for rotary embeddings, got {self.head_dim}"
         if self.norm not in ("rmsnorm", "layernorm"):
@@ -205,18 +205,42 @@ class Config:
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains in seconds on a CPU; byte-level or small BPE vocabularies fit in 512 ids.
     "tiny": dict(
-        vocab_size=512, n_layer=4, n_head=4, n_kv_head=2, head_dim=16, n_embd=64,
-        mlp_hidden=192, block_size=512, memory_layers=(0, 1),
+        vocab_size=512,
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        head_dim=16,
+        n_embd=64,
+        mlp_hidden=192,
+        block_size=512,
+        memory_layers=(0, 1),
     ),
     # The benchmark size: ~8.4M parameters with an 8k vocabulary.
     "small": dict(
-        vocab_size=8192, n_layer=6, n_head=8, n_kv_head=2, head_dim=32, n_embd=256,
-        mlp_hidden=704, block_size=2048, memory_layers=(0, 1, 2),
+        vocab_size=8192,
+        n_layer=6,
+        n_head=8,
+        n_kv_head=2,
+        head_dim=32,
+        n_embd=256,
+        mlp_hidden=704,
+        block_size=2048,
+        memory_layers=(0, 1, 2),
     ),
     # Memory3-2.4B as published (SPEC §2).
     "paper-2.4b": dict(
-        vocab_size=60416, n_layer=44, n_head=40, n_kv_head=8, head_dim=80, n_embd=3200,
-        mlp_hidden=3200, block_size=2048, memory_layers=tuple(range(22)), memory_tokens=8,
-        memories_per_chunk=5, chunk_length=64, reference_length=128,
+        vocab_size=60416,
+        n_layer=44,
+        n_head=40,
+        n_kv_head=8,
+        head_dim=80,
+        n_embd=3200,
+        mlp_hidden=3200,
+        block_size=2048,
+        memory_layers=tuple(range(22)),
+        memory_tokens=8,
+        memories_per_chunk=5,
+        chunk_length=64,
+        reference_length=128,
     ),
 }

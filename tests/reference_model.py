@@ -1,0 +1,124 @@
+"""A slow, obviously-correct Memory³ forward pass, written independently of `m3.model`.
+
+It reads the model's weights by name and recomputes everything in float64, one sequence at a
+time and one chunk at a time: each chunk's keys are built by plain concatenation (prefix and
+context so far, plus the memory tokens that chunk may see) and attention is an explicit
+softmax. The tests pin `m3.model` against it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from m3.memory import Memories
+from m3.model import Memory3
+
+
+def _norm(x: Tensor, weight: Tensor, kind: str, eps: float) -> Tensor:
+    if kind == "rmsnorm":
+        return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / torch.sqrt((centred * centred).mean(-1, keepdim=True) + eps) * weight
+
+
+def _act(x: Tensor, kind: str) -> Tensor:
+    if kind == "silu":
+        return x / (1 + torch.exp(-x))
+    return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
+
+
+def _rope(x: Tensor, positions: list[int], base: float) -> Tensor:
+    """x: (S, heads, d). Pair i rotates with pair i + d/2 by angle pos * base^(-2i/d)."""
+    out = x.clone()
+    half = x.shape[-1] // 2
+    for s, pos in enumerate(positions):
+        for i in range(half):
+            angle = pos * base ** (-2 * i / x.shape[-1])
+            c, sn = math.cos(angle), math.sin(angle)
+            a, b = x[s, :, i], x[s, :, i + half]
+            out[s, :, i] = a * c - b * sn
+            out[s, :, i + half] = b * c + a * sn
+    return out
+
+
+def _softmax_attend(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor) -> Tensor:
+    """q (R, d), keys/values (N, d), allowed (R, N) bool: explicit softmax per row."""
+    scores = q @ keys.T / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return weights @ values
+
+
+def reference_forward(
+    model: Memory3,
+    idx: Tensor,
+    memories: Memories | None = None,
+    prefix: list[int] | None = None,
+) -> Tensor:
+    """Logits (B, T, V) in float64 through a per-chunk loop (see the module docstring)."""
+    cfg = model.config
+    w = {name: t.detach().double().cpu() for name, t in model.state_dict().items()}
+    if cfg.tie_embeddings:
+        w["lm_head.weight"] = w["embed_tokens.weight"]
+    heads, kv_heads, dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+    group = heads // kv_heads
+    memory_layers = list(cfg.memory_layers or ())
+    results = []
+    for row in range(idx.shape[0]):
+        tokens = idx[row].tolist()
+        if memories is None:
+            width, seq, positions = 0, tokens, list(range(len(tokens)))
+        else:
+            assert prefix
+            width = len(prefix)
+            seq = prefix + tokens
+            start = width + cfg.context_offset
+            positions = list(range(width)) + [start + t for t in range(len(tokens))]
+        length = len(seq)
+        # the rows attending together: the prefix, then each chunk of the context
+        blocks = [(0, width, None)] if width else []
+        for c, s in enumerate(range(0, len(tokens), cfg.chunk_length)):
+            blocks.append((width + s, width + min(s + cfg.chunk_length, len(tokens)), c))
+        h = w["embed_tokens.weight"][seq]
+        for layer in range(cfg.n_layer):
+            p = f"layers.{layer}."
+            a = _norm(h, w[p + "input_layernorm.weight"], cfg.norm, cfg.norm_eps)
+            q = (a @ w[p + "self_attn.q_proj.weight"].T).view(length, heads, dim)
+            k = (a @ w[p + "self_attn.k_proj.weight"].T).view(length, kv_heads, dim)
+            v = (a @ w[p + "self_attn.v_proj.weight"].T).view(length, kv_heads, dim)
+            q, k = _rope(q, positions, cfg.rope_base), _rope(k, positions, cfg.rope_base)
+            att = torch.zeros(length, heads, dim, dtype=torch.float64)
+            for begin, end, chunk in blocks:
+                for head in range(heads):
+                    kv = head // group
+                    mem_keys, mem_values = [], []
+                    if memories is not None and chunk is not None and layer in memory_layers:
+                        j = memory_layers.index(layer)
+                        for m in range(memories.num_memories):
+                            if memories.visible[row, chunk, m]:
+                                keep = memories.valid[row, m].cpu()
+                                mem_keys.append(memories.keys[row, m, j, kv].cpu()[keep])
+                                mem_values.append(memories.values[row, m, j, kv].cpu()[keep])
+                    n_mem = sum(len(x) for x in mem_keys)
+                    keys = torch.cat([*(x.double() for x in mem_keys), k[:end, kv]])
+                    values = torch.cat([*(x.double() for x in mem_values), v[:end, kv]])
+                    rows_abs = torch.arange(begin, end)[:, None]
+                    causal = torch.arange(end)[None, :] <= rows_abs
+                    allowed = torch.cat(
+                        [torch.ones(end - begin, n_mem, dtype=torch.bool), causal], 1
+                    )
+                    att[begin:end, head] = _softmax_attend(
+                        q[begin:end, head], keys, values, allowed
+                    )
+            h = h + att.reshape(length, heads * dim) @ w[p + "self_attn.o_proj.weight"].T
+            a = _norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm, cfg.norm_eps)
+            gate = _act(a @ w[p + "mlp.gate_proj.weight"].T, cfg.activation)
+            up = a @ w[p + "mlp.up_proj.weight"].T
+            h = h + (gate * up) @ w[p + "mlp.down_proj.weight"].T
+        h = _norm(h, w["norm.weight"], cfg.norm, cfg.norm_eps)
+        results.append(h[width:] @ w["lm_head.weight"].T)
+    return torch.stack(results)
