@@ -11,7 +11,6 @@ from __future__ import annotations
 class UserError(Exception):
     """A problem with the user's input, reported without a traceback.
 
-    Args:
-        message: What is wrong, naming the offending key, file or argument and what was
-            expected instead.
+    Its message says what is wrong, naming the offending key, file or argument and what was
+    expected instead.
     """
