@@ -79,12 +79,17 @@ def main() -> None:
         t_warm = timed(warmup, args.repeats)
 
     tokens_total = batch * length
-    print(f"preset {args.preset}, batch {batch} x {length} tokens, {chunks} chunks x "
-          f"{per_chunk} memories, memory shape {config.memory_shape}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"preset {args.preset}, batch {batch} x {length} tokens, {chunks} chunks x "
+        f"{per_chunk} memories, memory shape {config.memory_shape}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"{'path':<28}{'seconds':>10}{'tokens/s':>12}")
-    for name, seconds in [("one pass (m3)", t_one), ("per-chunk loop (paper)", t_loop),
-                          ("warmup mode, no memory", t_warm)]:
+    for name, seconds in [
+        ("one pass (m3)", t_one),
+        ("per-chunk loop (paper)", t_loop),
+        ("warmup mode, no memory", t_warm),
+    ]:
         print(f"{name:<28}{seconds:>10.3f}{tokens_total / seconds:>12.0f}")
     print(f"one pass / loop throughput ratio: {t_loop / t_one:.2f}  (goal >= 1.0)")
     print(f"memory / no-memory throughput ratio: {t_warm / t_one:.2f}")
