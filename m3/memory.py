@@ -149,6 +149,34 @@ class Memories:
         return cls(keys=keys, values=values, valid=valid, visible=seen)
 
     @classmethod
+    def from_references(
+        cls, memory: SparseMemory, index: Tensor, visible: Tensor | None = None
+    ) -> Memories:
+        """Arrange references' sparse memories into a pool for a batch of sequences.
+
+        Args:
+            memory: `N` references' memories.
+            index: `(B, M)` long: which of the `N` references fills each pool slot; −1 leaves
+                a slot empty (invalid).
+            visible: `(B, C, M)` bool visibility map; every chunk sees every slot when None
+                (`C = 1`).
+
+        Returns:
+            The pool.
+        """
+        empty = index < 0
+        safe = index.clamp(min=0)
+        valid = memory.valid[safe] & ~empty[..., None]
+        if visible is None:
+            visible = torch.ones(index.shape[0], 1, index.shape[1], dtype=torch.bool)
+        return cls(
+            keys=memory.keys[safe],
+            values=memory.values[safe],
+            valid=valid,
+            visible=visible.to(valid.device),
+        )
+
+    @classmethod
     def empty(
         cls,
         batch_size: int,
@@ -257,4 +285,97 @@ class Memories:
             values=pad(self.values, 1),
             valid=pad(self.valid, 1),
             visible=pad(self.visible, 2),
+        )
+
+
+@dataclass
+class SparseMemory:
+    """The sparse memories of `N` references: what the encoder writes and a store returns.
+
+    `Memories.from_references` arranges them into a pool for a batch of sequences.
+
+    Attributes:
+        keys: Post-RoPE keys of the kept tokens, `(N, L_mem, H_kv, k, d_h)`.
+        values: Values of the kept tokens, `(N, L_mem, H_kv, k, d_h)`.
+        valid: Whether each kept-token slot holds a real token, `(N, k)` bool; a reference
+            shorter than `k` tokens fills only its first slots.
+        positions: Which token of the reference (0 = first token after the prefix) each slot
+            kept, `(N, L_mem, H_kv, k)` long, −1 in invalid slots; with the reference's token
+            ids it shows a memory back as text.
+    """
+
+    keys: Tensor
+    values: Tensor
+    valid: Tensor
+    positions: Tensor
+
+    def __post_init__(self) -> None:
+        if self.keys.dim() != 5 or self.values.shape != self.keys.shape:
+            raise ValueError(
+                "sparse memory keys and values must both be (N, L_mem, H_kv, k, d_h), got "
+                f"{tuple(self.keys.shape)} and {tuple(self.values.shape)}"
+            )
+        count, layers, heads, tokens, _ = self.keys.shape
+        if self.valid.shape != (count, tokens) or self.valid.dtype != torch.bool:
+            raise ValueError(
+                f"sparse memory valid must be bool (N, k) = {(count, tokens)}, "
+                f"got {self.valid.dtype} {tuple(self.valid.shape)}"
+            )
+        if self.positions.shape != (count, layers, heads, tokens):
+            raise ValueError(
+                f"sparse memory positions must be (N, L_mem, H_kv, k) = "
+                f"{(count, layers, heads, tokens)}, got {tuple(self.positions.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.keys.shape[0]
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int]:
+        """Shape of one memory, `(L_mem, 2, H_kv, k, d_h)` (as `Config.memory_shape`)."""
+        layers, heads, tokens, dim = self.keys.shape[1:]
+        return (layers, 2, heads, tokens, dim)
+
+    def __getitem__(self, index: Tensor | slice | int) -> SparseMemory:
+        """Select references (a long index tensor, a slice or one position)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        return SparseMemory(
+            self.keys[index], self.values[index], self.valid[index], self.positions[index]
+        )
+
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SparseMemory:
+        """Move to a device and/or cast keys and values.
+
+        Args:
+            device: Target device; unchanged when None.
+            dtype: Target dtype of keys and values; unchanged when None.
+
+        Returns:
+            A new container.
+        """
+        return SparseMemory(
+            keys=self.keys.to(device=device, dtype=dtype),
+            values=self.values.to(device=device, dtype=dtype),
+            valid=self.valid.to(device=device),
+            positions=self.positions.to(device=device),
+        )
+
+    @classmethod
+    def cat(cls, parts: list[SparseMemory]) -> SparseMemory:
+        """Concatenate the references of several containers.
+
+        Args:
+            parts: Containers with equal memory shapes.
+
+        Returns:
+            One container with all their references, in order.
+        """
+        return cls(
+            keys=torch.cat([p.keys for p in parts]),
+            values=torch.cat([p.values for p in parts]),
+            valid=torch.cat([p.valid for p in parts]),
+            positions=torch.cat([p.positions for p in parts]),
         )

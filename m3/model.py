@@ -25,6 +25,8 @@ Decoding keeps a KV cache of the prefix and context and a memory slot per sequen
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -476,6 +478,28 @@ class Memory3(nn.Module):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layer))
             else:
                 nn.init.normal_(param, std=std)
+
+    def memory_fingerprint(self) -> str:
+        """A fingerprint of everything the memories this model writes depend on.
+
+        Memories depend on the config, the embeddings and the layers up to the last memory
+        layer; a store records this fingerprint and refuses a model whose fingerprint differs
+        (memories must be rebuilt whenever those weights change, SPEC §3).
+
+        Returns:
+            A sha256 hex digest.
+        """
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        last = max(self.config.memory_layers or (-1,))
+        for name, tensor in sorted(self.state_dict().items()):
+            if name.startswith("layers."):
+                if int(name.split(".")[1]) > last:
+                    continue
+            elif not name.startswith("embed_tokens."):
+                continue
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     # ----------------------------------------------------------------------------- full pass
     def forward(

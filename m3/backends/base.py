@@ -1,0 +1,308 @@
+"""The two backend contracts: a store of encoded references and a search index over them.
+
+A store holds, per int64 reference id, the reference's sparse memory (`m3.memory.SparseMemory`),
+its token ids and its provenance (`m3.chunking.Reference`). An index maps query embeddings to
+reference ids. They are separate things joined by ids (−1 = no hit), as in FAISS and ScaNN,
+so either can be swapped without touching the other.
+
+Both are picklable without open file handles (they reopen lazily in each process, e.g. in a
+DataLoader worker), and every shipped subclass passes the contract tests in
+`tests/test_backends_contract.py`; a user's subclass can run the same suite.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from m3.chunking import Reference
+from m3.errors import UserError
+from m3.memory import SparseMemory
+
+#: torch dtypes a store may hold keys and values in, by name
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class MissingReferenceError(UserError, KeyError):
+    """A reference id that is not in the store (or was deleted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "missing reference"
+
+
+class CorruptReferenceError(UserError):
+    """Stored bytes of a reference do not match their checksum (a damaged or truncated file)."""
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """What a store says about itself, so that it is never read by the wrong model.
+
+    Attributes:
+        memory_shape: Shape of one memory, `(L_mem, 2, H_kv, k, d_h)`.
+        dtype: Name of the keys' and values' dtype: "float32", "bfloat16" or "float16"
+            (bf16 is stored as its 16-bit pattern).
+        model_config: The writing model's `Config.to_dict()`.
+        model_fingerprint: Fingerprint of the weights that wrote the memories.
+        tokenizer_fingerprint: Fingerprint of the tokenizer that produced the token ids.
+        reference_prefix: Token ids of the `<s>Reference:` prefix used when encoding.
+        quantizer: Description of the vector quantizer applied to stored vectors, or None
+            for raw vectors.
+        extra: Free-form metadata (e.g. the build's recipe).
+    """
+
+    memory_shape: tuple[int, ...]
+    dtype: str
+    model_config: dict[str, Any] = field(default_factory=dict)
+    model_fingerprint: str = ""
+    tokenizer_fingerprint: str = ""
+    reference_prefix: tuple[int, ...] = ()
+    quantizer: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORE_DTYPES:
+            raise UserError(
+                f"store dtype must be one of {sorted(STORE_DTYPES)}, got {self.dtype!r}"
+            )
+        if len(self.memory_shape) != 5 or self.memory_shape[1] != 2:
+            raise UserError(
+                f"memory_shape must be (L_mem, 2, H_kv, k, d_h), got {tuple(self.memory_shape)}"
+            )
+        object.__setattr__(self, "memory_shape", tuple(int(s) for s in self.memory_shape))
+        object.__setattr__(self, "reference_prefix", tuple(int(i) for i in self.reference_prefix))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The dtype as a `torch.dtype`."""
+        return STORE_DTYPES[self.dtype]
+
+    def to_json(self) -> str:
+        """Serialise to a JSON string."""
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> StoreInfo:
+        """Parse what `to_json` wrote.
+
+        Args:
+            text: The JSON string.
+
+        Returns:
+            The store info.
+        """
+        data = json.loads(text)
+        data["memory_shape"] = tuple(data["memory_shape"])
+        data["reference_prefix"] = tuple(data.get("reference_prefix", ()))
+        return cls(**data)
+
+    def check_memory(self, memory: SparseMemory, *, where: str = "store") -> None:
+        """Refuse memories of another shape, naming the dimension that differs.
+
+        Args:
+            memory: Memories about to be written.
+            where: Name of the store for the message.
+
+        Raises:
+            UserError: When a dimension differs.
+        """
+        names = ("memory layers (L_mem)", "K/V", "key/value heads (H_kv)", "kept tokens (k)",
+                 "head dimension (d_h)")  # fmt: skip
+        for name, got, want in zip(names, memory.shape, self.memory_shape, strict=True):
+            if got != want:
+                raise UserError(f"{where}: memory {name} is {got}, the store holds {want}")
+
+    def check_model(self, memory_shape: tuple[int, ...], fingerprint: str, *, where: str) -> None:
+        """Refuse to serve memories written by another model or other weights.
+
+        Args:
+            memory_shape: The reading model's `Config.memory_shape`.
+            fingerprint: The reading model's weights fingerprint.
+            where: Name of the store (a path) for the message.
+
+        Raises:
+            UserError: Naming the differing dimension, or both fingerprints.
+        """
+        names = ("memory layers (L_mem)", "K/V", "key/value heads (H_kv)", "kept tokens (k)",
+                 "head dimension (d_h)")  # fmt: skip
+        for name, got, want in zip(names, memory_shape, self.memory_shape, strict=True):
+            if got != want:
+                raise UserError(f"{where}: the model's {name} is {got}, the store holds {want}")
+        if self.model_fingerprint and fingerprint != self.model_fingerprint:
+            raise UserError(
+                f"{where} was written by weights {self.model_fingerprint[:16]}, but the model has "
+                f"weights {fingerprint[:16]}: rebuild the memory bank for these weights"
+            )
+
+
+class MemoryStore(ABC):
+    """A table of encoded references keyed by int64 reference id.
+
+    Writes of an existing id overwrite it (update); `delete` removes ids. Reads return
+    memories in the order asked. Subclasses must be picklable without open handles.
+    """
+
+    info: StoreInfo
+
+    @abstractmethod
+    def write(
+        self, ids: Sequence[int] | Tensor, memory: SparseMemory, references: Sequence[Reference]
+    ) -> None:
+        """Add references, or overwrite the ones whose ids are already stored.
+
+        Args:
+            ids: `(N,)` int64 reference ids (distinct, ≥ 0).
+            memory: Their sparse memories, `N` of them, of shape `info.memory_shape`.
+            references: Their token ids and provenance, in the same order.
+        """
+
+    @abstractmethod
+    def read(self, ids: Sequence[int] | Tensor) -> SparseMemory:
+        """Read memories.
+
+        Args:
+            ids: `(N,)` reference ids, repeats allowed.
+
+        Returns:
+            Their sparse memories in the order of `ids`, in `info.torch_dtype` on the CPU.
+
+        Raises:
+            MissingReferenceError: For an id that is not stored.
+            CorruptReferenceError: When stored bytes fail their checksum.
+        """
+
+    @abstractmethod
+    def references(self, ids: Sequence[int] | Tensor) -> list[Reference]:
+        """The token ids and provenance of references.
+
+        Args:
+            ids: Reference ids.
+
+        Returns:
+            One `Reference` per id, in order.
+        """
+
+    @abstractmethod
+    def delete(self, ids: Sequence[int] | Tensor) -> None:
+        """Remove references.
+
+        Args:
+            ids: Reference ids; each must be stored.
+        """
+
+    @abstractmethod
+    def ids(self) -> Tensor:
+        """All stored reference ids, `(N,)` int64, ascending."""
+
+    @abstractmethod
+    def verify(self, ids: Sequence[int] | Tensor | None = None) -> list[int]:
+        """Check stored bytes against their checksums.
+
+        Args:
+            ids: References to check; all when None.
+
+        Returns:
+            The ids whose bytes are damaged (empty when all is well).
+        """
+
+    def __len__(self) -> int:
+        return int(self.ids().numel())
+
+    def __contains__(self, reference_id: object) -> bool:
+        if not isinstance(reference_id, int):
+            return False
+        return bool((self.ids() == reference_id).any())
+
+    def close(self) -> None:  # noqa: B027 - optional hook: in-RAM stores hold nothing to close
+        """Release open files; the store reopens lazily when used again."""
+
+    def __enter__(self) -> MemoryStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SearchResult(NamedTuple):
+    """Nearest references of a batch of queries.
+
+    Attributes:
+        scores: `(Q, k)` float32 similarities, best first.
+        ids: `(Q, k)` int64 reference ids, −1 where fewer than `k` were found.
+    """
+
+    scores: Tensor
+    ids: Tensor
+
+
+class MemoryIndex(ABC):
+    """Nearest-neighbour search from query embeddings to reference ids.
+
+    Args of subclasses name their metric ("cosine" or "dot") and dimension; `add` then
+    `build` before `search`; `save`/`load` persist the index to a directory.
+    """
+
+    metric: str
+    dim: int
+
+    @abstractmethod
+    def add(self, embeddings: Tensor, ids: Tensor) -> None:
+        """Add vectors (re-adding an id replaces its vector).
+
+        Args:
+            embeddings: `(N, dim)` float vectors.
+            ids: `(N,)` int64 reference ids.
+        """
+
+    @abstractmethod
+    def remove(self, ids: Tensor) -> None:
+        """Remove vectors by reference id.
+
+        Args:
+            ids: `(N,)` int64 reference ids.
+        """
+
+    def build(self) -> None:  # noqa: B027 - exact search needs no build step
+        """Build the search structure after adding vectors (a no-op for exact search)."""
+
+    @abstractmethod
+    def search(self, queries: Tensor, k: int) -> SearchResult:
+        """The `k` nearest references of each query.
+
+        Args:
+            queries: `(Q, dim)` float vectors.
+            k: Neighbours per query.
+
+        Returns:
+            Scores and ids, `(Q, k)` each.
+        """
+
+    @abstractmethod
+    def save(self, directory: str | Path) -> None:
+        """Write the index to a directory (created if needed).
+
+        Args:
+            directory: Where to write.
+        """
+
+    @classmethod
+    @abstractmethod
+    def load(cls, directory: str | Path) -> MemoryIndex:
+        """Read an index that `save` wrote.
+
+        Args:
+            directory: Where it was written.
+
+        Returns:
+            The index.
+        """
+
+    @abstractmethod
+    def __len__(self) -> int: ...
