@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +129,22 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+class LayerStates(NamedTuple):
+    """One layer's attention inputs for a batch of token sequences (see `Memory3.reference_states`).
+
+    Attributes:
+        queries: Queries before RoPE, `(N, H, T, d_h)`.
+        keys: Keys before RoPE, `(N, H_kv, T, d_h)`.
+        rotated_keys: Keys after RoPE, `(N, H_kv, T, d_h)`: what a memory stores.
+        values: Values, `(N, H_kv, T, d_h)`.
+    """
+
+    queries: Tensor
+    keys: Tensor
+    rotated_keys: Tensor
+    values: Tensor
+
+
 @dataclass
 class _MemoryPlan:
     """Which memories every chunk of this call sees, computed once and used by every layer."""
@@ -193,6 +210,7 @@ class Attention(nn.Module):
         step: _Step,
         memory: tuple[Tensor, Tensor] | None,
         cache: tuple[Tensor, Tensor] | None,
+        capture: list[LayerStates] | None = None,
     ) -> Tensor:
         """Attend over the context (and memories in a memory layer).
 
@@ -204,12 +222,15 @@ class Attention(nn.Module):
             memory: This layer's memories per chunk, keys and values `(B, C, M_c, H_kv, k, d_h)`,
                 or None in a layer without memory.
             cache: This layer's cached keys and values `(B, H_kv, S_max, d_h)`, or None.
+            capture: When given, this layer's `LayerStates` are appended to it.
 
         Returns:
             `(B, T, n_embd)`.
         """
-        q, k, v = self.qkv(x)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q_raw, k_raw, v = self.qkv(x)
+        q, k = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
+        if capture is not None:
+            capture.append(LayerStates(q_raw, k_raw, k, v))
         if cache is not None:
             k, v = _write_cache(cache, k, v, step)
         if memory is None:
@@ -346,9 +367,10 @@ class Block(nn.Module):
         step: _Step,
         memory: tuple[Tensor, Tensor] | None = None,
         cache: tuple[Tensor, Tensor] | None = None,
+        capture: list[LayerStates] | None = None,
     ) -> Tensor:
         """Apply the block to `x` of shape `(B, T, n_embd)` (see `Attention.forward`)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, memory, cache)
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, memory, cache, capture)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -500,6 +522,37 @@ class Memory3(nn.Module):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
+
+    def reference_states(self, idx: Tensor) -> list[LayerStates]:
+        """Run references through the memory layers only and capture their attention inputs.
+
+        This is the write path's forward (SPEC §3): each sequence attends only to itself,
+        causally, with positions from 0, and the pass stops after the last memory layer's
+        projections.
+
+        Args:
+            idx: `(N, T)` token ids: the reference prefix, then the reference, right-padded.
+
+        Returns:
+            One `LayerStates` per memory layer, in `config.memory_layers` order.
+        """
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(
+                f"idx must be (N, T) long token ids, got {idx.dtype} {tuple(idx.shape)}"
+            )
+        layers = self.config.memory_layers or ()
+        if not layers:
+            return []
+        cos, sin = self.rotary(torch.arange(idx.shape[1], device=idx.device))
+        step = _Step(prefix_length=0, decode=False)
+        x = self.embed_tokens(idx)
+        states: list[LayerStates] = []
+        for i, block in enumerate(self.layers[: layers[-1]]):
+            x = block(x, cos, sin, step, capture=states if i in self.memory_slot else None)
+        # the last memory layer needs only its projections
+        q, k, v = self.layers[layers[-1]].self_attn.qkv(self.layers[layers[-1]].input_layernorm(x))
+        states.append(LayerStates(q, k, apply_rotary(k, cos, sin), v))
+        return states
 
     # ----------------------------------------------------------------------------- full pass
     def forward(

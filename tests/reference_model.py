@@ -58,8 +58,13 @@ def reference_forward(
     idx: Tensor,
     memories: Memories | None = None,
     prefix: list[int] | None = None,
+    capture: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] | None = None,
 ) -> Tensor:
-    """Logits (B, T, V) in float64 through a per-chunk loop (see the module docstring)."""
+    """Logits (B, T, V) in float64 through a per-chunk loop (see the module docstring).
+
+    With `capture`, each row appends its per-layer (q before RoPE, k before RoPE, k after
+    RoPE, v), each (S, heads, d), to it.
+    """
     cfg = model.config
     w = {name: t.detach().double().cpu() for name, t in model.state_dict().items()}
     if cfg.tie_embeddings:
@@ -84,13 +89,18 @@ def reference_forward(
         for c, s in enumerate(range(0, len(tokens), cfg.chunk_length)):
             blocks.append((width + s, width + min(s + cfg.chunk_length, len(tokens)), c))
         h = w["embed_tokens.weight"][seq]
+        if capture is not None:
+            capture.append([])
         for layer in range(cfg.n_layer):
             p = f"layers.{layer}."
             a = _norm(h, w[p + "input_layernorm.weight"], cfg.norm, cfg.norm_eps)
             q = (a @ w[p + "self_attn.q_proj.weight"].T).view(length, heads, dim)
             k = (a @ w[p + "self_attn.k_proj.weight"].T).view(length, kv_heads, dim)
             v = (a @ w[p + "self_attn.v_proj.weight"].T).view(length, kv_heads, dim)
+            q_raw, k_raw = q, k
             q, k = _rope(q, positions, cfg.rope_base), _rope(k, positions, cfg.rope_base)
+            if capture is not None:
+                capture[-1].append((q_raw, k_raw, k, v))
             att = torch.zeros(length, heads, dim, dtype=torch.float64)
             for begin, end, chunk in blocks:
                 for head in range(heads):
