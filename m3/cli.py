@@ -3,17 +3,35 @@
 Each verb is a small function that imports what it needs only when it runs, so that
 `m3 --help` answers without loading torch or Lightning. User errors (`m3.errors.UserError`)
 are printed as one message, without a traceback, and exit with status 2.
+
+A verb that runs a recipe takes `RECIPE… [KEY=VALUE…]` through `add_recipe_arguments` and
+reads it with `recipe_from_args`; adding one is a function that adds its parser, plus an
+entry in `_VERBS`:
+
+```python
+def _add_fit(verbs: Subparsers) -> None:
+    fit = verbs.add_parser("fit", help="train a model", description="...")
+    add_recipe_arguments(fit)
+    fit.set_defaults(handler=_fit)   # _fit(args) starts with recipe_from_args(args)
+```
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from m3.errors import UserError
 
+if TYPE_CHECKING:
+    from m3.recipes import Recipe
+
 Verb = Callable[[argparse.Namespace], int]
+Subparsers = Any  # argparse's sub-parser action has no public type
 
 
 def _smoke(args: argparse.Namespace) -> int:
@@ -21,6 +39,198 @@ def _smoke(args: argparse.Namespace) -> int:
 
     smoke(preset=args.preset, seed=args.seed)
     return 0
+
+
+def _add_smoke(verbs: Subparsers) -> None:
+    smoke = verbs.add_parser(
+        "smoke",
+        help="run a model preset with random memories and check cached decoding",
+        description=(
+            "Build a randomly initialised model, run one forward pass with random explicit "
+            "memories, decode with a KV cache and memory swaps, and check that both agree."
+        ),
+    )
+    smoke.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
+    smoke.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    smoke.set_defaults(handler=_smoke)
+
+
+# ---------------------------------------------------------------------------------------
+# Recipes on the command line
+
+
+def add_recipe_arguments(parser: argparse.ArgumentParser) -> None:
+    """Give a verb the arguments `RECIPE… [KEY=VALUE…]`.
+
+    Args:
+        parser: The verb's parser.
+    """
+    parser.usage = "%(prog)s [options] RECIPE [RECIPE ...] [KEY=VALUE ...]"
+    parser.add_argument(
+        "recipe_items",
+        nargs="+",
+        metavar="RECIPE|KEY=VALUE",
+        help=(
+            "recipe YAML files, merged in order, then KEY=VALUE overrides applied after all "
+            "files (VALUE is read as YAML, e.g. model.n_layer=6 'model.memory_layers=[0,1]')"
+        ),
+    )
+
+
+def split_recipe_arguments(items: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Separate recipe files from `key=value` overrides.
+
+    Args:
+        items: The command line's recipe arguments, in order.
+
+    Returns:
+        The files and the overrides, each in order. An item with `=` is an override
+        unless a file of that name exists.
+    """
+    files: list[str] = []
+    overrides: list[str] = []
+    for item in items:
+        (overrides if "=" in item and not os.path.isfile(item) else files).append(item)
+    return files, overrides
+
+
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
+    """Load and check the recipe that a verb's command line names.
+
+    Args:
+        args: Parsed arguments of a verb set up with `add_recipe_arguments`.
+
+    Returns:
+        The checked recipe.
+
+    Raises:
+        RecipeError: Listing every problem with the recipe.
+    """
+    from m3.recipes import load_recipe
+
+    files, overrides = split_recipe_arguments(args.recipe_items)
+    return load_recipe(files, overrides)
+
+
+def _count(n: int) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= size:
+            return f"{n / size:.2f}{suffix}"
+    return str(n)
+
+
+def _check(args: argparse.Namespace) -> int:
+    recipe = recipe_from_args(args)
+    if not args.quiet:
+        print(recipe.to_yaml(), end="")
+    config = recipe.model.config()
+    parts = [f"model {recipe.model.preset} ({_count(config.num_parameters)} parameters)"]
+    for name in ("tokenizer", "chunker"):
+        spec = getattr(recipe, name)
+        parts.append(f"{name} {spec.class_path if spec is not None else '(none)'}")
+    files, _ = split_recipe_arguments(args.recipe_items)
+    print(f"m3: ok: {' + '.join(files)}: {', '.join(parts)}", file=sys.stderr)
+    return 0
+
+
+def _add_check(verbs: Subparsers) -> None:
+    check = verbs.add_parser(
+        "check",
+        help="check a recipe and print it resolved, before running anything",
+        description=(
+            "Merge the recipe files in order, apply the KEY=VALUE overrides, resolve "
+            "${...} interpolations and check everything: unknown keys, wrong types, unknown "
+            "classes, constructor arguments, numbers out of range, missing files. Prints the "
+            "resolved recipe as YAML (which is itself a valid recipe) and a one-line summary, "
+            "or lists every problem and exits with status 2."
+        ),
+    )
+    add_recipe_arguments(check)
+    check.add_argument("-q", "--quiet", action="store_true", help="print only the one-line summary")
+    check.set_defaults(handler=_check)
+
+
+def _recipes(args: argparse.Namespace) -> int:
+    from m3.recipes import RECIPES_DIR, shipped_recipes
+
+    found = shipped_recipes()
+    if not found:
+        print(f"m3: no recipes at {RECIPES_DIR}: they come with a source checkout of m3")
+        return 0
+    root = RECIPES_DIR.parent
+    print(f"Shipped recipes (run the commands from {_shown(root)}):")
+    for recipe in found:
+        print(
+            f"\n{recipe.path.relative_to(root)}\n    {recipe.description}\n    $ {recipe.command}"
+        )
+    return 0
+
+
+def _shown(path: Path) -> str:
+    try:
+        return str(path.relative_to(Path.cwd())) or "."
+    except ValueError:
+        return str(path)
+
+
+def _add_recipes(verbs: Subparsers) -> None:
+    recipes = verbs.add_parser(
+        "recipes",
+        help="list the shipped recipes and the command that runs each",
+        description="List every recipe in recipes/ with its description and its command.",
+    )
+    recipes.set_defaults(handler=_recipes)
+
+
+def _components(args: argparse.Namespace) -> int:
+    from m3 import registry
+
+    for module in args.modules or ():
+        registry.load_module(module)
+    kinds = [args.kind] if args.kind else list(registry.KINDS)
+    for i, kind in enumerate(kinds):
+        base = registry.base_class(kind)
+        table = registry.available(kind)
+        if i:
+            print()
+        print(f"{kind}: subclasses of {registry.class_path_of(base)}")
+        rows = [
+            (name, registry.class_path_of(cls), registry.describe(cls))
+            for name, cls in table.items()
+        ]
+        width = [max((len(row[c]) for row in rows), default=0) for c in range(2)]
+        for name, path, doc in rows:
+            print(f"  {name:<{width[0]}}  {path:<{width[1]}}  {doc}".rstrip())
+    return 0
+
+
+def _add_components(verbs: Subparsers) -> None:
+    from m3.registry import KINDS
+
+    components = verbs.add_parser(
+        "components",
+        help="list the classes available for each kind of component",
+        description=(
+            "List every class that a recipe can name for each kind of component: its short "
+            "name (for class_path), its dotted path and the first line of its docstring. "
+            "Your own subclasses appear once their module is imported: name it with --import."
+        ),
+    )
+    components.add_argument(
+        "kind", nargs="?", choices=list(KINDS), metavar="KIND", help=f"one of: {', '.join(KINDS)}"
+    )
+    components.add_argument(
+        "--import",
+        dest="modules",
+        action="append",
+        metavar="MODULE",
+        help="import this module first, e.g. my_lab.tokenizers (repeatable)",
+    )
+    components.set_defaults(handler=_components)
+
+
+# Each adds one verb; later verbs (fit, build-memory, generate, evaluate, size, run) too.
+_VERBS: list[Callable[[Subparsers], None]] = [_add_check, _add_recipes, _add_components, _add_smoke]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,18 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"m3 {_version()}")
     verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
-
-    smoke = verbs.add_parser(
-        "smoke",
-        help="run a model preset with random memories and check cached decoding",
-        description=(
-            "Build a randomly initialised model, run one forward pass with random explicit "
-            "memories, decode with a KV cache and memory swaps, and check that both agree."
-        ),
-    )
-    smoke.add_argument("--preset", default="tiny", help="model preset (default: tiny)")
-    smoke.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    smoke.set_defaults(handler=_smoke)
+    for add_verb in _VERBS:
+        add_verb(verbs)
     return parser
 
 
@@ -71,6 +271,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if handler is None:
         parser.print_help()
         return 2
+    # As `python -m` does: a recipe may name a class in a module of the current directory.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return handler(args)
     except UserError as error:

@@ -1,0 +1,673 @@
+"""Recipes: load, merge, check and build what a YAML recipe describes.
+
+A recipe is an OmegaConf YAML file. Several compose: files are merged in order, then
+`key=value` overrides from the command line are applied, then `${...}` interpolations are
+resolved, and then the whole result is checked against the schema below, so that every
+problem (unknown keys, wrong types, unknown classes, bad constructor arguments, numbers out
+of range, missing files) is reported at once, each with its key path, before any work.
+
+```python
+from m3.recipes import build, load_recipe
+
+recipe = load_recipe(["recipes/tiny/base.yaml"], ["model.n_layer=6"])
+config = recipe.model.config()          # an m3.config.Config
+tokenizer = build(recipe, "tokenizer")  # an m3.tokenizer.Tokenizer
+```
+
+Adding a section is local: add a field to `Recipe`, either a nested dataclass for a group
+of plain values, or a `ComponentSpec | None` field with `metadata={"kind": "<kind>"}` for
+an interchangeable part.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args, get_type_hints
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from m3 import registry
+from m3.config import PRESETS, Config
+from m3.errors import UserError
+from m3.registry import Bounds, ComponentSpec, Problem
+
+T = TypeVar("T")
+
+#: What a recipe is for; the verbs that run each stage arrive with later releases.
+Stage = Literal["warmup", "continual", "build_memory", "evaluate", "generate", "pipeline"]
+
+#: Where the recipes shipped with m3 live (in a source checkout).
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+_COMMAND_LINE = "the command line"
+
+
+class RecipeError(UserError):
+    """Everything wrong with a recipe, reported together.
+
+    Args:
+        problems: Each problem with its key path.
+        sources: The recipe files (and overrides) the problems were found in.
+
+    Attributes:
+        problems: Each problem with its key path.
+    """
+
+    def __init__(self, problems: Sequence[Problem], *, sources: str = "the recipe") -> None:
+        self.problems = list(problems)
+        self.sources = sources
+        count = len(self.problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(f"{count} problem{'s' if count != 1 else ''} in {sources}:\n{lines}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as cls(*args); this one is rebuilt from its problems instead.
+        return (functools.partial(RecipeError, sources=self.sources), (self.problems,))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The model section: a preset of `m3.config.Config` plus the fields it changes.
+
+    In YAML the fields sit next to the preset (`model: {preset: tiny, n_layer: 6}`), and
+    `${model.<field>}` interpolations see the preset's values.
+
+    Attributes:
+        preset: A preset name (`Config.presets()`).
+        overrides: The fields that differ from the preset.
+    """
+
+    preset: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def config(self) -> Config:
+        """Build the model configuration.
+
+        Returns:
+            `Config.from_name(preset, **overrides)`.
+        """
+        return Config.from_name(self.preset, **self.overrides)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """A checked recipe.
+
+    Attributes:
+        description: One line saying what the recipe does.
+        stage: What the recipe runs, or None for a recipe that only describes parts.
+        seed: Seed of every random generator (within Lightning's range, 0..2³²−1).
+        model: The model configuration.
+        tokenizer: The tokenizer (kind `tokenizer`), or None.
+        chunker: How documents are cut into references (kind `chunker`), or None.
+    """
+
+    description: str = ""
+    stage: Stage | None = None
+    seed: Annotated[int, Bounds(ge=0, le=2**32 - 1)] = 0
+    model: ModelSpec
+    tokenizer: ComponentSpec | None = field(default=None, metadata={"kind": "tokenizer"})
+    chunker: ComponentSpec | None = field(default=None, metadata={"kind": "chunker"})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The recipe as plain values; loading them again gives the same recipe."""
+        return _to_plain(self)
+
+    def to_yaml(self) -> str:
+        """The recipe as YAML text; loading it again gives the same recipe."""
+        text = yaml.safe_dump(
+            _escape(self.to_dict()), sort_keys=False, allow_unicode=True, width=1000
+        )
+        return text
+
+
+def build(recipe: Recipe, section: str, /, **extra: Any) -> Any:
+    """Build the component that a section of a recipe names.
+
+    Args:
+        recipe: A checked recipe.
+        section: The name of a component field, e.g. `"tokenizer"`.
+        **extra: Constructor arguments that the calling code supplies.
+
+    Returns:
+        The component.
+
+    Raises:
+        RecipeError: When the recipe has no such section.
+        UserError: When the component cannot be built.
+    """
+    fields = {f.name: f for f in dataclasses.fields(recipe)}
+    kind = fields[section].metadata.get("kind") if section in fields else None
+    if kind is None:
+        names = [name for name, f in fields.items() if "kind" in f.metadata]
+        raise RecipeError([Problem(section, f"not a component section; those are {names}")])
+    spec = getattr(recipe, section)
+    if spec is None:
+        message = f"this recipe has no {section}; add a '{section}:' section"
+        raise RecipeError([Problem(section, message)])
+    return registry.instantiate(kind, spec, **extra)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading and merging
+
+
+def _path(parts: Sequence[Any]) -> str:
+    text = ""
+    for part in parts:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _component_paths(schema: type, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    hints = get_type_hints(schema)
+    paths = []
+    for f in dataclasses.fields(schema):
+        if "kind" in f.metadata:
+            paths.append((*prefix, f.name))
+        else:
+            inner = [a for a in (hints[f.name], *get_args(hints[f.name])) if _is_section(a)]
+            if inner:
+                paths += _component_paths(inner[0], (*prefix, f.name))
+    return paths
+
+
+def _is_section(tp: Any) -> bool:
+    return dataclasses.is_dataclass(tp) and tp not in (ModelSpec, ComponentSpec)
+
+
+def _get(data: Any, parts: Sequence[Any]) -> Any:
+    for part in parts:
+        in_list = isinstance(data, list) and isinstance(part, int) and 0 <= part < len(data)
+        if not (in_list or (isinstance(data, Mapping) and part in data)):
+            raise KeyError(part)
+        data = data[part]
+    return data
+
+
+def _normalise(layer: dict[str, Any], components: list[tuple[str, ...]]) -> dict[str, Any]:
+    # `tokenizer: byte` is short for `tokenizer: {class_path: byte}`; spelling it out lets
+    # a later layer's init_args merge into it.
+    for parts in components:
+        try:
+            parent, value = _get(layer, parts[:-1]), _get(layer, parts)
+        except KeyError:
+            continue
+        if isinstance(value, str) and "${" not in value and isinstance(parent, dict):
+            parent[parts[-1]] = {"class_path": value}
+    return layer
+
+
+def _merge(
+    base: dict[str, Any], layer: Mapping[str, Any], components: list[tuple[str, ...]]
+) -> dict[str, Any]:
+    # A layer that names another class for a component replaces it whole: the old class's
+    # init_args would not fit the new one.
+    for parts in components:
+        try:
+            old, new = _get(base, parts), _get(layer, parts)
+        except KeyError:
+            continue
+        if (
+            isinstance(old, Mapping)
+            and isinstance(new, Mapping)
+            and "class_path" in new
+            and old.get("class_path") != new["class_path"]
+        ):
+            _get(base, parts[:-1])[parts[-1]] = {}
+    return _deep_merge(base, layer)
+
+
+def _deep_merge(base: Mapping[str, Any], layer: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in layer.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """YAML as recipes read it: safe, `1e-3` a float, dates kept as text, no repeated keys."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: list[Any] = []
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<:` may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:  # PyYAML would silently keep the last one
+                problem = f"found duplicate key {key!r}"
+                raise yaml.constructor.ConstructorError(None, None, problem, key_node.start_mark)
+            seen.append(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.2 floats without a dot or exponent sign (1e-3, 5e4), which PyYAML reads as text.
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+_YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _YamlLoader.construct_yaml_str)
+
+
+def _read_file(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
+    name = str(path)
+    if not path.exists():
+        return None, [Problem(name, "no such recipe file")]
+    if not path.is_file():
+        return None, [Problem(name, "not a file")]
+    try:
+        # A SafeLoader: it builds plain values only, never Python objects.
+        loaded = yaml.load(path.read_text(encoding="utf-8"), Loader=_YamlLoader)
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())
+        return None, [Problem(name, f"cannot read this YAML file: {detail}")]
+    if loaded is None:
+        return {}, []
+    if not isinstance(loaded, dict):
+        kind = type(loaded).__name__
+        return None, [Problem(name, f"a recipe must be a mapping of keys to values, not a {kind}")]
+    return loaded, []
+
+
+_OVERRIDE = re.compile(r"([A-Za-z_]\w*(?:\.\w+)*)=(.*)", re.DOTALL)
+
+
+def _read_override(item: str) -> tuple[dict[str, Any] | None, list[Problem]]:
+    match = _OVERRIDE.fullmatch(item)
+    if match is None:
+        message = f"override {item!r} is not of the form key=value (e.g. model.n_layer=6)"
+        return None, [Problem("", message)]
+    key, text = match.groups()
+    try:
+        value = yaml.load(text, Loader=_YamlLoader)
+    except (ValueError, RecursionError, yaml.YAMLError) as err:
+        detail = " ".join(str(err).split())
+        return None, [Problem(key, f"cannot parse the value {text!r}: {detail}")]
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value, []
+
+
+def _plain(node: Any, parts: tuple[Any, ...], problems: list[Problem], bad: list[str]) -> Any:
+    # Only what OmegaConf and the schema understand passes; the rest is reported and dropped.
+    path = _path(parts)
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if isinstance(key, str):
+                out[key] = _plain(value, (*parts, key), problems, bad)
+            else:
+                where = _path((*parts, str(key)))
+                problems.append(Problem(where, f"keys must be text, got {registry.show(key)}"))
+                bad.append(where)
+        return out
+    if isinstance(node, list):
+        return [_plain(value, (*parts, i), problems, bad) for i, value in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+        try:
+            OmegaConf.create({"value": node})
+        except OmegaConfBaseException as err:
+            problems.append(Problem(path, f"invalid interpolation: {str(err).splitlines()[0]}"))
+            bad.append(path)
+            return None
+    if node is None or isinstance(node, (str, int, float, bool)):
+        return node
+    problems.append(Problem(path, f"unsupported value of type {type(node).__name__}"))
+    bad.append(path)
+    return None
+
+
+def _preset_fields(preset: str) -> dict[str, Any]:
+    fields = {f.name: f.default for f in dataclasses.fields(Config) if f.name != "name"}
+    fields.update(PRESETS[preset])
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+
+def _with_preset(merged: dict[str, Any]) -> dict[str, Any]:
+    # Spell out the preset's fields so that `${model.vocab_size}` resolves; the fields equal
+    # to the preset are dropped again when the model section is checked.
+    model = merged.get("model")
+    preset = model.get("preset") if isinstance(model, Mapping) else None
+    if isinstance(preset, str) and preset in PRESETS:
+        merged["model"] = {**_preset_fields(model["preset"]), **model}
+    return merged
+
+
+def _resolve(node: Any, parts: tuple[Any, ...], problems: list[Problem], bad: list[str]) -> Any:
+    if isinstance(node, (DictConfig, ListConfig)):
+        keys = list(node.keys()) if isinstance(node, DictConfig) else range(len(node))
+        out: Any = {} if isinstance(node, DictConfig) else []
+        for key in keys:
+            where = (*parts, key)
+            try:
+                child = node[key]
+            except MissingMandatoryValue:
+                message = "missing value (???): set it in a later file or on the command line"
+                problems.append(Problem(_path(where), message))
+                bad.append(_path(where))
+                child = None
+            except (OmegaConfBaseException, RecursionError) as err:
+                detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+                problems.append(Problem(_path(where), f"cannot resolve interpolation: {detail}"))
+                bad.append(_path(where))
+                child = None
+            value = _resolve(child, where, problems, bad)
+            if isinstance(out, dict):
+                out[key] = value
+            else:
+                out.append(value)
+        return out
+    return node
+
+
+def _related(path: str, others: list[str]) -> bool:
+    # Equal to, inside, or around one of the paths: used to avoid reporting twice.
+    def inside(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + ".") or a.startswith(b + "[")
+
+    return any(inside(path, other) or inside(other, path) for other in others)
+
+
+def _origin(path: str, layers: list[tuple[str, dict[str, Any]]]) -> str | None:
+    parts: list[Any] = []
+    for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", path):
+        parts.append(int(index) if index else name)
+    for label, layer in reversed(layers):
+        try:
+            value = _get(layer, parts)
+        except KeyError:
+            continue
+        # A section may hold keys from several layers: name the origin of values only.
+        return None if isinstance(value, Mapping) else label
+    return None
+
+
+def _describe_sources(paths: Sequence[Path], overrides: Sequence[str]) -> str:
+    names = [str(p) for p in paths]
+    if overrides:
+        names.append(f"{len(overrides)} override{'s' if len(overrides) != 1 else ''}")
+    if len(names) <= 1:
+        return names[0] if names else "the recipe"
+    return ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def load_recipe(paths: str | Path | Sequence[str | Path], overrides: Sequence[str] = ()) -> Recipe:
+    """Load, merge and check a recipe.
+
+    Files are merged in order (mappings merge key by key; other values, lists included,
+    replace). A file that names a different `class_path` for a component replaces that
+    component whole. Then `overrides` (`key=value`, the value read as YAML) apply, then
+    interpolations are resolved, then everything is checked. Nothing is built except
+    components of kinds with `build_to_check`, and no file is written.
+
+    Args:
+        paths: One or more recipe files.
+        overrides: `key=value` items, applied in order after all files.
+
+    Returns:
+        The checked recipe.
+
+    Raises:
+        RecipeError: Listing every problem found, each with its key path.
+    """
+    files = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+    sources = _describe_sources(files, overrides)
+    components = _component_paths(Recipe)
+    problems: list[Problem] = []
+    if not files:
+        problems.append(Problem("", "name at least one recipe file"))
+    layers: list[tuple[str, dict[str, Any]]] = []
+    for path in files:
+        layer, found = _read_file(path)
+        problems += found
+        if layer is not None:
+            layers.append((str(path), _normalise(layer, components)))
+    if problems:  # without every file, the rest cannot be checked meaningfully
+        raise RecipeError(problems, sources=sources)
+    # An override that cannot be read is reported and skipped; the rest is still checked,
+    # but not what the skipped override would have set.
+    unresolved: list[str] = []
+    command_line: dict[str, Any] = {}
+    for item in overrides:
+        layer, found = _read_override(item)
+        problems += found
+        unresolved += [p.path for p in found if p.path]
+        if layer is not None:
+            command_line = _deep_merge(command_line, _normalise(layer, components))
+    if overrides:
+        layers.append((_COMMAND_LINE, command_line))
+
+    merged: dict[str, Any] = {}
+    for _, layer in layers:
+        merged = _merge(merged, copy.deepcopy(layer), components)
+    config = OmegaConf.create(_with_preset(_plain(merged, (), problems, unresolved)))
+    data = _resolve(config, (), problems, unresolved)
+    recipe, found = validate(data)
+    problems += [p for p in found if not _related(p.path, unresolved)]
+    if problems:
+        if len(layers) > 1:
+            problems = [_with_origin(p, layers) for p in problems]
+        raise RecipeError(problems, sources=sources)
+    assert recipe is not None  # no problems means a recipe was built
+    return recipe
+
+
+def _with_origin(problem: Problem, layers: list[tuple[str, dict[str, Any]]]) -> Problem:
+    origin = _origin(problem.path, layers)
+    if origin is None:
+        return problem
+    return Problem(problem.path, f"{problem.message} (from {origin})")
+
+
+# ---------------------------------------------------------------------------------------
+# Checking against the schema
+
+
+def validate(data: Any, schema: type[T] = Recipe) -> tuple[T | None, list[Problem]]:
+    """Check plain data (interpolations already resolved) against a recipe schema.
+
+    Args:
+        data: A mapping, as YAML gives it.
+        schema: The dataclass to check against; `Recipe` unless you check a section.
+
+    Returns:
+        The dataclass instance (None when there were problems) and every problem found.
+    """
+    problems: list[Problem] = []
+    result = _check_section(data, schema, "", problems)
+    return (result if not problems else None), problems
+
+
+def _unknown_key(path: str, key: Any, allowed: Sequence[str]) -> Problem:
+    close = difflib.get_close_matches(str(key), list(allowed), n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    message = f"unknown key; {hint}allowed: {', '.join(allowed)}"
+    return Problem(_path([path, key] if path else [key]), message)
+
+
+def _check_section(value: Any, schema: type, path: str, problems: list[Problem]) -> Any:
+    if not isinstance(value, Mapping):
+        problems.append(Problem(path, f"expected a mapping, got {registry.show(value)}"))
+        return None
+    before = len(problems)
+    hints = get_type_hints(schema, include_extras=True)
+    fields = [f for f in dataclasses.fields(schema) if f.init]
+    names = [f.name for f in fields]
+    for key in value:
+        if key not in names:
+            problems.append(_unknown_key(path, key, names))
+    kwargs = {}
+    for f in fields:
+        where = f"{path}.{f.name}" if path else f.name
+        if f.name in value:
+            kwargs[f.name] = _check_field(value[f.name], hints[f.name], f, where, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(Problem(where, "missing required key"))
+    if len(problems) > before:
+        return None
+    return schema(**kwargs)
+
+
+def _check_field(
+    value: Any, annotation: Any, f: dataclasses.Field[Any], path: str, problems: list[Problem]
+) -> Any:
+    members = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
+    if value is None and type(None) in get_args(annotation):
+        return None
+    inner = members[0] if len(members) == 1 else annotation
+    if inner is ComponentSpec:
+        kind = f.metadata["kind"]
+        spec, found = registry.check_spec(kind, value, path=path)
+        if spec is not None and not found:
+            found = registry.check_by_building(kind, spec, path=path)
+        problems += found
+        return spec
+    if inner is ModelSpec:
+        return _check_model(value, path, problems)
+    if _is_section(inner):
+        return _check_section(value, inner, path, problems)
+    problems += registry.check_value(value, annotation, path)
+    return value
+
+
+def _check_model(value: Any, path: str, problems: list[Problem]) -> ModelSpec | None:
+    if not isinstance(value, Mapping):
+        problems.append(Problem(path, f"expected a mapping, got {registry.show(value)}"))
+        return None
+    before = len(problems)
+    presets = ", ".join(PRESETS)
+    preset = value.get("preset")
+    if "preset" not in value:
+        message = f"missing required key; choose one of {presets}"
+        problems.append(Problem(f"{path}.preset", message))
+    elif not isinstance(preset, str) or preset not in PRESETS:
+        close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        message = f"unknown model preset {registry.show(preset)}{hint} Choose one of {presets}"
+        problems.append(Problem(f"{path}.preset", message))
+    hints = get_type_hints(Config)
+    allowed = ["preset", *(name for name in hints if name != "name")]
+    fitting = {}
+    for key, item in value.items():
+        if key == "preset":
+            continue
+        if key not in allowed:
+            problems.append(_unknown_key(path, key, allowed))
+            continue
+        found = registry.check_value(item, hints[key], f"{path}.{key}")
+        problems += found
+        if not found:
+            fitting[key] = item
+    if not isinstance(preset, str) or preset not in PRESETS:
+        return None
+    # Config checks ranges and consistency itself; ask it even when other keys are wrong.
+    baseline = _preset_fields(preset)
+    overrides = {k: v for k, v in fitting.items() if baseline.get(k) != v}
+    try:
+        Config.from_name(preset, **overrides)
+    except UserError as err:
+        problems += _config_problems(str(err), path, allowed)
+    if len(problems) > before:
+        return None
+    return ModelSpec(preset, overrides)
+
+
+def _config_problems(message: str, path: str, fields: Sequence[str]) -> list[Problem]:
+    # Config reports "invalid model config 'x': a must ...; b must ..."; give each its key.
+    detail = message.split(": ", 1)[-1]
+    problems = []
+    for part in detail.split("; "):
+        key = part.split(" ", 1)[0]
+        if key in fields and part.startswith(f"{key} must"):
+            problems.append(Problem(f"{path}.{key}", part[len(key) + 1 :]))
+        else:
+            problems.append(Problem(path, part))
+    return problems
+
+
+def _escape(value: Any) -> Any:
+    # A resolved string that holds "${" must stay text when the YAML is loaded again.
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escape(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape(v) for v in value]
+    return value
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, ModelSpec):
+        return {"preset": value.preset, **_to_plain(dict(value.overrides))}
+    if isinstance(value, ComponentSpec):
+        return _to_plain(value.to_dict())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _to_plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------------------
+# Shipped recipes
+
+
+class ShippedRecipe(NamedTuple):
+    """A recipe file shipped in `recipes/`.
+
+    Attributes:
+        path: The file.
+        description: Its one-line `description`.
+        command: The command that runs it, from its first line (`# m3 ...`).
+    """
+
+    path: Path
+    description: str
+    command: str
+
+
+def shipped_recipes(directory: str | Path | None = None) -> list[ShippedRecipe]:
+    """List the shipped recipes with their descriptions and commands.
+
+    Every recipe opens with a comment line `# m3 <verb> ...`: the exact command that runs
+    it, from the repository's root directory.
+
+    Args:
+        directory: Where to look; `RECIPES_DIR` when None.
+
+    Returns:
+        The recipes, sorted by path; empty when the directory does not exist (as in an
+        installed wheel, which does not carry them).
+
+    Raises:
+        RecipeError: When a recipe file cannot be read or lacks its command line.
+    """
+    root = Path(directory) if directory is not None else RECIPES_DIR
+    found, problems = [], []
+    for path in sorted(root.rglob("*.yaml")) if root.is_dir() else []:
+        first = path.read_text(encoding="utf-8").split("\n", 1)[0]
+        command = first[1:].strip() if first.startswith("#") else ""
+        if not command.startswith("m3 "):
+            problems.append(Problem(str(path), "must open with a comment line '# m3 ...'"))
+        layer, trouble = _read_file(path)
+        problems += trouble
+        description = layer.get("description", "") if layer else ""
+        found.append(ShippedRecipe(path, str(description), command))
+    if problems:
+        raise RecipeError(problems, sources=str(root))
+    return found
