@@ -63,6 +63,11 @@ KINDS: dict[str, Kind] = {
     # Not built to check: HFTokenizer(train_files=...) trains a BPE and writes its cache.
     "tokenizer": Kind("m3.tokenizer:Tokenizer"),
     "chunker": Kind("m3.chunking:Chunker", build_to_check=True),
+    "encoder": Kind("m3.encoding:MemoryEncoder", build_to_check=True),
+    "sparsifier": Kind("m3.sparsify:Sparsifier", build_to_check=True),
+    "embedder": Kind("m3.embedders:Embedder", build_to_check=True),
+    "store": Kind("m3.backends.base:MemoryStore"),
+    "index": Kind("m3.backends.base:MemoryIndex", build_to_check=True),
 }
 
 
@@ -250,7 +255,7 @@ def available(kind: str) -> dict[str, type]:
     base = base_class(kind)
     classes = [
         cls
-        for cls in _subclasses(base)
+        for cls in [base, *_subclasses(base)]  # a concrete base is a component too
         if not inspect.isabstract(cls) and not cls.__name__.startswith("_")
     ]
 
