@@ -102,8 +102,17 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, *, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
+
+    @property
+    def inv_freq(self) -> Tensor:
+        """The rotation frequencies, `(head_dim / 2,)`, always fp32.
+
+        Computed rather than stored, so that casting the model to bf16 cannot blur long
+        positions.
+        """
+        exponents = torch.arange(0, self.head_dim, 2) / self.head_dim
+        return 1.0 / self.base ** exponents.float()
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Cosines and sines for integer positions.
@@ -116,7 +125,7 @@ class RotaryEmbedding(nn.Module):
         """
         if positions.dim() == 1:
             positions = positions[None]
-        angles = positions[..., None].float() * self.inv_freq
+        angles = positions[..., None].float() * self.inv_freq.to(positions.device)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
         return angles.cos(), angles.sin()
 
@@ -511,7 +520,8 @@ class Memory3(nn.Module):
         Returns:
             A sha256 hex digest.
         """
-        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        settings = {k: v for k, v in self.config.to_dict().items() if k != "name"}
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
         last = max(self.config.memory_layers or (-1,))
         for name, tensor in sorted(self.state_dict().items()):
             if name.startswith("layers."):

@@ -101,8 +101,9 @@ class Memory3Module(L.LightningModule):
             encoding) — memories precomputed in the batch (read from a store) skip encoding.
         encoder: Encodes references; `MemoryEncoder()` when None.
         sparsifier: Keeps the top tokens; `TopKSparsifier(k=config.memory_tokens)` when None.
-        init_weights: A checkpoint to start from (a Lightning `.ckpt` of this module, or a
-            `.pt` state dict of the model), e.g. the warmup stage's for the continual stage.
+        init_weights: A checkpoint to start from: a Lightning `.ckpt` of this module, a `.pt`
+            state dict of the model (e.g. the warmup stage's, for the continual stage), or a
+            Hugging Face Llama-family folder (`m3.checkpoints`).
     """
 
     def __init__(
@@ -158,15 +159,21 @@ class Memory3Module(L.LightningModule):
 
     # ----------------------------------------------------------------------------- weights
     def load_weights(self, path: str | Path) -> None:
-        """Load model weights from a checkpoint of this module or a model state dict.
+        """Load model weights from a checkpoint of this module, a state dict or a HF folder.
 
         Args:
-            path: A Lightning `.ckpt` (its `model.*` weights are used) or a `.pt` state dict.
+            path: A Lightning `.ckpt` (its `model.*` weights are used), a `.pt` state dict, or
+                a Hugging Face Llama-family folder.
 
         Raises:
             UserError: For a missing file, or weights of another shape (naming the tensor).
         """
         path = Path(path)
+        if path.is_dir():  # a Hugging Face folder (config.json + *.safetensors)
+            from m3.checkpoints import load_hf_weights
+
+            load_hf_weights(self.model, path)
+            return
         if not path.is_file():
             raise UserError(f"checkpoint not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=False)

@@ -66,8 +66,8 @@ KINDS: dict[str, Kind] = {
     "encoder": Kind("m3.encoding:MemoryEncoder", build_to_check=True),
     "sparsifier": Kind("m3.sparsify:Sparsifier", build_to_check=True),
     "embedder": Kind("m3.embedders:Embedder", build_to_check=True),
-    "store": Kind("m3.backends.base:MemoryStore"),
-    "index": Kind("m3.backends.base:MemoryIndex", build_to_check=True),
+    "store": Kind("m3.backends:MemoryStore"),
+    "index": Kind("m3.backends:MemoryIndex", build_to_check=True),
 }
 
 
@@ -203,7 +203,7 @@ def _snake(name: str) -> str:
 
 
 def short_name(cls: type, base: type) -> str:
-    """The short name of a component class: snake_case, without the base class's name.
+    """The short name of a component class: snake_case, without the kind's word.
 
     Args:
         cls: The component class, e.g. `FixedChunker`.
@@ -214,8 +214,10 @@ def short_name(cls: type, base: type) -> str:
         class's name or is nothing else.
     """
     name = cls.__name__
-    if name.endswith(base.__name__) and name != base.__name__:
-        name = name[: -len(base.__name__)]
+    # the last word of the base's name names the kind: InMemoryStore -> in_memory
+    kind_word = re.findall(r"[A-Z][a-z0-9]*", base.__name__)[-1]
+    if name.endswith(kind_word) and name != kind_word:
+        name = name[: -len(kind_word)]
     return _snake(name)
 
 

@@ -1,4 +1,8 @@
-"""Storage and search backends: `MemoryStore` and `MemoryIndex` and their implementations."""
+"""Storage and search backends: `MemoryStore` and `MemoryIndex` and their implementations.
+
+Importing this package imports every built-in backend, so that the registry lists them
+(`m3 components store`); optional libraries (ScaNN) are imported only when used.
+"""
 
 from m3.backends.base import (
     CorruptReferenceError,
@@ -8,9 +12,13 @@ from m3.backends.base import (
     SearchResult,
     StoreInfo,
 )
+from m3.backends.hdf5_store import HDF5Store
+from m3.backends.in_memory import InMemoryStore
 
 __all__ = [
     "CorruptReferenceError",
+    "HDF5Store",
+    "InMemoryStore",
     "MemoryIndex",
     "MemoryStore",
     "MissingReferenceError",
