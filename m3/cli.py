@@ -229,8 +229,83 @@ def _add_components(verbs: Subparsers) -> None:
     components.set_defaults(handler=_components)
 
 
+def _size(args: argparse.Namespace) -> int:
+    from m3.sizing import PAPER_REFERENCES, format_report, parse_references, size_report
+
+    # A bare number among the recipe arguments is N; paths and KEY=VALUE are the recipe.
+    counts, items = [], []
+    for item in args.recipe_items:
+        is_count = (
+            item[:1] in "+-.0123456789"
+            and "=" not in item
+            and not any(sep in item for sep in "/\\")
+            and not item.endswith((".yaml", ".yml"))
+            and not os.path.exists(item)
+        )
+        (counts if is_count else items).append(item)
+    if len(counts) > 1:
+        raise UserError(f"give N, the number of references, once; got {' and '.join(counts)}")
+    references = parse_references(counts[0]) if counts else PAPER_REFERENCES
+    recipe = recipe_from_args(argparse.Namespace(recipe_items=items))
+    report = size_report(
+        recipe.model.config(),
+        references,
+        bytes_per_number=args.bytes_per_number,
+        code_bytes=args.code_bytes,
+        train_length=args.train_length,
+    )
+    files, _ = split_recipe_arguments(items)
+    print(format_report(report, source=" + ".join(files)), end="")
+    return 0
+
+
+def _add_size(verbs: Subparsers) -> None:
+    size = verbs.add_parser(
+        "size",
+        help="print the storage size of explicit memories and the paper's cost model",
+        description=(
+            "Print the bytes of one reference's memory (sparse, vector-quantized, and the "
+            "MHA-equivalent dense key/values the paper compares with), their totals for N "
+            "references in binary (TiB) and decimal (TB) units, and the cost model of SPEC "
+            "section 6 in TFLOPs, from the recipe's model. N is a bare number among the "
+            "recipe arguments (e.g. 1.12e8 or 112000000; default: the paper's 1.12e8). "
+            "Loads no torch."
+        ),
+    )
+    add_recipe_arguments(size)
+    size.usage = "%(prog)s [options] RECIPE [RECIPE ...] [N] [KEY=VALUE ...]"
+    size.add_argument(
+        "--bytes-per-number",
+        type=int,
+        default=2,
+        metavar="B",
+        help="bytes per stored number, unquantized (default: 2, bf16)",
+    )
+    size.add_argument(
+        "--code-bytes",
+        type=int,
+        default=14,
+        metavar="B",
+        help="bytes per key/value vector when quantized (default: 14, the paper's VQ codes)",
+    )
+    size.add_argument(
+        "--train-length",
+        type=int,
+        default=None,
+        metavar="TOKENS",
+        help="training context l_train of the cost model (default: the model's block_size)",
+    )
+    size.set_defaults(handler=_size)
+
+
 # Each adds one verb; later verbs (fit, build-memory, generate, evaluate, size, run) too.
-_VERBS: list[Callable[[Subparsers], None]] = [_add_check, _add_recipes, _add_components, _add_smoke]
+_VERBS: list[Callable[[Subparsers], None]] = [
+    _add_check,
+    _add_recipes,
+    _add_components,
+    _add_smoke,
+    _add_size,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
