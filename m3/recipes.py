@@ -29,7 +29,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, NamedTuple, TypeVar, get_args, get_type_hints
+from typing import (
+    Annotated,
+    Any,
+    Literal,
+    NamedTuple,
+    TypeVar,
+    get_args,
+    get_origin,
+    get_type_hints,
+)
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -99,6 +108,107 @@ class ModelSpec:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DataSection:
+    """Where the text comes from and how it becomes training sequences (`m3.data`).
+
+    Attributes:
+        train: Sources of training text (kind `source`), concatenated.
+        val: Sources of held-out text; when None, `val_fraction` of the training
+            sequences is held out.
+        knowledge: Sources of the knowledge base (the continual stage pairs each training
+            chunk with one of its references).
+        val_fraction: Share of training sequences held out when `val` is None.
+        seq_length: Tokens per training sequence after the BOS (the paper: 2048).
+        batch_size: Sequences per batch (per device).
+        num_workers: DataLoader worker processes.
+        threshold: Leakage threshold of the reference pairing (the paper: 0.9).
+        candidates: Search hits tried per chunk when pairing.
+        pairing_file: Where the pairing is cached (default: in the run folder).
+    """
+
+    train: list[ComponentSpec] = field(metadata={"kind": "source"})
+    val: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
+    knowledge: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
+    val_fraction: Annotated[float, Bounds(ge=0, lt=1)] = 0.05
+    seq_length: Annotated[int, Bounds(ge=1)] = 256
+    batch_size: Annotated[int, Bounds(ge=1)] = 8
+    num_workers: Annotated[int, Bounds(ge=0)] = 0
+    threshold: Annotated[float, Bounds(ge=0, le=1)] = 0.9
+    candidates: Annotated[int, Bounds(ge=1)] = 8
+    pairing_file: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingSection:
+    """Optimisation settings of a training stage (`m3.module.Memory3Module`).
+
+    Attributes:
+        lr: Peak learning rate (the paper: ≈ 8e-4 warmup, ≈ 5e-5 continual).
+        weight_decay: AdamW weight decay (none on norms and embeddings).
+        betas: AdamW betas.
+        schedule: "wsd" (warmup-stable-decay), "cosine" or "constant".
+        warmup_steps: Linear warmup steps.
+        decay_fraction: Share of the steps in the final decay of "wsd".
+        min_lr_ratio: Final learning rate as a fraction of `lr`.
+        window: Chunks whose references a chunk reads (the paper: 5).
+        encode: "grad": gradients flow through the on-the-fly encoding; "no_grad":
+            forward-only encoding.
+        init_weights: Weights to start from: a stage's `model.pt` or `.ckpt`, or a Hugging
+            Face Llama-family folder.
+    """
+
+    lr: Annotated[float, Bounds(gt=0)] = 8e-4
+    weight_decay: Annotated[float, Bounds(ge=0)] = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    schedule: Literal["wsd", "cosine", "constant"] = "wsd"
+    warmup_steps: Annotated[int, Bounds(ge=0)] = 100
+    decay_fraction: Annotated[float, Bounds(ge=0, le=1)] = 0.1
+    min_lr_ratio: Annotated[float, Bounds(ge=0, le=1)] = 0.0
+    window: Annotated[int, Bounds(ge=1)] = 5
+    encode: Literal["grad", "no_grad"] = "grad"
+    init_weights: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainerSection:
+    """Options of Lightning's `Trainer` (the same names); DDP/FSDP need no code change.
+
+    Attributes:
+        max_steps: Optimiser steps of the stage.
+        accelerator: "cpu", "gpu", "auto", …
+        devices: Device count, list of indices, or "auto".
+        num_nodes: Machines.
+        strategy: "auto", "ddp", "fsdp", …
+        precision: "32-true", "bf16-mixed", "16-mixed", … (Lightning's default when None).
+        accumulate_grad_batches: Batches per optimiser step (the paper: ~4M tokens a step).
+        gradient_clip_val: Gradient-norm clipping (None: off).
+        val_check_interval: Validate every this many steps (int) or fraction of an epoch.
+        limit_val_batches: Held-out batches per validation (int) or fraction.
+        log_every_n_steps: Logging interval.
+        enable_progress_bar: Show Lightning's progress bar.
+        deterministic: Ask torch for deterministic algorithms.
+    """
+
+    max_steps: Annotated[int, Bounds(ge=1)] = 1000
+    accelerator: str = "auto"
+    devices: int | str | list[int] = "auto"
+    num_nodes: Annotated[int, Bounds(ge=1)] = 1
+    strategy: str = "auto"
+    precision: str | None = None
+    accumulate_grad_batches: Annotated[int, Bounds(ge=1)] = 1
+    gradient_clip_val: Annotated[float, Bounds(ge=0)] | None = 1.0
+    val_check_interval: Annotated[float, Bounds(gt=0)] | None = None
+    limit_val_batches: Annotated[float, Bounds(ge=0)] | None = None
+    log_every_n_steps: Annotated[int, Bounds(ge=1)] = 10
+    enable_progress_bar: bool = True
+    deterministic: bool | None = None
+
+    def to_kwargs(self) -> dict[str, Any]:
+        """The options as `Trainer` keyword arguments (unset ones left to Lightning)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     """A checked recipe.
 
@@ -109,6 +219,13 @@ class Recipe:
         model: The model configuration.
         tokenizer: The tokenizer (kind `tokenizer`), or None.
         chunker: How documents are cut into references (kind `chunker`), or None.
+        output: The run folder this recipe's stage writes to.
+        data: The text and how it becomes sequences, or None.
+        training: Optimisation settings of a training stage.
+        trainer: Lightning `Trainer` options.
+        encoder: Encodes references into memories (kind `encoder`).
+        sparsifier: Keeps the top tokens of each memory (kind `sparsifier`).
+        embedder: Embeds chunks and references for retrieval (kind `embedder`).
     """
 
     description: str = ""
@@ -117,6 +234,13 @@ class Recipe:
     model: ModelSpec
     tokenizer: ComponentSpec | None = field(default=None, metadata={"kind": "tokenizer"})
     chunker: ComponentSpec | None = field(default=None, metadata={"kind": "chunker"})
+    output: str = "runs/m3"
+    data: DataSection | None = None
+    training: TrainingSection = field(default_factory=TrainingSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    encoder: ComponentSpec | None = field(default=None, metadata={"kind": "encoder"})
+    sparsifier: ComponentSpec | None = field(default=None, metadata={"kind": "sparsifier"})
+    embedder: ComponentSpec | None = field(default=None, metadata={"kind": "embedder"})
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values; loading them again gives the same recipe."""
@@ -528,6 +652,22 @@ def _check_field(
     if value is None and type(None) in get_args(annotation):
         return None
     inner = members[0] if len(members) == 1 else annotation
+    if get_origin(inner) is list and get_args(inner) == (ComponentSpec,):
+        if not isinstance(value, list) or not value:
+            problems.append(
+                Problem(
+                    path, f"expected a non-empty list of components, got {registry.show(value)}"
+                )
+            )
+            return None
+        specs = []
+        for i, item in enumerate(value):
+            spec, found = registry.check_spec(f.metadata["kind"], item, path=f"{path}[{i}]")
+            if spec is not None and not found:
+                found = registry.check_by_building(f.metadata["kind"], spec, path=f"{path}[{i}]")
+            problems += found
+            specs.append(spec)
+        return specs
     if inner is ComponentSpec:
         kind = f.metadata["kind"]
         spec, found = registry.check_spec(kind, value, path=path)

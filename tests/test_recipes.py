@@ -198,8 +198,9 @@ def test_same_class_path_keeps_init_args() -> None:
 
 
 def test_override_of_unknown_key_is_an_error_not_an_addition() -> None:
-    problems = problems_of(TINY, ["trainer.lr=0.1", "model.n_layr=3"])
-    assert problems["trainer"].startswith("unknown key")
+    problems = problems_of(TINY, ["optimizer.lr=0.1", "trainer.lr=0.1", "model.n_layr=3"])
+    assert problems["optimizer"].startswith("unknown key")
+    assert problems["trainer.lr"].startswith("unknown key")
     assert "did you mean 'n_layer'?" in problems["model.n_layr"]
     assert "(from the command line)" in problems["model.n_layr"]
 
@@ -419,8 +420,11 @@ def test_instantiate_with_extra_arguments() -> None:
 def test_every_component_field_names_a_known_kind() -> None:
     import dataclasses
 
+    from m3.recipes import DataSection
+
     kinds = [f.metadata["kind"] for f in dataclasses.fields(Recipe) if "kind" in f.metadata]
-    assert kinds == ["tokenizer", "chunker"]
+    assert kinds == ["tokenizer", "chunker", "encoder", "sparsifier", "embedder"]
+    kinds += [f.metadata["kind"] for f in dataclasses.fields(DataSection) if "kind" in f.metadata]
     assert all(kind in registry.KINDS for kind in kinds)
 
 
