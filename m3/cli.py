@@ -120,7 +120,12 @@ def _count(n: int) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    recipe = recipe_from_args(args)
+    import contextlib
+
+    from m3.registry import input_files_unchecked
+
+    with input_files_unchecked() if args.no_file_checks else contextlib.nullcontext():
+        recipe = recipe_from_args(args)
     if not args.quiet:
         print(recipe.to_yaml(), end="")
     config = recipe.model.config()
@@ -147,6 +152,11 @@ def _add_check(verbs: Subparsers) -> None:
     )
     add_recipe_arguments(check)
     check.add_argument("-q", "--quiet", action="store_true", help="print only the one-line summary")
+    check.add_argument(
+        "--no-file-checks",
+        action="store_true",
+        help="do not report missing input files (a recipe written for another machine)",
+    )
     check.set_defaults(handler=_check)
 
 
@@ -299,12 +309,38 @@ def _add_size(verbs: Subparsers) -> None:
 
 
 # Each adds one verb; later verbs (fit, build-memory, generate, evaluate, size, run) too.
+def _fit(args: argparse.Namespace) -> int:
+    from m3.fit import fit
+
+    fit(recipe_from_args(args), overwrite=args.overwrite)
+    return 0
+
+
+def _add_fit(verbs: Subparsers) -> None:
+    fit = verbs.add_parser(
+        "fit",
+        help="train one stage (warmup or continual) of a recipe",
+        description=(
+            "Train the recipe's stage with Lightning's Trainer: 'warmup' (no memory) or "
+            "'continual' (explicit memory, starting from training.init_weights). Trainer "
+            "options are recipe keys: trainer.max_steps=200 trainer.devices=2 "
+            "trainer.precision=bf16-mixed. An interrupted run resumes from its last checkpoint."
+        ),
+    )
+    add_recipe_arguments(fit)
+    fit.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder another recipe wrote"
+    )
+    fit.set_defaults(handler=_fit)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
     _add_components,
-    _add_smoke,
+    _add_fit,
     _add_size,
+    _add_smoke,
 ]
 
 

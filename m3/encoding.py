@@ -127,7 +127,8 @@ class MemoryEncoder(nn.Module):
         for state in states:
             keys.append(state.rotated_keys[:, :, width:])
             values.append(state.values[:, :, width:])
-            layer_scores = self.selection_scores(state.queries, state.keys, scored)
+            with torch.no_grad():  # scores only choose indices, which carry no gradient
+                layer_scores = self.selection_scores(state.queries, state.keys, scored)
             scores.append(layer_scores[..., width:])
         return DenseMemory(
             keys=torch.stack(keys, dim=1),

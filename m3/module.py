@@ -256,10 +256,10 @@ class Memory3Module(L.LightningModule):
         perplexity = getattr(self, f"{split}_perplexity")
         accuracy.update(logits.detach().argmax(-1).flatten(), targets.flatten())
         perplexity.update(logits.detach().float(), targets)
-        on_step = split == "train"
-        self.log(f"{split}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True)
-        self.log(f"{split}/accuracy", accuracy, on_step=on_step, on_epoch=True)
-        self.log(f"{split}/perplexity", perplexity, on_step=on_step, on_epoch=True)
+        options = {"on_step": split == "train", "on_epoch": True, "batch_size": targets.shape[0]}
+        self.log(f"{split}/loss", loss, prog_bar=True, **options)
+        self.log(f"{split}/accuracy", accuracy, **options)
+        self.log(f"{split}/perplexity", perplexity, **options)
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:

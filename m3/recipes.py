@@ -26,6 +26,7 @@ import dataclasses
 import difflib
 import functools
 import re
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,6 +36,7 @@ from typing import (
     Literal,
     NamedTuple,
     TypeVar,
+    Union,
     get_args,
     get_origin,
     get_type_hints,
@@ -648,8 +650,9 @@ def _check_section(value: Any, schema: type, path: str, problems: list[Problem])
 def _check_field(
     value: Any, annotation: Any, f: dataclasses.Field[Any], path: str, problems: list[Problem]
 ) -> Any:
-    members = [a for a in (get_args(annotation) or (annotation,)) if a is not type(None)]
-    if value is None and type(None) in get_args(annotation):
+    union = get_origin(annotation) in (Union, types.UnionType)
+    members = [a for a in get_args(annotation) if a is not type(None)] if union else [annotation]
+    if value is None and union and type(None) in get_args(annotation):
         return None
     inner = members[0] if len(members) == 1 else annotation
     if get_origin(inner) is list and get_args(inner) == (ComponentSpec,):

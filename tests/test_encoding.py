@@ -41,7 +41,7 @@ def padded(references: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def slow_log_scores(q, k, scored, *, groups, score, reduction):
-    """q (S, H, d), k (S, H_kv, d) before RoPE; scored: positions taking part. -> {(kv, j): log w}."""
+    """q (S, H, d), k (S, H_kv, d) before RoPE; scored: positions used -> {(kv, j): log w}."""
     out = {}
     dim = q.shape[-1]
     for kv in range(k.shape[1]):

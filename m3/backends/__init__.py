@@ -12,16 +12,20 @@ from m3.backends.base import (
     SearchResult,
     StoreInfo,
 )
+from m3.backends.exact_index import ExactIndex
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.in_memory import InMemoryStore
+from m3.backends.scann_index import ScannIndex
 
 __all__ = [
     "CorruptReferenceError",
+    "ExactIndex",
     "HDF5Store",
     "InMemoryStore",
     "MemoryIndex",
     "MemoryStore",
     "MissingReferenceError",
+    "ScannIndex",
     "SearchResult",
     "StoreInfo",
 ]

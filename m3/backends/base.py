@@ -7,7 +7,8 @@ so either can be swapped without touching the other.
 
 Both are picklable without open file handles (they reopen lazily in each process, e.g. in a
 DataLoader worker), and every shipped subclass passes the contract tests in
-`tests/test_backends_contract.py`; a user's subclass can run the same suite.
+`tests/test_backends_contract.py` (stores) and `tests/test_indexes_contract.py` (indexes);
+a user's subclass can run the same suites.
 """
 
 from __future__ import annotations

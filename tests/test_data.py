@@ -1,0 +1,169 @@
+"""Training data: reading, packing, reference pairing, collation, resumable position."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from m3.chunking import FixedChunker, Reference
+from m3.data import ContinualCollator, EpochSampler, TextDataModule, pack, pair_references
+from m3.documents import read_corpus
+from m3.embedders import HashedNgramEmbedder
+from m3.errors import UserError
+from m3.overlap import overlap
+from m3.sources import FilesSource
+from m3.tokenizer import ByteTokenizer
+
+FACTS = [
+    "Velmora Quist was born in Tarnhollow.",
+    "Orrin Dask founded the Brisk Company.",
+    "Tarnhollow lies on the river Sulvey.",
+    "The Brisk Company makes ropes in Omaren.",
+]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    docs=st.lists(st.lists(st.integers(3, 50), max_size=30), min_size=1, max_size=8),
+    length=st.integers(1, 16),
+)
+def test_pack_keeps_the_stream_and_starts_every_sequence_with_bos(docs, length):
+    stream = [t for d in docs for t in [*d, 2]]
+    if len(stream) < length:
+        with pytest.raises(UserError, match="fewer than one sequence"):
+            pack(docs, length=length, bos_id=1, eos_id=2)
+        return
+    packed = pack(docs, length=length, bos_id=1, eos_id=2)
+    assert packed.shape == (len(stream) // length, length + 1)
+    assert (packed[:, 0] == 1).all()
+    assert packed[:, 1:].flatten().tolist() == stream[: packed.shape[0] * length]
+
+
+def test_read_corpus_skips_empty_documents_and_names_bad_files(tmp_path):
+    (tmp_path / "a.txt").write_text("One document.")
+    (tmp_path / "empty.txt").write_text("   \n")
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"id": "x", "text": "Two."}) + "\n" + json.dumps({"text": ""}) + "\n"
+    )
+    corpus = read_corpus([tmp_path])
+    assert [d.id for d in corpus.documents] == ["a.txt", "x"] and corpus.skipped == 2
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{not json}\n')
+    with pytest.raises(UserError, match=r"bad.jsonl:2: malformed JSON"):
+        read_corpus([tmp_path / "bad.jsonl"])
+    (tmp_path / "latin.txt").write_bytes(b"caf\xe9")
+    with pytest.raises(UserError, match=r"latin\.txt: not UTF-8"):
+        read_corpus([tmp_path / "latin.txt"])
+    with pytest.raises(UserError, match=r"missing\.txt: no such file"):
+        read_corpus([tmp_path / "missing.txt"])
+    with pytest.raises(UserError, match="no text in"):
+        read_corpus([tmp_path / "empty.txt"])
+
+
+def knowledge(tokenizer):
+    return [
+        Reference(str(i), 0, len(tokenizer.encode(t)), tuple(tokenizer.encode(t)))
+        for i, t in enumerate(FACTS)
+    ]
+
+
+def build_index(tokenizer, references, embedder):
+    from m3.backends.exact_index import ExactIndex
+
+    texts = [tokenizer.decode(list(r.ids)) for r in references]
+    index = ExactIndex(embedder.dim)
+    index.add(embedder.embed(texts), torch.arange(len(texts)))
+    return index
+
+
+def test_pairing_retrieves_by_chunk_text_and_skips_leaking_references():
+    tokenizer = ByteTokenizer()
+    references = knowledge(tokenizer)
+    embedder = HashedNgramEmbedder(dim=1024)
+    index = build_index(tokenizer, references, embedder)
+    text = "Born in Tarnhollow, Velmora grew up. " + "Ropes were made by the Brisk Company."
+    sequences = pack(
+        [tokenizer.encode(text)], length=64, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id
+    )
+    chunk = 32
+    common = dict(
+        tokenizer=tokenizer, embedder=embedder, index=index, chunk_length=chunk, threshold=0.9
+    )
+    pairing = pair_references(sequences, references, **common)
+    assert pairing.tolist() == [[0, 3]]
+    # a reference copied verbatim into the sequence leaks and is skipped for the next hit
+    copied = pack(
+        [tokenizer.encode(FACTS[0] + " " * 40)],
+        length=64,
+        bos_id=tokenizer.bos_id,
+        eos_id=tokenizer.eos_id,
+    )
+    assert overlap(copied[0, :-1].tolist(), references[0].ids) > 0.9
+    leaked = pair_references(copied, references, **common)
+    assert leaked[0, 0] not in (0, -1)
+
+
+def test_collator_encodes_each_reference_once_and_maps_chunks_to_pool_slots():
+    tokenizer = ByteTokenizer()
+    references = knowledge(tokenizer)
+    items = [
+        {"tokens": torch.arange(9), "references": torch.tensor([2, -1, 2])},
+        {"tokens": torch.arange(9), "references": torch.tensor([0, 2, 3])},
+    ]
+    batch = ContinualCollator(references)(items)
+    assert batch["reference_tokens"].shape[0] == 3  # 0, 2, 3: reference 2 once for the batch
+    for b, item in enumerate(items):
+        for c, ref in enumerate(item["references"].tolist()):
+            slot = int(batch["slots"][b, c])
+            if ref < 0:
+                assert slot == -1
+                continue
+            unique = int(batch["pool"][b, slot])
+            length = int(batch["reference_lengths"][unique])
+            assert batch["reference_tokens"][unique, :length].tolist() == list(references[ref].ids)
+
+
+def test_epoch_sampler_resumes_mid_epoch_with_the_same_order():
+    sampler = EpochSampler(10, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2)
+    sampler.start = 4
+    assert list(sampler) == full[4:]
+    assert list(sampler) == full  # the skip applies once
+    sampler.set_epoch(3)
+    assert sorted(sampler) == list(range(10)) and list(sampler) != full
+
+
+def write_corpus(tmp_path, words=4000):
+    lines = [f"{FACTS[i % 4]} Sentence number {i} of the corpus." for i in range(words // 8)]
+    (tmp_path / "train.txt").write_text(" ".join(lines))
+    (tmp_path / "kb.jsonl").write_text(
+        "\n".join(json.dumps({"id": str(i), "text": t}) for i, t in enumerate(FACTS))
+    )
+
+
+def test_data_module_pairs_once_and_refuses_a_pairing_of_other_data(tmp_path):
+    write_corpus(tmp_path)
+    kwargs = dict(
+        train=[FilesSource([tmp_path / "train.txt"])], seq_length=64, batch_size=2, chunk_length=32,
+        knowledge=[FilesSource([tmp_path / "kb.jsonl"])], chunker=FixedChunker(128),
+        embedder=HashedNgramEmbedder(dim=512), pairing_file=tmp_path / "pairing.pt",
+    )  # fmt: skip
+    data = TextDataModule(ByteTokenizer(), **kwargs)
+    data.setup()
+    assert (tmp_path / "pairing.pt").is_file()
+    assert (data.train_set.pairing >= 0).float().mean() > 0.9
+    batch = next(iter(data.train_dataloader()))
+    assert batch["tokens"].shape == (2, 65) and batch["slots"].shape == (2, 2)
+    (tmp_path / "train.txt").write_text("Entirely different text. " * 200)
+    with pytest.raises(UserError, match="pairs other data"):
+        TextDataModule(ByteTokenizer(), **kwargs).setup()
+
+
+def test_data_module_refuses_sequences_shorter_than_a_chunk(tmp_path):
+    with pytest.raises(UserError, match="shorter than one chunk"):
+        TextDataModule(ByteTokenizer(), [tmp_path], seq_length=32, chunk_length=64)
