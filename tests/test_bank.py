@@ -1,0 +1,254 @@
+"""`m3 build-memory`: a tiny knowledge base through the real command, into tmp folders."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from m3.backends import ExactIndex, HDF5Store, StoreInfo
+from m3.bank import ColdStartStore, ShardedStore, build_memory, open_bank, read_knowledge
+from m3.chunking import FixedChunker
+from m3.cli import main
+from m3.encoding import encode_references
+from m3.errors import UserError
+from m3.model import Memory3
+from m3.recipes import load_recipe
+from m3.sources import FilesSource
+from m3.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = str(ROOT / "recipes/tiny/base.yaml")
+BANK = str(ROOT / "recipes/tiny/build-memory.yaml")
+SMALL = ["model.n_layer=2", "model.reference_length=32", "trainer.enable_progress_bar=false"]
+FACTS = [
+    "Ada Lovelace wrote the first program for the Analytical Engine in 1843.",
+    "The river Sorrel flows north through the town of Quillfield into the lake.",
+    "Marrow Industries makes copper wire and employs nine hundred people in Dunmore.",
+    "Professor Ilse Varga studied the migration of cranes over the salt marshes.",
+    "The Hollis bridge was closed in winter because ice cracked its stone pillars.",
+    "Tobias Renn founded the Renn observatory on a hill above the harbour of Calde.",
+]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small knowledge base (text files, a JSONL file, empty documents) and tiny weights."""
+    root = tmp_path_factory.mktemp("bank")
+    kb = root / "kb"
+    kb.mkdir()
+    for i, fact in enumerate(FACTS[:4]):
+        (kb / f"fact{i}.txt").write_text(fact + " " + fact.upper())
+    (kb / "blank.txt").write_text("  \n\t ")
+    lines = [{"id": "j1", "text": FACTS[4]}, {"id": "j2", "text": "   "}, {"text": FACTS[5]}]
+    (kb / "more.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    recipe = load_recipe([BASE, BANK], SMALL)
+    torch.manual_seed(0)
+    model = Memory3(recipe.model.config())
+    torch.save(model.state_dict(), root / "model.pt")
+    return {"root": root, "kb": kb, "weights": root / "model.pt"}
+
+
+def args(world: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        BASE, BANK, *SMALL, f"output={out}", f"training.init_weights={world['weights']}",
+        f"data.knowledge=[{{class_path: files, init_args: {{paths: [{world['kb']}]}}}}]", *extra,
+    ]  # fmt: skip
+
+
+def recipe_of(world: dict[str, Path], out: Path, *extra: str):
+    items = args(world, out, *extra)
+    return load_recipe(items[:2], items[2:])
+
+
+def expected(world: dict[str, Path]):
+    """The references and their memories, computed directly with `encode_references`."""
+    recipe = load_recipe([BASE, BANK], SMALL)
+    config = recipe.model.config()
+    model = Memory3(config)
+    model.load_state_dict(torch.load(world["weights"]))
+    tokenizer = ByteTokenizer()
+    knowledge = read_knowledge(
+        [FilesSource([world["kb"]])], tokenizer, chunker=FixedChunker(config.reference_length)
+    )
+    with torch.no_grad():
+        memory = encode_references(
+            model, [r.ids for r in knowledge.references], prefix=tokenizer.reference_prefix()
+        )
+    return model, tokenizer, knowledge, memory
+
+
+def assert_same(got, want) -> None:
+    torch.testing.assert_close(got.keys.float(), want.keys, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.values.float(), want.values, atol=1e-6, rtol=0)
+    assert torch.equal(got.valid, want.valid)
+    assert torch.equal(got.positions, want.positions)
+
+
+@pytest.fixture(scope="module")
+def built(world: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "bank"
+    assert main(["build-memory", *args(world, out), "--batch-size", "8"]) == 0
+    return out
+
+
+def test_bank_holds_exactly_the_encoded_references(world, built):
+    model, tokenizer, knowledge, memory = expected(world)
+    count = len(knowledge.references)
+    assert 24 <= count <= 80
+    bank = open_bank(built)
+    assert isinstance(bank.store, HDF5Store) and bank.store.complete
+    assert bank.store.ids().tolist() == list(range(count))
+    assert_same(bank.store.read(torch.arange(count)), memory)
+    assert bank.store.references(range(count)) == knowledge.references
+    info = bank.store.info
+    assert info.model_fingerprint == model.memory_fingerprint()
+    assert info.tokenizer_fingerprint == tokenizer.fingerprint()
+    assert list(info.reference_prefix) == tokenizer.reference_prefix()
+    assert info.model_config == model.config.to_dict()
+    assert bank.manifest["shards"] == [{"file": "store-rank0.h5", "references": count}]
+
+
+def test_index_retrieves_each_reference_by_its_own_text(world, built):
+    _, tokenizer, knowledge, _ = expected(world)
+    bank = open_bank(built)
+    assert isinstance(bank.index, ExactIndex) and len(bank.index) == len(knowledge.references)
+    texts = [tokenizer.decode(r.ids) for r in knowledge.references]
+    hits = bank.index.search(bank.embedder.embed(texts), 1).ids[:, 0]
+    # identical texts may tie; every hit must be a reference with the same text
+    assert all(texts[h] == t for h, t in zip(hits.tolist(), texts, strict=True))
+    assert (hits == torch.arange(len(texts))).float().mean() > 0.9
+
+
+def test_summary_counts_documents_references_skipped_and_bytes(world, built, capsys):
+    _, _, knowledge, _ = expected(world)
+    done = json.loads((built / "done.json").read_text())
+    assert done["documents"] == 6 and done["skipped"] == 2
+    assert done["references"] == done["encoded_this_run"] == len(knowledge.references)
+    assert done["bytes_written"] >= (built / "store-rank0.h5").stat().st_size > 0
+    assert main(["build-memory", *args(world, built)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+class Interrupt(L.Callback):
+    """Fails the build after `after` batches were written."""
+
+    def __init__(self, after: int) -> None:
+        self.after, self.seen = after, 0
+
+    def on_predict_batch_end(self, *args: object, **kwargs: object) -> None:
+        self.seen += 1
+        if self.seen == self.after:
+            raise RuntimeError("simulated interruption")
+
+
+def test_an_interrupted_build_resumes_where_it_stopped(world, tmp_path, capsys):
+    _, _, knowledge, memory = expected(world)
+    out = tmp_path / "bank"
+    recipe = recipe_of(world, out)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_memory(recipe, batch_size=4, callbacks=[Interrupt(3)])
+    shard = out / "store-rank0.h5"
+    with pytest.raises(UserError, match="incomplete store"):
+        HDF5Store(shard)
+    partial = HDF5Store(shard, mode="r", allow_incomplete=True)
+    assert len(partial) == 12 and not partial.complete
+    partial.close()
+    assert not (out / "done.json").exists()
+    with pytest.raises(UserError, match="no finished memory bank"):
+        open_bank(out)
+    assert main(["build-memory", *args(world, out), "--batch-size", "4"]) == 0
+    done = json.loads((out / "done.json").read_text())
+    assert done["encoded_this_run"] == len(knowledge.references) - 12
+    store = HDF5Store(shard)
+    assert store.complete and store.ids().tolist() == list(range(len(knowledge.references)))
+    assert_same(store.read(torch.arange(len(store))), memory)
+
+
+def test_two_shards_open_as_one_store(world, tmp_path, capsys):
+    _, _, knowledge, memory = expected(world)
+    out = tmp_path / "bank"
+    recipe = recipe_of(world, out)
+    build_memory(recipe, batch_size=8, shard=(1, 2))
+    assert "shard 0 of 2 is not written yet" in capsys.readouterr().out
+    assert not (out / "done.json").exists()
+    build_memory(recipe, batch_size=8, shard=(0, 2))
+    bank = open_bank(out)
+    count = len(knowledge.references)
+    assert isinstance(bank.store, ShardedStore) and len(bank.store) == count
+    assert [s["references"] for s in bank.manifest["shards"]] == [(count + 1) // 2, count // 2]
+    order = torch.tensor([5, 0, 3, count - 1, 5])
+    assert_same(bank.store.read(order), memory[order])
+    assert bank.store.references([1, 2]) == knowledge.references[1:3]
+    assert bank.store.verify() == []
+    with pytest.raises(UserError, match="read-only"):
+        bank.store.delete([0])
+    # resuming with another number of ranks is refused
+    (out / "done.json").unlink()
+    with pytest.raises(UserError, match="more ranks than 1"):
+        build_memory(recipe, batch_size=8)
+
+
+def test_cold_start_encodes_on_first_read_then_serves_the_store(world, tmp_path):
+    model, tokenizer, knowledge, memory = expected(world)
+    config = model.config
+    info = StoreInfo(
+        memory_shape=config.memory_shape, dtype="float32",
+        model_fingerprint=model.memory_fingerprint(),
+    )  # fmt: skip
+    store = HDF5Store(tmp_path / "lazy.h5", info=info, mode="w")
+    lazy = ColdStartStore(
+        store, model, knowledge.references, prefix=tokenizer.reference_prefix(), batch_size=2
+    )
+    assert len(lazy) == 0
+    assert_same(lazy.read([3, 1, 3]), memory[torch.tensor([3, 1, 3])])
+    assert lazy.encoded == 2 and lazy.ids().tolist() == [1, 3]
+    assert_same(lazy.read([1, 4]), memory[torch.tensor([1, 4])])
+    assert lazy.encoded == 3  # 1 came from the store
+    assert lazy.references([4]) == [knowledge.references[4]]
+    with pytest.raises(UserError, match="not in the knowledge base"):
+        lazy.read([10_000])
+    other = Memory3(config)
+    with pytest.raises(UserError, match="rebuild the memory bank"):
+        ColdStartStore(store, other, knowledge.references, prefix=tokenizer.reference_prefix())
+
+
+def test_bad_inputs_stop_with_clear_errors(world, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.txt").write_text("   ")
+    (empty / "b.jsonl").write_text(json.dumps({"text": "\n"}) + "\n")
+    source = f"data.knowledge=[{{class_path: files, init_args: {{paths: [{empty}]}}}}]"
+    out = tmp_path / "never"
+    assert main(["build-memory", *args(world, out), source]) == 2
+    err = capsys.readouterr().err
+    assert "data.knowledge: the knowledge base is empty" in err and str(empty) in err
+    assert "Traceback" not in err
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"caf\xe9")
+    source = f"data.knowledge=[{{class_path: files, init_args: {{paths: [{bad}]}}}}]"
+    assert main(["build-memory", *args(world, out), source]) == 2
+    assert "bad.txt: not UTF-8" in capsys.readouterr().err
+    missing = f"training.init_weights={tmp_path / 'none.pt'}"
+    assert main(["build-memory", *args(world, out), missing]) == 2
+    assert "training.init_weights:" in capsys.readouterr().err
+    assert main(["build-memory", *args(world, out), "training.init_weights=null"]) == 2
+    assert "training.init_weights: name the weights" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_a_folder_of_another_recipe_is_refused_unless_overwrite(world, built, tmp_path, capsys):
+    out = tmp_path / "bank"
+    assert main(["build-memory", *args(world, out), "--batch-size", "16"]) == 0
+    capsys.readouterr()
+    changed = "data.seq_length=64"
+    assert main(["build-memory", *args(world, out), changed]) == 2
+    assert "holds the outputs of another recipe" in capsys.readouterr().err
+    assert main(["build-memory", *args(world, out), "model.n_embd=32", "--overwrite"]) == 2
+    assert "embed_tokens.weight has shape" in capsys.readouterr().err
+    seed = "seed=1"  # another recipe, the same weights: replaced with --overwrite
+    assert main(["build-memory", *args(world, out), seed, "--overwrite"]) == 0
+    assert json.loads((out / "done.json").read_text())["references"] > 0
