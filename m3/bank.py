@@ -816,13 +816,15 @@ def _finish(
         "skipped": knowledge.skipped,
         "encoded_this_run": written,
         "bytes_written": _folder_bytes(outputs),
+        "store_bytes": _folder_bytes(outputs[: len(shards)]),
         "references_per_second": round(written / seconds, 1) if seconds > 0 and written else None,
     }
     run.finish(summary)
     print(
         f"m3 build-memory: bank in {folder}: {summary['documents']} documents, "
         f"{summary['references']} references ({written} encoded in this run), "
-        f"{summary['skipped']} documents skipped, {summary['bytes_written']:,} bytes written",
+        f"{summary['skipped']} documents skipped, {summary['bytes_written']:,} bytes written "
+        f"({summary['store_bytes']:,} in the store)",
         flush=True,
     )
     return folder

@@ -334,11 +334,63 @@ def _add_fit(verbs: Subparsers) -> None:
     fit.set_defaults(handler=_fit)
 
 
+def _build_memory(args: argparse.Namespace) -> int:
+    from m3.bank import build_memory
+
+    shard = None
+    if args.shard is not None:
+        rank, _, world = args.shard.partition("/")
+        if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
+            raise UserError(f"--shard takes RANK/WORLD_SIZE, e.g. 0/4; got {args.shard!r}")
+        shard = (int(rank), int(world))
+    build_memory(
+        recipe_from_args(args),
+        overwrite=args.overwrite,
+        batch_size=args.batch_size,
+        dtype=args.dtype,
+        shard=shard,
+    )
+    return 0
+
+
+def _add_build_memory(verbs: Subparsers) -> None:
+    build = verbs.add_parser(
+        "build-memory",
+        help="encode a knowledge base into a memory bank (store shards + index)",
+        description=(
+            "Encode every reference of the recipe's data.knowledge with the weights named by "
+            "training.init_weights, through Lightning's Trainer.predict (trainer.devices=N "
+            "writes one shard per rank), then embed the references and build the index. An "
+            "interrupted build resumes where it stopped."
+        ),
+    )
+    add_recipe_arguments(build)
+    build.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder another recipe wrote"
+    )
+    build.add_argument(
+        "--batch-size", type=int, default=64, help="references per forward pass (default: 64)"
+    )
+    build.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="dtype of the stored keys and values (default: float32)",
+    )
+    build.add_argument(
+        "--shard",
+        metavar="RANK/WORLD_SIZE",
+        help="write only this shard (ranks launched by hand, without a distributed strategy)",
+    )
+    build.set_defaults(handler=_build_memory)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
     _add_components,
     _add_fit,
+    _add_build_memory,
     _add_size,
     _add_smoke,
 ]
