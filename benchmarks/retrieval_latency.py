@@ -1,0 +1,199 @@
+"""Retriever latency per phase: a 32-chunk prompt and the one-chunk decoding step.
+
+A knowledge base of `--count` references (~100-byte texts of random words, bytes as tokens)
+with random memories of the "small" preset's shape `(3, 2, 2, 8, 32)` in an `HDF5Store` on
+local disk (warm page cache: the file was just written), an `ExactIndex` of
+`HashedNgramEmbedder` vectors (dim 2048), k = 5, over-fetch 3, leakage threshold 2/3. Each
+query chunk holds rare words of a few references, so neighbouring chunks share some of their
+references, as adjacent chunks of a document do.
+
+Scenarios (each the median of `--rounds` runs, times in ms):
+
+- prompt, sequential: the 32 chunks retrieved one `retrieve_next` call at a time;
+- prompt, batched: one `retrieve_context` call, all 32 chunks in one group (no reader thread);
+- prompt, batched + overlapped: one call, groups of 8 chunks, store reads of a group in the
+  reader thread while the next group is embedded, searched and filtered;
+- decode step: one `retrieve_next` per 64-token boundary along the prompt (the critical
+  path at decoding time), per step.
+
+Each runs with the cache off (`cache_size=0`) and on (4096 references; emptied before each
+prompt round, so hits come only from repeats within the round). Phase columns sum the
+calling thread's time (embed, search, filter, cache, assemble) and the store reads, which in
+the overlapped scenario run in the reader thread, so they can add up to more than the total.
+
+    OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import string
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from m3.backends.base import StoreInfo
+from m3.backends.exact_index import ExactIndex
+from m3.backends.hdf5_store import HDF5Store
+from m3.chunking import Reference
+from m3.config import Config
+from m3.embedders import HashedNgramEmbedder
+from m3.memory import SparseMemory
+from m3.retrieval import PHASES, Retriever
+from m3.tokenizer import ByteTokenizer
+
+CHUNKS = 32
+
+
+def build_bank(directory: Path, count: int) -> tuple[HDF5Store, list[str], list[str]]:
+    """Write `count` random references; return the store, their texts and rare words."""
+    rng = random.Random(0)
+
+    def word() -> str:
+        return "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(4, 8)))
+
+    rare = [word() for _ in range(count)]
+    texts = [" ".join([rare[i], *(word() for _ in range(12))])[:128] for i in range(count)]
+    tokenizer = ByteTokenizer()
+    shape = Config.from_name("small").memory_shape
+    layers, _, heads, tokens, dim = shape
+    generator = torch.Generator().manual_seed(0)
+    memory = SparseMemory(
+        keys=torch.randn(count, layers, heads, tokens, dim, generator=generator),
+        values=torch.randn(count, layers, heads, tokens, dim, generator=generator),
+        valid=torch.ones(count, tokens, dtype=torch.bool),
+        positions=torch.arange(tokens).expand(count, layers, heads, tokens).clone(),
+    )
+    info = StoreInfo(memory_shape=shape, dtype="float32")
+    references = [
+        Reference(i, 0, len(text), tuple(tokenizer.encode(text))) for i, text in enumerate(texts)
+    ]
+    with HDF5Store(directory / "bank.h5", info=info, mode="w") as store:
+        store.write(torch.arange(count), memory, references)
+        store.mark_complete()
+    return HDF5Store(directory / "bank.h5"), texts, rare
+
+
+def prompt_ids(rare: list[str], seed: int) -> list[int]:
+    """A 32-chunk prompt: each 64-byte chunk names rare words of references near its own."""
+    rng = random.Random(seed)
+    tokenizer = ByteTokenizer()
+    ids = [tokenizer.bos_id]
+    topic = rng.randrange(len(rare))
+    while len(ids) < CHUNKS * 64:
+        topic = (topic + rng.choice([0, 0, 1, 2])) % len(rare)
+        ids += tokenizer.encode(f" {rare[topic]} and {rare[(topic + 1) % len(rare)]}")
+    return ids[: CHUNKS * 64]
+
+
+def measure(run: Callable[[], int], retriever: Retriever, rounds: int) -> dict[str, float]:
+    """Median wall time and phase times (ms) of `run`, per unit it returns."""
+    totals: list[float] = []
+    phases: dict[str, list[float]] = {p: [] for p in PHASES}
+    rates = []
+    for _ in range(rounds):
+        retriever.reset_cache()
+        retriever.reset_stats()
+        start = time.perf_counter()
+        units = run()
+        totals.append((time.perf_counter() - start) * 1e3 / units)
+        for phase, seconds in retriever.phase_times().items():
+            phases[phase].append(seconds * 1e3 / units)
+        rates.append(retriever.cache_stats().hit_rate)
+    out = {"total": statistics.median(totals)}
+    out.update({p: statistics.median(v) for p, v in phases.items()})
+    out["hit rate"] = statistics.median(rates)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store, texts, rare = build_bank(Path(tmp), args.count)
+        embedder = HashedNgramEmbedder(dim=2048)
+        embedder.fit(texts)
+        index = ExactIndex(embedder.dim, metric="cosine")
+        index.add(embedder.embed(texts), torch.arange(len(texts)))
+        prompt = prompt_ids(rare, seed=1)
+        boundaries = [prompt[: (c + 1) * 64] for c in range(CHUNKS)]
+
+        def make(cache_size: int, group_size: int) -> Retriever:
+            return Retriever(
+                embedder=embedder,
+                index=index,
+                store=store,
+                tokenizer=ByteTokenizer(),
+                cache_size=cache_size,
+                group_size=group_size,
+                expected_embedder_fingerprint=embedder.fingerprint(),
+            )
+
+        rows: list[tuple[str, str, dict[str, float]]] = []
+        for cache_size, cache_name in ((0, "off"), (4096, "on")):
+            sequential = make(cache_size, 8)
+            batched = make(cache_size, CHUNKS)
+            overlapped = make(cache_size, 8)
+
+            def run_sequential(r: Retriever = sequential) -> int:
+                for context in boundaries:
+                    r.retrieve_next([context])
+                return 1
+
+            def run_batched(r: Retriever) -> int:
+                r.retrieve_context([prompt])
+                return 1
+
+            def run_decode(r: Retriever = sequential) -> int:
+                for context in boundaries:
+                    r.retrieve_next([context])
+                return CHUNKS
+
+            run_sequential()  # warm-up: imports, thread start, page cache
+            run_batched(overlapped)
+            rows.append(
+                ("prompt, sequential", cache_name, measure(run_sequential, sequential, args.rounds))
+            )
+            rows.append(
+                (
+                    "prompt, batched",
+                    cache_name,
+                    measure(lambda r=batched: run_batched(r), batched, args.rounds),
+                )
+            )
+            rows.append(
+                (
+                    "prompt, batched + overlapped",
+                    cache_name,
+                    measure(lambda r=overlapped: run_batched(r), overlapped, args.rounds),
+                )
+            )
+            rows.append(("decode step (per chunk)", cache_name, measure(run_decode, sequential, 3)))
+            overlapped.close()
+        store.close()
+
+    print(
+        f"{args.count} references of shape {Config.from_name('small').memory_shape} (fp32) in "
+        f"an HDF5Store, ExactIndex dim 2048, k=5, overfetch 3, threshold 2/3, "
+        f"torch threads {torch.get_num_threads()}; median of {args.rounds} rounds, ms"
+    )
+    columns = ["total", *PHASES, "hit rate"]
+    header = f"| {'scenario':<30} | cache | " + " | ".join(f"{c:>8}" for c in columns)
+    print(header + " | ÷ sequential |")
+    print("|" + "-" * 32 + "|-------|" + "|".join("-" * 10 for _ in columns) + "|--------------|")
+    base = {cache: m["total"] for name, cache, m in rows if name == "prompt, sequential"}
+    for name, cache, m in rows:
+        cells = " | ".join(f"{m[c]:>8.2f}" for c in columns)
+        ratio = f"{m['total'] / base[cache]:>12.2f}" if name.startswith("prompt") else " " * 12
+        print(f"| {name:<30} | {cache:<5} | {cells} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
