@@ -44,8 +44,8 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
         raise UserError(
             f"stage: m3 fit trains 'warmup' or 'continual' stages, got {recipe.stage!r}"
         )
-    if recipe.data is None:
-        raise UserError("data: a training recipe needs a data section (data.train: sources)")
+    if recipe.data is None or not recipe.data.train:
+        raise UserError("data.train: a training recipe needs the sources of its training text")
     if recipe.tokenizer is None:
         raise UserError("tokenizer: a training recipe needs a tokenizer")
     continual = recipe.stage == "continual"
@@ -67,6 +67,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from lightning.pytorch.loggers import CSVLogger
 
     from m3 import registry
+    from m3.chunking import FixedChunker
     from m3.data import TextDataModule
     from m3.module import Memory3Module
     from m3.plots import plot_training_curves
@@ -87,7 +88,8 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     def sources(specs: list | None) -> list | None:
         return None if specs is None else [registry.instantiate("source", s) for s in specs]
 
-    chunker = _components(recipe, "chunker", None)
+    # the bank builder cuts the knowledge base the same way: reference ids must agree
+    chunker = _components(recipe, "chunker", FixedChunker(config.reference_length))
     data = TextDataModule(
         tokenizer,
         sources(data_spec.train),

@@ -53,7 +53,8 @@ from m3.registry import Bounds, ComponentSpec, Problem
 
 T = TypeVar("T")
 
-#: What a recipe is for; the verbs that run each stage arrive with later releases.
+#: What a recipe is for: `m3 fit` runs warmup and continual, `m3 build-memory` build_memory;
+#: the verbs of the other stages arrive with later releases.
 Stage = Literal["warmup", "continual", "build_memory", "evaluate", "generate", "pipeline"]
 
 #: Where the recipes shipped with m3 live (in a source checkout).
@@ -114,7 +115,8 @@ class DataSection:
     """Where the text comes from and how it becomes training sequences (`m3.data`).
 
     Attributes:
-        train: Sources of training text (kind `source`), concatenated.
+        train: Sources of training text (kind `source`), concatenated; training stages
+            need them.
         val: Sources of held-out text; when None, `val_fraction` of the training
             sequences is held out.
         knowledge: Sources of the knowledge base (the continual stage pairs each training
@@ -128,7 +130,7 @@ class DataSection:
         pairing_file: Where the pairing is cached (default: in the run folder).
     """
 
-    train: list[ComponentSpec] = field(metadata={"kind": "source"})
+    train: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
     val: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
     knowledge: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
     val_fraction: Annotated[float, Bounds(ge=0, lt=1)] = 0.05
