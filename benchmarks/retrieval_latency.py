@@ -22,6 +22,11 @@ calling thread's time (embed, search, filter, cache, assemble) and the store rea
 the overlapped scenario run in the reader thread, so they can add up to more than the total.
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
+        [--threshold 0.667 | none]
+
+With bytes as tokens the leakage filter dominates (a 26-letter alphabet defeats the
+overlap's pruning bounds: almost every window of the context must be tried); `--threshold
+none` shows the rest of the path.
 """
 
 from __future__ import annotations
@@ -115,7 +120,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument(
+        "--threshold", default="0.6666666666666666", help="leakage threshold, or 'none' (off)"
+    )
     args = parser.parse_args()
+    threshold = None if args.threshold.lower() == "none" else float(args.threshold)
     with tempfile.TemporaryDirectory() as tmp:
         store, texts, rare = build_bank(Path(tmp), args.count)
         embedder = HashedNgramEmbedder(dim=2048)
@@ -133,6 +142,7 @@ def main() -> None:
                 tokenizer=ByteTokenizer(),
                 cache_size=cache_size,
                 group_size=group_size,
+                threshold=threshold,
                 expected_embedder_fingerprint=embedder.fingerprint(),
             )
 
@@ -181,7 +191,7 @@ def main() -> None:
 
     print(
         f"{args.count} references of shape {Config.from_name('small').memory_shape} (fp32) in "
-        f"an HDF5Store, ExactIndex dim 2048, k=5, overfetch 3, threshold 2/3, "
+        f"an HDF5Store, ExactIndex dim 2048, k=5, overfetch 3, threshold {threshold}, "
         f"torch threads {torch.get_num_threads()}; median of {args.rounds} rounds, ms"
     )
     columns = ["total", *PHASES, "hit rate"]
