@@ -42,6 +42,7 @@ memory = store.read(torch.tensor([7, 3, 7]))
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -145,11 +146,21 @@ class RowLayout:
 class _Tables:
     """What a process knows about the file's slots: loaded once, updated by its own writes."""
 
-    def __init__(self, slot_ids: np.ndarray, starts: list[int], offsets: list[int]) -> None:
+    def __init__(
+        self, slot_ids: np.ndarray, starts: list[int], offsets: list[int], row_bytes: int
+    ) -> None:
         self.slot_ids = slot_ids  # (capacity,) id in each slot, −1 free
         self.starts = np.array(starts, dtype=np.int64)  # (S + 1,) first slot of each segment
         self.offsets = np.array(offsets, dtype=np.int64)  # (S,) byte offset of each segment
-        self.verified = np.zeros(len(slot_ids), dtype=bool)  # crc checked in this process
+        self.row_bytes = row_bytes
+        # (capacity,) byte offset of each slot's row: one gather per read instead of a
+        # searchsorted over the segments (8 B per slot, like `slot_ids`)
+        self.slot_offsets = np.zeros(0, dtype=np.int64)
+        for first, end, offset in zip(starts[:-1], starts[1:], offsets, strict=True):
+            self.add_segment(first, end, offset)
+        # (capacity,) bool: crc checked in this process; an array, so that a read of
+        # already-checked rows costs one gather whatever the batch size
+        self.verified = np.zeros(len(slot_ids), dtype=bool)
         used = slot_ids >= 0
         self.slots = SlotMap()
         self.slots.set(slot_ids[used], np.flatnonzero(used))
@@ -159,13 +170,17 @@ class _Tables:
     def capacity(self) -> int:
         return int(self.starts[-1])
 
+    def add_segment(self, first: int, end: int, offset: int) -> None:
+        """Append the row offsets of a segment holding slots `[first, end)` at byte `offset`."""
+        rows = np.arange(end - first, dtype=np.int64) * self.row_bytes + offset
+        self.slot_offsets = np.concatenate([self.slot_offsets, rows])
+
     def segment_rows(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         segment = np.searchsorted(self.starts, slots, side="right") - 1
         return segment, slots - self.starts[segment]
 
-    def byte_offsets(self, slots: np.ndarray, row_bytes: int) -> np.ndarray:
-        segment, row = self.segment_rows(slots)
-        return self.offsets[segment] + row * row_bytes
+    def byte_offsets(self, slots: np.ndarray) -> np.ndarray:
+        return self.slot_offsets[slots]
 
 
 def _differing_field(given: StoreInfo, stored: StoreInfo) -> str | None:
@@ -248,7 +263,9 @@ class HDF5Store(MemoryStore):
         self._file: h5py.File | None = None
         self._fd: int | None = None
         self._tables: _Tables | None = None
-        self._buffers: list[tuple[np.ndarray, weakref.ref[np.ndarray] | None]] = []
+        self._buffers: list[
+            tuple[np.ndarray, list[list[memoryview]], weakref.ref[np.ndarray] | None]
+        ] = []
         self._pid = os.getpid()
         self._lock = threading.RLock()
         if mode == "r" and not self.path.exists():
@@ -412,7 +429,7 @@ class HDF5Store(MemoryStore):
             raise CorruptReferenceError(
                 f"{self.path}: reference {int(unique[counts > 1][0])} occupies several slots"
             )
-        return _Tables(slot_ids, starts, offsets)
+        return _Tables(slot_ids, starts, offsets, self.layout.row_bytes)
 
     # ------------------------------------------------------------------------ writing
     def _check_writable(self) -> None:
@@ -456,6 +473,7 @@ class HDF5Store(MemoryStore):
         for name in file["refs"]:
             file["refs"][name].resize((capacity,))
         tables.offsets = np.append(tables.offsets, dataset.get_offset())
+        tables.add_segment(tables.capacity, capacity, dataset.get_offset())
         tables.starts = np.append(tables.starts, capacity)
         tables.slot_ids = np.concatenate([tables.slot_ids, np.full(rows, -1, dtype=np.int64)])
         tables.verified = np.concatenate([tables.verified, np.zeros(rows, dtype=bool)])
@@ -622,63 +640,86 @@ class HDF5Store(MemoryStore):
             raise missing_error(array, slots, where=str(self.path))
         return array, slots
 
-    def _row_buffer(self, count: int) -> np.ndarray:
-        """A `(count, row_bytes)` array to read into: a previous read's, once nothing uses it.
+    def _row_buffer(self, count: int) -> tuple[np.ndarray, list[list[memoryview]]]:
+        """A `(count, row_bytes)` array to read into, and the `preadv` buffers of its rows.
 
-        Fresh buffers cost page faults (about a third of a warm read of large rows). Each
-        read gets a new view of a kept buffer, and the buffer is reused only after that
-        view (and so every tensor made from it) is gone. Two buffers are kept.
+        The array is a previous read's once nothing uses it: fresh buffers cost page faults
+        (about a third of a warm read of large rows). Each read gets a new view of a kept
+        buffer, and the buffer is reused only after that view (and so every tensor made
+        from it) is gone. Two buffers are kept, each with its per-row buffer lists
+        (`[memoryview of row j]`) made once: the read loop then makes no Python object per
+        row.
         """
         with self._lock:
             free = [
                 i
-                for i, (buffer, view) in enumerate(self._buffers)
+                for i, (buffer, _, view) in enumerate(self._buffers)
                 if buffer.shape[0] >= count and (view is None or view() is None)
             ]
             if free:
-                i, buffer = free[0], self._buffers[free[0]][0]
+                i = free[0]
+                buffer, iov, _ = self._buffers[i]
             else:
                 buffer = np.empty((count, self.layout.row_bytes), dtype=np.uint8)
-                self._buffers = [*self._buffers[-1:], (buffer, None)]
+                flat, size = memoryview(buffer.reshape(-1)), self.layout.row_bytes
+                iov = [[flat[j * size : (j + 1) * size]] for j in range(count)]
+                self._buffers = [*self._buffers[-1:], (buffer, iov, None)]
                 i = len(self._buffers) - 1
             rows = buffer[:count]
-            self._buffers[i] = (buffer, weakref.ref(rows))
-            return rows
+            self._buffers[i] = (buffer, iov, weakref.ref(rows))
+            return rows, iov
 
     def _read_rows(
         self, ids: np.ndarray, slots: np.ndarray, *, check: VerifyReads
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of slots, `(N, row_bytes)` uint8, and `(N,)` bool: which ones are damaged."""
-        layout, count = self.layout, len(ids)
+        """Rows of slots, `(N, row_bytes)` uint8, and `(N,)` bool: which ones are damaged.
+
+        Warm reads of small rows cost little more than the Python work around each
+        `preadv`, so only the `preadv` calls run per row, driven from C by `map` over
+        prepared buffer lists; the id, marker and "already verified" checks run on
+        whole-batch numpy views of the row layout.
+        """
+        layout, count, size = self.layout, len(ids), self.layout.row_bytes
         tables = self._state()
-        offsets = tables.byte_offsets(slots, layout.row_bytes)
+        offsets = tables.slot_offsets[slots]
         fd = self._read_fd()
-        rows = self._row_buffer(count)
-        bad = np.zeros(count, dtype=bool)
+        rows, iov = self._row_buffer(count)
         order = np.argsort(offsets, kind="stable")  # in file order: kinder to the disk
         in_order = offsets[order]
         repeat = np.zeros(count, dtype=bool)  # a repeated id is read once, then copied
-        repeat[1:] = in_order[1:] == in_order[:-1]
-        views, size, preadv = list(rows), layout.row_bytes, os.preadv  # the loop is the cost
-        for j, offset in zip(order[~repeat].tolist(), in_order[~repeat].tolist(), strict=True):
-            if preadv(fd, [views[j]], offset) != size:
-                bad[j] = True  # short read: the file ends inside this row
-        if repeat.any():
+        np.equal(in_order[1:], in_order[:-1], out=repeat[1:])
+        repeats = bool(repeat.any())
+        targets, starts = (order[~repeat], in_order[~repeat]) if repeats else (order, in_order)
+        got = list(
+            map(os.preadv, itertools.repeat(fd), map(iov.__getitem__, targets.tolist()),
+                starts.tolist())
+        )  # fmt: skip
+        if repeats:
             source = np.maximum.accumulate(np.where(repeat, 0, np.arange(count)))
             rows[order[repeat]] = rows[order[source[repeat]]]
-            bad[order[repeat]] = bad[order[source[repeat]]]
-        stored_id = rows[:, layout.id : layout.magic].copy().view("<i8")[:, 0]
-        magic = rows[:, layout.magic : layout.crc].copy().view("<u4")[:, 0]
-        bad |= (stored_id != ids) | (magic != ROW_MAGIC)
-        if check != "never":
-            needed = np.ones(count, dtype=bool) if check == "always" else ~tables.verified[slots]
-            needed &= ~bad
+        # Rows are a whole number of 8-byte words, so each trailer field is one column of
+        # an integer view of the batch (no copies).
+        stored_id = rows.view("<i8")[:, layout.id // 8]
+        magic = rows.view("<u4")[:, layout.magic // 4]
+        bad = (stored_id != ids) | (magic != ROW_MAGIC)
+        if got.count(size) != len(got):  # a short read: the file ends inside the row
+            short = np.zeros(count, dtype=bool)
+            short[targets] = np.array(got) != size
+            if repeats:
+                short[order[repeat]] = short[order[source[repeat]]]
+            bad |= short
+        # Rows to checksum: every sound one ("always"), or those not yet checked in this
+        # process ("first": one gather from the `verified` array, nothing more once all are).
+        if check == "never":
+            return rows, bad
+        needed = ~bad if check == "always" else ~(bad | tables.verified[slots])
+        if needed.any():
             which = np.flatnonzero(needed)
-            stored = rows[which, layout.crc :].copy().view("<u4")[:, 0]
+            stored = rows.view("<u4")[which, layout.crc // 4]
             body = rows[:, : layout.crc]
             crcs = np.fromiter((zlib.crc32(body[j]) for j in which.tolist()), np.uint32, len(which))
-            bad[which] |= crcs != stored
-            tables.verified[slots[needed & ~bad]] = True
+            bad[which] = crcs != stored
+            tables.verified[slots[which[crcs == stored]]] = True
         return rows, bad
 
     def read(self, ids: Sequence[int] | Tensor) -> SparseMemory:
@@ -719,20 +760,21 @@ class HDF5Store(MemoryStore):
             )
         # Tensors made from `rows` itself keep it alive, which is what frees its buffer for
         # reuse only once they are gone (numpy views would point at the buffer instead).
-        table = torch.from_numpy(rows)
-        typed, size = table.view(dtype), dtype.itemsize  # fields by strides: few torch calls
-        row = layout.row_bytes // size
-        memory_strides = (row, heads * tokens * dim, tokens * dim, dim, 1)
+        typed, size = torch.from_numpy(rows).view(dtype), dtype.itemsize
         memory_shape = (count, layers, heads, tokens, dim)
+        memory_strides = (layout.row_bytes // size, heads * tokens * dim, tokens * dim, dim, 1)
         keys = typed.as_strided(memory_shape, memory_strides, layout.keys // size)
         values = typed.as_strided(memory_shape, memory_strides, layout.values // size)
-        positions = table.view(torch.int16).as_strided(
-            memory_shape[:4],
-            (layout.row_bytes // 2, heads * tokens, tokens, 1),
-            layout.positions // 2,
+        # Positions (long) and valid (bool) are copies anyway: made in numpy, whose calls
+        # cost less than torch's at this size.
+        positions = rows[:, layout.positions : layout.valid].view("<i2").astype(np.int64)
+        valid = rows[:, layout.valid : layout.valid + tokens] != 0
+        return SparseMemory(
+            keys,
+            values,
+            torch.from_numpy(valid),
+            torch.from_numpy(positions).view(count, layers, heads, tokens),
         )
-        valid = table[:, layout.valid : layout.valid + tokens] != 0
-        return SparseMemory(keys, values, valid, positions.long())
 
     def references(self, ids: Sequence[int] | Tensor) -> list[Reference]:
         """The token ids and provenance of references (read through h5py: not a hot path).
@@ -864,9 +906,7 @@ class HDF5Store(MemoryStore):
             MissingReferenceError: For an id that is not stored.
         """
         _, slots = self._find([reference_id])
-        return int(
-            self._state().byte_offsets(slots, self.layout.row_bytes)[0]
-        ), self.layout.row_bytes
+        return int(self._state().byte_offsets(slots)[0]), self.layout.row_bytes
 
     def close(self) -> None:
         """Close the file; the store reopens it lazily when used again."""

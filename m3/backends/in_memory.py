@@ -51,6 +51,8 @@ def as_reference_ids(ids: Sequence[int] | Tensor | np.ndarray, *, where: str) ->
         UserError: For non-integer or non-1-D ids.
     """
     if isinstance(ids, Tensor):
+        if ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_cpu:
+            return ids.numpy()  # the usual case, on every read: nothing to check or convert
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise UserError(f"{where}: reference ids must be integers, got a {ids.dtype} tensor")
         if ids.dim() > 1:
@@ -95,9 +97,11 @@ class SlotMap:
             return np.fromiter((lookup(i, -1) for i in ids.tolist()), np.int64, len(ids))
         if len(self._table) == 0:
             return np.full(len(ids), -1, dtype=np.int64)
-        inside = (ids >= 0) & (ids < len(self._table))
-        if inside.all():
+        # All inside the table (the usual case): one reduction, as negative ids read as
+        # huge unsigned ones.
+        if len(ids) and ids.view(np.uint64).max() < len(self._table):
             return self._table[ids]
+        inside = (ids >= 0) & (ids < len(self._table))
         return np.where(inside, self._table[np.where(inside, ids, 0)], -1)
 
     def set(self, ids: np.ndarray, slots: np.ndarray) -> None:
