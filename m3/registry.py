@@ -69,6 +69,7 @@ KINDS: dict[str, Kind] = {
     "embedder": Kind("m3.embedders:Embedder", build_to_check=True),
     "store": Kind("m3.backends:MemoryStore"),
     "index": Kind("m3.backends:MemoryIndex", build_to_check=True),
+    "quantizer": Kind("m3.quantize:VectorQuantizer", build_to_check=True),
     # Not built to check: building reads files or generates a world.
     "source": Kind("m3.sources:TextSource"),
 }
