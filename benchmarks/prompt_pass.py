@@ -11,24 +11,13 @@ tests/test_model.py); this measures their speed, and the cost of memory over war
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from m3.config import Config
 from m3.memory import Memories
 from m3.model import Memory3
-
-
-def timed(fn, repeats: int) -> float:
-    fn()  # warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -74,9 +63,9 @@ def main() -> None:
 
     with torch.inference_mode():
         error = (one_pass() - per_chunk_loop()).abs().max().item()
-        t_one = timed(one_pass, args.repeats)
-        t_loop = timed(per_chunk_loop, args.repeats)
-        t_warm = timed(warmup, args.repeats)
+        t_one = median_seconds(one_pass, args.repeats)
+        t_loop = median_seconds(per_chunk_loop, args.repeats)
+        t_warm = median_seconds(warmup, args.repeats)
 
     tokens_total = batch * length
     print(

@@ -12,10 +12,9 @@ references that several chunks of a batch retrieve removes encoding work.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_seconds
 
 from m3.config import Config
 from m3.module import Memory3Module
@@ -69,13 +68,7 @@ def step_time(module: Memory3Module, batch: dict, repeats: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(step, repeats)
 
 
 def main() -> None:
