@@ -59,8 +59,8 @@ def train(
     trainer = L.Trainer(
         max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_model_summary=False, enable_progress_bar=False, default_root_dir=root,
-        val_check_interval=max(1, steps // 4), limit_val_batches=4, callbacks=[curve],
-        num_sanity_val_steps=0,
+        val_check_interval=max(1, steps // 4), check_val_every_n_epoch=None,
+        limit_val_batches=4, callbacks=[curve], num_sanity_val_steps=0,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
 

@@ -209,7 +209,11 @@ class TrainerSection:
 
     def to_kwargs(self) -> dict[str, Any]:
         """The options as `Trainer` keyword arguments (unset ones left to Lightning)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        kwargs = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if isinstance(self.val_check_interval, int):
+            # validate every N steps across epochs, even when an epoch is shorter than N
+            kwargs["check_val_every_n_epoch"] = None
+        return kwargs
 
 
 @dataclass(frozen=True, kw_only=True)
