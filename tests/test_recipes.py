@@ -674,3 +674,11 @@ def test_yaml_details(tmp_path: Path) -> None:
     assert loaded.chunker == ComponentSpec("fixed", {"max_tokens": 16})
     assert loaded.description == "literal ${not} resolved"
     assert load_recipe(write(tmp_path, "again.yaml", loaded.to_yaml())) == loaded
+
+
+def test_step_based_validation_spans_epochs() -> None:
+    warmup = ROOT / "recipes/tiny/warmup.yaml"
+    kwargs = load_recipe([TINY, warmup]).trainer.to_kwargs()
+    assert kwargs["val_check_interval"] == 50 and kwargs["check_val_every_n_epoch"] is None
+    fraction = load_recipe([TINY, warmup], ["trainer.val_check_interval=0.5"]).trainer.to_kwargs()
+    assert "check_val_every_n_epoch" not in fraction
