@@ -36,7 +36,7 @@ SIZES = {"n_people": 1200, "n_places": 400, "n_orgs": 400}
 def model_config(vocab: int) -> dict:
     return dict(
         preset="tiny", vocab_size=vocab, n_layer=4, n_embd=128, n_head=4, n_kv_head=2,
-        head_dim=32, mlp_hidden=384, block_size=256, memory_layers=[0, 1],
+        head_dim=32, mlp_hidden=384, block_size=256, memory_layers=[1, 2],
     )  # fmt: skip
 
 
