@@ -85,8 +85,9 @@ def read_knowledge(
 ) -> KnowledgeBase:
     """Tokenize the knowledge base's documents and cut them into references.
 
-    The references and their order are those of the continual stage
-    (`m3.data.TextDataModule.build_references`): documents of the sources in order.
+    This is the one definition of reference ids, shared by the continual stage's pairing
+    (`m3.data.TextDataModule.build_references`) and the bank: documents of the sources in
+    order, each cut by the chunker.
 
     Args:
         sources: The knowledge base's sources (`data.knowledge`).

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from m3.backends.base import MemoryIndex
-from m3.chunking import Chunker, FixedChunker, Reference, chunk_documents
+from m3.chunking import Chunker, FixedChunker, Reference
 from m3.embedders import Embedder, HashedNgramEmbedder
 from m3.errors import UserError
 from m3.overlap import leak_mask
@@ -298,8 +298,9 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(
                 "the continual stage needs data.knowledge: the knowledge base's sources"
             )
-        docs = ((d.id, self.tokenizer.encode(d.text)) for d in gather(self.knowledge))
-        return chunk_documents(docs, self.chunker)
+        from m3.bank import read_knowledge  # the one definition of reference ids
+
+        return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize, pack, split and (for the continual stage) pair with references."""
@@ -337,12 +338,9 @@ class TextDataModule(L.LightningDataModule):
                     "choose another data.pairing_file"
                 )
             return saved["train"], saved["val"]
-        from m3.backends.exact_index import ExactIndex
+        from m3.bank import build_index  # the bank builder's index, built the same way
 
-        texts = [self.tokenizer.decode(list(r.ids)) for r in self.references]
-        self.embedder.fit(texts)
-        index = ExactIndex(self.embedder.dim)
-        index.add(self.embedder.embed(texts), torch.arange(len(texts)))
+        index = build_index(self.references, self.tokenizer, self.embedder)
         common = dict(
             tokenizer=self.tokenizer, embedder=self.embedder, index=index,
             chunk_length=self.chunk_length, threshold=self.threshold, candidates=self.candidates,

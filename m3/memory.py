@@ -28,6 +28,27 @@ import torch
 from torch import Tensor
 
 
+def sliding_window_visibility(slots: Tensor, count: int, *, window: int = 5) -> Tensor:
+    """Which pool slots each chunk sees when chunk `c` reads the references of `c−window+1..c`.
+
+    Args:
+        slots: `(B, C)` long: the pool slot of the reference each chunk retrieved, −1 for none.
+        count: Pool size `M`.
+        window: How many chunks' references each chunk sees (the paper: 5).
+
+    Returns:
+        `(B, C, M)` bool visibility map.
+    """
+    batch, chunks = slots.shape
+    hit = torch.zeros(batch, chunks, count + 1, dtype=torch.bool, device=slots.device)
+    # index M stands for "no reference" and is dropped below
+    hit.scatter_(2, torch.where(slots < 0, count, slots)[..., None], True)
+    hit = hit[..., :count]
+    # chunk c sees what chunks c-window+1..c retrieved: a cumulative OR over a window
+    padded = torch.nn.functional.pad(hit.to(torch.int32), (0, 0, window - 1, 0))
+    return padded.unfold(1, window, 1).sum(-1) > 0
+
+
 @dataclass
 class Memories:
     """A pool of explicit memories for a batch of sequences and which chunk sees which.
@@ -136,17 +157,8 @@ class Memories:
         Returns:
             The pool with its sliding-window visibility map `(B, C, M)`.
         """
-        batch, chunks = slots.shape
-        count = keys.shape[1]
-        hit = torch.zeros(batch, chunks, count + 1, dtype=torch.bool, device=keys.device)
-        # index M stands for "no reference" and is dropped below
-        target = torch.where(slots < 0, count, slots)
-        hit.scatter_(2, target[..., None], True)
-        hit = hit[..., :count]
-        # chunk c sees what chunks c-window+1..c retrieved: a cumulative OR over a window
-        padded = torch.nn.functional.pad(hit.to(torch.int32), (0, 0, window - 1, 0))
-        seen = padded.unfold(1, window, 1).sum(-1) > 0
-        return cls(keys=keys, values=values, valid=valid, visible=seen)
+        visible = sliding_window_visibility(slots, keys.shape[1], window=window)
+        return cls(keys=keys, values=values, valid=valid, visible=visible)
 
     @classmethod
     def from_references(

@@ -33,7 +33,7 @@ from torchmetrics.text import Perplexity
 from m3.config import Config
 from m3.encoding import MemoryEncoder
 from m3.errors import UserError
-from m3.memory import Memories, SparseMemory
+from m3.memory import Memories, SparseMemory, sliding_window_visibility
 from m3.model import Memory3
 from m3.sparsify import Sparsifier, TopKSparsifier
 
@@ -229,10 +229,9 @@ class Memory3Module(L.LightningModule):
                 )
                 memory = self.sparsifier(dense)
         dtype = self.model.lm_head.weight.dtype
-        pool = Memories.from_references(memory.to(dtype=dtype), batch["pool"])
-        return Memories.sliding_window(
-            pool.keys, pool.values, pool.valid, batch["slots"], window=self.window
-        )
+        pool = batch["pool"]
+        visible = sliding_window_visibility(batch["slots"], pool.shape[1], window=self.window)
+        return Memories.from_references(memory.to(dtype=dtype), pool, visible)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits for a batch's inputs (`tokens[:, :-1]`), with memories in the continual stage.
