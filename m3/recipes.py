@@ -217,6 +217,49 @@ class TrainerSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RetrievalSection:
+    """How inference reads a memory bank (`m3.retrieval.Retriever`, `m3.generate`).
+
+    Attributes:
+        bank: The bank folder that `m3 build-memory` wrote; its model, tokenizer and
+            embedder fingerprints are checked against the recipe's when it is opened.
+        k: Memories per 64-token chunk, and references of the RAG baseline (the paper: 5).
+        threshold: Leakage threshold on Eq. 6's overlap (evaluation: 2/3); null turns the
+            filter off.
+        overfetch: Candidates searched per chunk, as a multiple of `k`.
+        cache_size: References whose decoded memories the RAM cache keeps; 0 turns it off.
+    """
+
+    bank: str | None = None
+    k: Annotated[int, Bounds(ge=1)] = 5
+    threshold: Annotated[float, Bounds(ge=0, le=1)] | None = 2 / 3
+    overfetch: Annotated[int, Bounds(ge=1)] = 3
+    cache_size: Annotated[int, Bounds(ge=0)] = 4096
+
+
+@dataclass(frozen=True, kw_only=True)
+class GenerationSection:
+    """Decoding settings of `m3 generate` (`m3.generate.generate`).
+
+    Attributes:
+        max_new_tokens: Most tokens generated per prompt.
+        mode: "memory" (explicit memories, swapped every chunk), "none" (the same model
+            without memories) or "rag" (the `retrieval.k` references as text before the
+            prompt, no memories).
+        temperature: Softmax temperature; 0 decodes greedily.
+        top_k: Sample among the `top_k` most likely tokens only; null: all.
+        top_p: Sample among the most likely tokens whose probabilities sum to `top_p`
+            (nucleus sampling); null: all.
+    """
+
+    max_new_tokens: Annotated[int, Bounds(ge=1)] = 128
+    mode: Literal["memory", "none", "rag"] = "memory"
+    temperature: Annotated[float, Bounds(ge=0)] = 0.0
+    top_k: Annotated[int, Bounds(ge=1)] | None = None
+    top_p: Annotated[float, Bounds(gt=0, le=1)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     """A checked recipe.
 
@@ -234,6 +277,8 @@ class Recipe:
         encoder: Encodes references into memories (kind `encoder`).
         sparsifier: Keeps the top tokens of each memory (kind `sparsifier`).
         embedder: Embeds chunks and references for retrieval (kind `embedder`).
+        retrieval: Which memory bank inference reads, and how (`m3 generate`).
+        generation: Decoding settings of `m3 generate`.
     """
 
     description: str = ""
@@ -249,6 +294,8 @@ class Recipe:
     encoder: ComponentSpec | None = field(default=None, metadata={"kind": "encoder"})
     sparsifier: ComponentSpec | None = field(default=None, metadata={"kind": "sparsifier"})
     embedder: ComponentSpec | None = field(default=None, metadata={"kind": "embedder"})
+    retrieval: RetrievalSection | None = None
+    generation: GenerationSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values; loading them again gives the same recipe."""
