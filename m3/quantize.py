@@ -43,6 +43,7 @@ occupies bits `j·b … j·b + b − 1`, bit `i` of the stream being bit `i mod 
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import io
 import json
@@ -1257,6 +1258,36 @@ class MemoryQuantizer:
             "keys": self.keys.describe(),
             "values": self.values.describe(),
             "shared": self.shared,
+        }
+
+    def fingerprint(self) -> str:
+        """A sha256 digest of both quantizers' settings and trained state.
+
+        A store records it (`StoreInfo.quantizer["fingerprint"]`), so that codes are never
+        decoded by another quantizer than the one that wrote them.
+
+        Returns:
+            A sha256 hex digest; it changes with any setting or trained value.
+        """
+        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True).encode())
+        for part in (self.keys, self.values):
+            for name, tensor in sorted(part._state().items()):
+                digest.update(name.encode())
+                data = tensor.detach().float().cpu().contiguous()
+                digest.update(data.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
+
+    def store_description(self) -> dict[str, Any]:
+        """What a store records about its quantizer (`StoreInfo.quantizer`).
+
+        Returns:
+            `{"class", "fingerprint", "keys", "values", "shared"}`, JSON-serialisable; the
+            `code_bytes` of keys and values decide a store's row layout.
+        """
+        return {
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "fingerprint": self.fingerprint(),
+            **self.describe(),
         }
 
     def save(self, path: str | Path | BinaryIO) -> None:

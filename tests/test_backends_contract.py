@@ -30,10 +30,17 @@ the imported tests):
 
 Or append your factory to `STORE_FACTORIES` below. Tests at the end of the file are about
 `HDF5Store` only (its file format, completeness flag and process handling).
+
+Quantized stores (`quantizer=`) run the same contract: what they must return is not the
+written memory bit for bit but `quantizer.decode(quantizer.encode(memory))` bit for bit
+(`as_stored`), i.e. the written memory within exactly the quantizer's own reconstruction
+error. The quantizers here are trained product quantizers of 3 bits (8 centroids), so that
+they train in milliseconds for every head dimension the suite draws.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import pickle
@@ -51,12 +58,19 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m3.backends.base import CorruptReferenceError, MemoryStore, MissingReferenceError, StoreInfo
+from m3.backends.base import (
+    CorruptReferenceError,
+    MemoryStore,
+    MissingReferenceError,
+    StoreInfo,
+    with_quantizer,
+)
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.in_memory import InMemoryStore
 from m3.chunking import Reference
 from m3.errors import UserError
 from m3.memory import SparseMemory
+from m3.quantize import Int8Quantizer, MemoryQuantizer, ProductQuantizer, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -113,6 +127,26 @@ def damage_hdf5(store: MemoryStore, reference_id: int) -> None:
 
 _files = itertools.count()
 
+
+@functools.cache
+def trained_quantizer(dim: int) -> MemoryQuantizer:
+    """A 3-bit product quantizer per head dimension; keys and values trained apart."""
+    generator = torch.Generator().manual_seed(dim)
+    quantizer = MemoryQuantizer(ProductQuantizer(dim, subspaces=1, bits=3, iterations=5))
+    quantizer.keys.fit(torch.randn(64, dim, generator=generator), seed=0)
+    quantizer.values.fit(3 * torch.randn(64, dim, generator=generator), seed=1)
+    return quantizer
+
+
+def as_stored(store: MemoryStore, memory: SparseMemory) -> SparseMemory:
+    """What a store must return for memories written in one call: the memories themselves,
+    or, in a quantized store, their decoded codes in the store's dtype."""
+    quantizer = getattr(store, "quantizer", None)
+    if quantizer is None:
+        return memory
+    return quantizer.decode(quantizer.encode(memory), dtype=store.info.torch_dtype)
+
+
 STORE_FACTORIES = [
     StoreFactory(
         "in_memory",
@@ -123,6 +157,25 @@ STORE_FACTORIES = [
         "hdf5",
         create=lambda directory, info: HDF5Store(
             directory / f"store{next(_files)}.h5", info=info, mode="w"
+        ),
+        reopen=reopen_hdf5,
+        footprint=lambda store: os.path.getsize(store.path),  # type: ignore[attr-defined]
+        damage=damage_hdf5,
+    ),
+    StoreFactory(
+        "in_memory+pq",
+        create=lambda directory, info: InMemoryStore(
+            info, quantizer=trained_quantizer(info.memory_shape[4])
+        ),
+        footprint=lambda store: store.capacity,  # type: ignore[attr-defined]
+    ),
+    StoreFactory(
+        "hdf5+pq",
+        create=lambda directory, info: HDF5Store(
+            directory / f"store{next(_files)}.h5",
+            info=info,
+            mode="w",
+            quantizer=trained_quantizer(info.memory_shape[4]),
         ),
         reopen=reopen_hdf5,
         footprint=lambda store: os.path.getsize(store.path),  # type: ignore[attr-defined]
@@ -225,8 +278,9 @@ def test_round_trip_is_bit_exact(store_factory: StoreFactory, tmp_path: Path, ca
     store.write(torch.tensor(ids), memory, references)
     where = {reference_id: row for row, reference_id in enumerate(ids)}
     rows = torch.tensor([where[i] for i in reads], dtype=torch.long)
-    assert_same_memory(store.read(torch.tensor(reads, dtype=torch.long)), memory[rows])
-    assert_same_memory(store.read(reads), memory[rows])  # a list works as well as a tensor
+    want = as_stored(store, memory)[rows]
+    assert_same_memory(store.read(torch.tensor(reads, dtype=torch.long)), want)
+    assert_same_memory(store.read(reads), want)  # a list works as well as a tensor
     assert store.references(reads) == [references[where[i]] for i in reads]
     assert store.ids().tolist() == sorted(ids)
     assert len(store) == len(ids)
@@ -254,6 +308,7 @@ def test_writes_updates_and_deletes_match_a_dict(
             memory = random_memory(len(ids), info, seed=seed + step)
             references = references_for([i + step for i in ids])
             store.write(ids, memory, references)
+            memory = as_stored(store, memory)
             model.update({i: (memory[j], references[j]) for j, i in enumerate(ids)})
         elif all(i in model for i in ids):
             store.delete(ids)
@@ -274,6 +329,7 @@ def test_writes_updates_and_deletes_match_a_dict(
 def test_earlier_reads_stay_intact(store_factory: StoreFactory, tmp_path: Path) -> None:
     # A store may recycle read buffers, but never under a result that is still in use.
     store, memory, _ = filled(store_factory, tmp_path, list(range(8)))
+    memory = as_stored(store, memory)
     first = store.read([0, 1])
     kept_keys = store.read([2, 3]).keys  # only part of a result is kept
     for i in range(4, 8):
@@ -289,7 +345,7 @@ def test_memories_of_another_float_dtype_are_cast(
     memory = random_memory(3, info_for(dtype="float32"))
     memory.keys, memory.values = memory.keys.clamp(-1e3, 1e3), memory.values.clamp(-1e3, 1e3)
     store.write([0, 1, 2], memory, references_for([0, 1, 2]))
-    assert_same_memory(store.read([0, 1, 2]), memory.to(dtype=torch.bfloat16))
+    assert_same_memory(store.read([0, 1, 2]), as_stored(store, memory).to(dtype=torch.bfloat16))
 
 
 def test_update_overwrites(store_factory: StoreFactory, tmp_path: Path) -> None:
@@ -297,8 +353,8 @@ def test_update_overwrites(store_factory: StoreFactory, tmp_path: Path) -> None:
     new_memory = random_memory(1, store.info, seed=7)
     new_reference = Reference("other", 10, 12, (5, 6))
     store.write([2], new_memory, [new_reference])
-    assert_same_memory(store.read([2]), new_memory)
-    assert_same_memory(store.read([1, 3]), memory[torch.tensor([0, 2])])
+    assert_same_memory(store.read([2]), as_stored(store, new_memory))
+    assert_same_memory(store.read([1, 3]), as_stored(store, memory)[torch.tensor([0, 2])])
     assert store.references([2, 1]) == [new_reference, references[0]]
     assert len(store) == 3
 
@@ -313,7 +369,7 @@ def test_delete_then_read_raises(store_factory: StoreFactory, tmp_path: Path) ->
     assert 2 not in store and 1 in store
     assert len(store) == 2
     assert store.ids().tolist() == [1, 3]
-    assert_same_memory(store.read([3, 1]), memory[torch.tensor([2, 0])])
+    assert_same_memory(store.read([3, 1]), as_stored(store, memory)[torch.tensor([2, 0])])
 
 
 def test_deleting_a_missing_id_deletes_nothing(store_factory: StoreFactory, tmp_path: Path) -> None:
@@ -340,7 +396,7 @@ def test_freed_slots_are_reused(store_factory: StoreFactory, tmp_path: Path) -> 
     new_memory = random_memory(10, store.info, seed=3)
     store.write(new_ids, new_memory, references_for(new_ids))
     assert store_factory.footprint(store) == before
-    assert_same_memory(store.read(new_ids), new_memory)
+    assert_same_memory(store.read(new_ids), as_stored(store, new_memory))
     # the footprint does grow once the freed slots are used up
     store.write([200], random_memory(1, store.info), references_for([200]))
     assert store_factory.footprint(store) > before
@@ -371,11 +427,12 @@ def test_reopen_keeps_everything(store_factory: StoreFactory, tmp_path: Path) ->
     info = info_for(model_fingerprint="f" * 64, reference_prefix=(1, 2), extra={"k": [1, 2]})
     store, memory, references = filled(store_factory, tmp_path, [4, 9, 1], info)
     store.delete([9])
+    want = as_stored(store, memory)[torch.tensor([2, 0, 2])]
     reopened = store_factory.reopen(store)
-    assert reopened.info == info
+    assert reopened.info == store.info == with_quantizer(info, getattr(store, "quantizer", None))
     assert reopened.ids().tolist() == [1, 4]
     assert len(reopened) == 2
-    assert_same_memory(reopened.read([1, 4, 1]), memory[torch.tensor([2, 0, 2])])
+    assert_same_memory(reopened.read([1, 4, 1]), want)
     assert reopened.references([4, 1]) == [references[0], references[2]]
     assert reopened.verify() == []
 
@@ -400,7 +457,7 @@ def test_pickled_store_reads_the_same(store_factory: StoreFactory, tmp_path: Pat
     store, memory, references = filled(store_factory, tmp_path, [1, 2, 3])
     store.read([1])  # open whatever the store opens lazily
     copy = pickle.loads(pickle.dumps(store))
-    assert_same_memory(copy.read([3, 1]), memory[torch.tensor([2, 0])])
+    assert_same_memory(copy.read([3, 1]), as_stored(store, memory)[torch.tensor([2, 0])])
     assert copy.references([2]) == [references[1]]
     assert copy.info == store.info
 
@@ -413,7 +470,7 @@ def test_pickled_stores_read_the_same_in_another_process(tmp_path: Path) -> None
         store, memory, _ = filled(factory, tmp_path / factory.name, [1, 2, 3])
         store.read([2])
         stores.append(store)
-        expected.append(memory[torch.tensor([2, 1, 2])])
+        expected.append(as_stored(store, memory)[torch.tensor([2, 1, 2])])
     (tmp_path / "stores.pkl").write_bytes(pickle.dumps(stores))
     script = (
         "import pickle, sys, torch\n"
@@ -481,6 +538,7 @@ def test_a_flipped_byte_is_reported_with_the_id(
     damageable_factory: StoreFactory, tmp_path: Path
 ) -> None:
     store, memory, _ = filled(damageable_factory, tmp_path, [1, 2, 3, 4])
+    memory = as_stored(store, memory)
     reopened = damageable_factory.reopen(store)
     assert damageable_factory.damage is not None
     damageable_factory.damage(reopened, 3)
@@ -690,3 +748,87 @@ def test_hdf5_segments_grow_and_keep_rows_apart(tmp_path: Path) -> None:
     reversed_ids = ids[::-1]
     assert_same_memory(store.read(reversed_ids), memory[torch.tensor(reversed_ids)])
     assert store.verify() == []
+
+
+# ----------------------------------------------------------------------------- quantized
+def finite_memory(count: int, info: StoreInfo, *, seed: int = 0) -> SparseMemory:
+    """Memories of normal key/value vectors (as a model writes them)."""
+    memory = random_memory(count, info, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    memory.keys = torch.randn(memory.keys.shape, generator=generator).to(memory.keys.dtype)
+    memory.values = torch.randn(memory.values.shape, generator=generator).to(memory.keys.dtype)
+    return memory
+
+
+def fitted(quantizer: MemoryQuantizer, info: StoreInfo) -> MemoryQuantizer:
+    return quantizer.fit(finite_memory(32, info, seed=99))
+
+
+@pytest.mark.parametrize("kind", ["in_memory", "hdf5"])
+@pytest.mark.parametrize("codec", ["int8", "composite"])
+def test_a_quantized_store_errs_exactly_as_its_quantizer(
+    tmp_path: Path, kind: str, codec: str
+) -> None:
+    from m3.quantize import CompositeQuantizer
+
+    info = info_for((2, 2, 2, 4, 8), "float32")
+    vectors = {
+        "int8": Int8Quantizer(8),
+        "composite": CompositeQuantizer(8, opq_subspaces=2, opq_bits=3, opq_iterations=2,
+                                        coarse_codes=2, coarse_bits=3, pq_subspaces=2,
+                                        pq_bits=3, iterations=5),
+    }[codec]  # fmt: skip
+    quantizer = fitted(MemoryQuantizer(vectors), info)
+    store: MemoryStore = (
+        InMemoryStore(info, quantizer=quantizer)
+        if kind == "in_memory"
+        else HDF5Store(tmp_path / "q.h5", info=info, mode="w", quantizer=quantizer)
+    )
+    memory = finite_memory(6, info, seed=3)
+    store.write(range(6), memory, references_for(list(range(6))))
+    got = store.read([5, 0, 3])
+    want = quantizer.decode(quantizer.encode(memory))[torch.tensor([5, 0, 3])]
+    torch.testing.assert_close(got.keys, want.keys, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got.values, want.values, atol=1e-6, rtol=0)
+    assert torch.equal(got.valid, want.valid) and torch.equal(got.positions, want.positions)
+    # the store's error is the quantizer's own reconstruction error, no more
+    original = memory[torch.tensor([5, 0, 3])]
+    error = relative_error(original.keys.flatten(0, -2), got.keys.flatten(0, -2))
+    own = relative_error(original.keys.flatten(0, -2), want.keys.flatten(0, -2))
+    assert 0 < error == pytest.approx(own, rel=1e-6)
+    assert store.info.quantizer is not None
+    assert store.info.quantizer["fingerprint"] == quantizer.fingerprint()
+    assert store.info.vector_bytes == (vectors.code_bytes, vectors.code_bytes)
+
+
+def test_a_quantized_hdf5_store_reopens_by_itself_with_smaller_rows(tmp_path: Path) -> None:
+    info = info_for((2, 2, 2, 4, 8), "float32")
+    quantizer = fitted(MemoryQuantizer(ProductQuantizer(8, subspaces=2, bits=4)), info)
+    memory = finite_memory(4, info)
+    with HDF5Store(tmp_path / "q.h5", info=info, mode="w", quantizer=quantizer) as store:
+        store.write([0, 1, 2, 3], memory, references_for([0, 1, 2, 3]))
+        store.mark_complete()
+        quantized_row = store.layout.row_bytes
+    raw_row = HDF5Store(tmp_path / "raw.h5", info=info, mode="w").layout.row_bytes
+    assert quantized_row < raw_row / 4  # 1 byte per 8 floats instead of 32 bytes
+    reopened = HDF5Store(tmp_path / "q.h5")  # no quantizer given: the file holds it
+    assert reopened.quantizer is not None
+    assert reopened.quantizer.fingerprint() == quantizer.fingerprint()
+    assert_same_memory(reopened.read([2, 0]), as_stored(store, memory)[torch.tensor([2, 0])])
+    reopened.close()
+    # a build that resumes passes its quantizer again: the same one is accepted
+    HDF5Store(tmp_path / "q.h5", info=info, mode="a", quantizer=quantizer).close()
+    other = fitted(MemoryQuantizer(ProductQuantizer(8, subspaces=2, bits=3)), info)
+    with pytest.raises(UserError, match="written with quantizer"):
+        HDF5Store(tmp_path / "q.h5", quantizer=other)
+    with pytest.raises(UserError, match="raw memories"):
+        HDF5Store(tmp_path / "raw.h5", mode="a", quantizer=quantizer)
+
+
+def test_untrained_or_misfitting_quantizers_are_refused(tmp_path: Path) -> None:
+    info = info_for((2, 2, 2, 4, 8), "float32")
+    with pytest.raises(UserError, match="not trained"):
+        InMemoryStore(info, quantizer=MemoryQuantizer(ProductQuantizer(8, subspaces=2, bits=3)))
+    wide = MemoryQuantizer(Int8Quantizer(16))
+    with pytest.raises(UserError, match=r"16-dim.*\(d_h\) 8"):
+        HDF5Store(tmp_path / "q.h5", info=info, mode="w", quantizer=wide)

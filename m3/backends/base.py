@@ -16,9 +16,9 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -26,6 +26,9 @@ from torch import Tensor
 from m3.chunking import Reference
 from m3.errors import UserError
 from m3.memory import SparseMemory
+
+if TYPE_CHECKING:
+    from m3.quantize import MemoryQuantizer
 
 #: torch dtypes a store may hold keys and values in, by name
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -54,8 +57,10 @@ class StoreInfo:
         model_fingerprint: Fingerprint of the weights that wrote the memories.
         tokenizer_fingerprint: Fingerprint of the tokenizer that produced the token ids.
         reference_prefix: Token ids of the `<s>Reference:` prefix used when encoding.
-        quantizer: Description of the vector quantizer applied to stored vectors, or None
-            for raw vectors.
+        quantizer: The vector quantizer of the stored key and value vectors
+            (`MemoryQuantizer.store_description()`: class, fingerprint, settings, code
+            sizes), or None for raw vectors. A quantized store keeps codes and decodes on
+            read, to `dtype`.
         extra: Free-form metadata (e.g. the build's recipe).
     """
 
@@ -82,8 +87,22 @@ class StoreInfo:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        """The dtype as a `torch.dtype`."""
+        """The dtype as a `torch.dtype` (of the decoded keys and values when quantized)."""
         return STORE_DTYPES[self.dtype]
+
+    @property
+    def vector_bytes(self) -> tuple[int, int]:
+        """Bytes of one stored key vector and of one stored value vector.
+
+        Returns:
+            `(key bytes, value bytes)`: the quantizers' `code_bytes` when `quantizer` is
+            set, else `d_h · itemsize` of `dtype` for both.
+        """
+        if self.quantizer is not None:
+            return (int(self.quantizer["keys"]["code_bytes"]),
+                    int(self.quantizer["values"]["code_bytes"]))  # fmt: skip
+        raw = self.memory_shape[4] * self.torch_dtype.itemsize
+        return raw, raw
 
     def to_json(self) -> str:
         """Serialise to a JSON string."""
@@ -141,6 +160,43 @@ class StoreInfo:
                 f"{where} was written by weights {self.model_fingerprint[:16]}, but the model has "
                 f"weights {fingerprint[:16]}: rebuild the memory bank for these weights"
             )
+
+
+def with_quantizer(
+    info: StoreInfo, quantizer: MemoryQuantizer | None, *, where: str = "store"
+) -> StoreInfo:
+    """The store description with a quantizer recorded in `quantizer`.
+
+    Args:
+        info: What the store holds.
+        quantizer: A trained quantizer of the key and value vectors, or None for raw ones.
+        where: Name of the store, for messages.
+
+    Returns:
+        `info` with `quantizer` set to `quantizer.store_description()` (class, fingerprint,
+        settings and code sizes); `info` unchanged when `quantizer` is None.
+
+    Raises:
+        UserError: For an untrained quantizer, one of another head dimension, or an `info`
+            that already records another quantizer.
+    """
+    if quantizer is None:
+        return info
+    if not quantizer.fitted:
+        raise UserError(f"{where}: the quantizer is not trained: call fit first")
+    if quantizer.keys.dim != info.memory_shape[4]:
+        raise UserError(
+            f"{where}: the quantizer codes {quantizer.keys.dim}-dim vectors, the store holds "
+            f"head dimension (d_h) {info.memory_shape[4]}"
+        )
+    description = quantizer.store_description()
+    recorded = None if info.quantizer is None else info.quantizer.get("fingerprint")
+    if info.quantizer is not None and recorded != description["fingerprint"]:
+        raise UserError(
+            f"{where}: info records quantizer {str(recorded)[:16]}, "
+            f"but the given one is {description['fingerprint'][:16]}"
+        )
+    return replace(info, quantizer=description)
 
 
 class MemoryStore(ABC):

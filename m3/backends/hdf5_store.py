@@ -16,6 +16,7 @@ Layout of the file (all integers little-endian):
 | attr `complete` | set by `mark_complete()` after the last write succeeded |
 | attr `row_layout` | JSON byte offsets of the fields of a payload row (below) |
 | attr `checksum` | `"crc32"` (zlib) |
+| `quantizer` | uint8 bytes of the `MemoryQuantizer` (quantized stores only) |
 | `payload/000000`, … | uint8 `(rows, row_bytes)` contiguous unfiltered segments (below) |
 | `refs/id` | int64 `(slots,)`: the reference id in each slot, −1 for a free slot |
 | `refs/doc_id`, `refs/doc_is_int` | document id as a string, and whether it was an int |
@@ -28,7 +29,10 @@ Segments have 64 rows, then twice as many as the previous one, up to `segment_by
 holds `keys | values | positions (int16) | valid (uint8) | padding | id (int64) |
 magic "M3R1" | crc32 of everything before it`, so one `preadv` reads one reference and its
 checksum, and the stored id catches a slot table that points at the wrong row. Keys and
-values are the raw bytes of `info.dtype` (bf16 as its 16-bit pattern).
+values are the raw bytes of `info.dtype` (bf16 as its 16-bit pattern), or, in a quantized
+store, the uint8 codes of a `MemoryQuantizer`, kept whole in the dataset `quantizer` (its
+`to_bytes()`, checked against the fingerprint in `info.quantizer`): the file reopens by
+itself and reads decode to `info.dtype`.
 
 ```python
 with HDF5Store("bank.h5", info=info, mode="w") as store:
@@ -37,6 +41,11 @@ with HDF5Store("bank.h5", info=info, mode="w") as store:
 store = HDF5Store("bank.h5")                      # read-only; refuses an incomplete file
 store.check_model(config.memory_shape, model.memory_fingerprint())
 memory = store.read(torch.tensor([7, 3, 7]))
+
+quantizer = MemoryQuantizer(ProductQuantizer(info.memory_shape[4])).fit(sample)
+with HDF5Store("small.h5", info=info, mode="w", quantizer=quantizer) as store:
+    store.write(ids, memory, references)  # keeps codes: decoded floats come back
+    store.mark_complete()
 ```
 """
 
@@ -53,14 +62,14 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import h5py
 import numpy as np
 import torch
 from torch import Tensor
 
-from m3.backends.base import CorruptReferenceError, MemoryStore, StoreInfo
+from m3.backends.base import CorruptReferenceError, MemoryStore, StoreInfo, with_quantizer
 from m3.backends.in_memory import (
     SlotAllocator,
     SlotMap,
@@ -72,6 +81,9 @@ from m3.backends.in_memory import (
 from m3.chunking import Reference
 from m3.errors import UserError
 from m3.memory import SparseMemory
+
+if TYPE_CHECKING:
+    from m3.quantize import MemoryQuantizer
 
 FORMAT = "m3.HDF5Store"
 FORMAT_VERSION = 1
@@ -94,15 +106,17 @@ class RowLayout:
     """Byte offsets of the fields of one payload row.
 
     Attributes:
-        keys: Offset of the keys, `(L_mem, H_kv, k, d_h)` in the store dtype.
-        values: Offset of the values, same shape.
+        keys: Offset of the keys, `(L_mem, H_kv, k, d_h)` in the store dtype, or
+            `(L_mem, H_kv, k, key code bytes)` uint8 codes in a quantized store.
+        values: Offset of the values, likewise (value code bytes when quantized).
         positions: Offset of the selected positions, `(L_mem, H_kv, k)` int16.
         valid: Offset of the validity mask, `(k,)` uint8.
         id: Offset of the reference id, int64.
         magic: Offset of `ROW_MAGIC`, uint32.
         crc: Offset of the crc32 of bytes `[0, crc)`, uint32.
         row_bytes: Size of a row (a multiple of 8, so every field view is aligned).
-        memory_bytes: Size of the keys (and of the values).
+        memory_bytes: Size of the keys (and of the values, unless a quantized store's
+            value codes differ in size: the values end at `positions`).
     """
 
     keys: int
@@ -125,9 +139,10 @@ class RowLayout:
         Returns:
             The layout.
         """
-        layers, _, heads, tokens, dim = info.memory_shape
-        memory_bytes = layers * heads * tokens * dim * info.torch_dtype.itemsize
-        positions = 2 * memory_bytes
+        layers, _, heads, tokens, _ = info.memory_shape
+        key_bytes, value_bytes = info.vector_bytes
+        memory_bytes = layers * heads * tokens * key_bytes
+        positions = memory_bytes + layers * heads * tokens * value_bytes
         valid = positions + 2 * layers * heads * tokens
         trailer = -(-(valid + tokens) // 8) * 8
         return cls(
@@ -207,11 +222,18 @@ class HDF5Store(MemoryStore):
     whole rows (not contiguous across references; `.contiguous()` copies them). A later
     read reuses that buffer only once no tensor of the earlier result is left.
 
+    A quantized store (created with `quantizer=`) keeps each key and value vector as its
+    code, on the same read path (one `preadv` per row), and returns `quantizer.decode` of
+    the codes in `info.dtype`: exactly `quantizer.decode(quantizer.encode(memory))` of what
+    was written, so its error is the quantizer's own reconstruction error.
+
     Attributes:
         path: The file.
         info: What the store holds, read from the file.
         layout: Byte offsets of the fields of a payload row.
         verify_reads: When reads check crc32s (see Args).
+        quantizer: The trained quantizer of a quantized store (read from the file when
+            reopened), or None for raw keys and values.
 
     Args:
         path: The file.
@@ -230,11 +252,15 @@ class HDF5Store(MemoryStore):
             per row and process. `verify()` always checks everything.
         segment_bytes: Largest payload segment, in bytes; used when the file is created (an
             existing store keeps its own).
+        quantizer: A trained `MemoryQuantizer`: the store keeps codes and decodes on read.
+            Needed to create a quantized file only; an existing one reopens with the
+            quantizer it holds, and one given for it must be the same (same fingerprint).
 
     Raises:
         UserError: For a bad mode, a missing file in read mode, creating without `info`,
             an `info` that disagrees with the file's, an incomplete store in read mode, or a
-            file that is not an m3 store.
+            file that is not an m3 store; an untrained quantizer, or one that is not the
+            file's.
         CorruptReferenceError: For a truncated or damaged file.
     """
 
@@ -247,6 +273,7 @@ class HDF5Store(MemoryStore):
         allow_incomplete: bool = False,
         verify_reads: VerifyReads = "first",
         segment_bytes: int = DEFAULT_SEGMENT_BYTES,
+        quantizer: MemoryQuantizer | None = None,
     ) -> None:
         if mode not in ("r", "a", "w"):
             raise UserError(f"HDF5Store mode must be 'r', 'a' or 'w', got {mode!r}")
@@ -258,6 +285,9 @@ class HDF5Store(MemoryStore):
             raise UserError("HDF5Store reads raw little-endian bytes: this host is big-endian")
         self.path = Path(path)
         self.verify_reads = verify_reads
+        self.quantizer = quantizer
+        if info is not None:
+            info = with_quantizer(info, quantizer, where=str(self.path))
         self._writable = mode != "r"
         self._shared_reader = False  # an unpickled copy of a writable store: no file lock
         self._file: h5py.File | None = None
@@ -278,6 +308,7 @@ class HDF5Store(MemoryStore):
             self._create(info, segment_bytes)
         else:
             self._open_existing(info, allow_incomplete=allow_incomplete)
+            self._open_quantizer(quantizer)
 
     # ------------------------------------------------------------------------ opening
     def _create(self, info: StoreInfo, segment_bytes: int) -> None:
@@ -294,6 +325,9 @@ class HDF5Store(MemoryStore):
         file.attrs["checksum"] = "crc32"
         file.attrs["row_layout"] = json.dumps(asdict(self.layout))
         file.attrs["max_segment_rows"] = max(1, segment_bytes // self.layout.row_bytes)
+        if self.quantizer is not None:
+            blob = np.frombuffer(self.quantizer.to_bytes(), dtype=np.uint8)
+            file.create_dataset("quantizer", data=blob)
         file.create_group("payload")
         refs = file.create_group("refs")
         # Fixed-size tables carry HDF5's own fletcher32 per chunk; strings and token lists
@@ -342,6 +376,36 @@ class HDF5Store(MemoryStore):
                 "resume the build with mode='a', or pass allow_incomplete=True to read it anyway"
             )
         self._file = file
+
+    def _open_quantizer(self, given: MemoryQuantizer | None) -> None:
+        """Load the quantizer a quantized file holds; check one given for it."""
+        recorded = self.info.quantizer
+        if recorded is None:
+            if given is not None:
+                raise UserError(f"{self.path} holds raw memories: it takes no quantizer")
+            return
+        from m3.quantize import MemoryQuantizer
+
+        fingerprint = recorded.get("fingerprint")
+        if given is not None:
+            if given.fingerprint() != fingerprint:
+                raise UserError(
+                    f"{self.path} was written with quantizer {str(fingerprint)[:16]}, not the "
+                    f"given {given.fingerprint()[:16]}"
+                )
+            return
+        try:
+            blob = self._h5()["quantizer"][...].tobytes()
+        except (KeyError, OSError) as error:
+            raise CorruptReferenceError(
+                f"{self.path}: the quantizer its info records is missing or damaged ({error})"
+            ) from error
+        quantizer = MemoryQuantizer.from_bytes(blob)
+        if quantizer.fingerprint() != fingerprint:
+            raise CorruptReferenceError(
+                f"{self.path}: the stored quantizer does not match the fingerprint in its info"
+            )
+        self.quantizer = quantizer
 
     def _open_h5(self) -> h5py.File:
         mode = "r+" if self._writable else "r"
@@ -493,9 +557,14 @@ class HDF5Store(MemoryStore):
         def raw(tensor: Tensor) -> np.ndarray:
             return tensor.detach().contiguous().view(torch.uint8).reshape(count, -1).numpy()
 
-        dtype, size = self.info.torch_dtype, layout.memory_bytes
-        rows[:, layout.keys : layout.keys + size] = raw(memory.keys.to("cpu", dtype))
-        rows[:, layout.values : layout.values + size] = raw(memory.values.to("cpu", dtype))
+        if self.quantizer is not None:
+            codes = self.quantizer.encode(memory)
+            keys, values = codes.keys.cpu(), codes.values.cpu()
+        else:
+            dtype = self.info.torch_dtype
+            keys, values = memory.keys.to("cpu", dtype), memory.values.to("cpu", dtype)
+        rows[:, layout.keys : layout.values] = raw(keys)
+        rows[:, layout.values : layout.positions] = raw(values)
         rows[:, layout.positions : layout.valid] = raw(positions.to(torch.int16))
         tokens = memory.valid.shape[1]
         rows[:, layout.valid : layout.valid + tokens] = memory.valid.cpu().numpy()
@@ -758,6 +827,13 @@ class HDF5Store(MemoryStore):
             return SparseMemory(
                 empty, empty.clone(), torch.zeros((0, tokens), dtype=torch.bool), positions
             )
+        # Positions (long) and valid (bool) are copies anyway: made in numpy, whose calls
+        # cost less than torch's at this size.
+        positions = rows[:, layout.positions : layout.valid].view("<i2").astype(np.int64)
+        valid = torch.from_numpy(rows[:, layout.valid : layout.valid + tokens] != 0)
+        positions_tensor = torch.from_numpy(positions).view(count, layers, heads, tokens)
+        if self.quantizer is not None:
+            return self._decode_codes(rows, valid, positions_tensor)
         # Tensors made from `rows` itself keep it alive, which is what frees its buffer for
         # reuse only once they are gone (numpy views would point at the buffer instead).
         typed, size = torch.from_numpy(rows).view(dtype), dtype.itemsize
@@ -765,16 +841,27 @@ class HDF5Store(MemoryStore):
         memory_strides = (layout.row_bytes // size, heads * tokens * dim, tokens * dim, dim, 1)
         keys = typed.as_strided(memory_shape, memory_strides, layout.keys // size)
         values = typed.as_strided(memory_shape, memory_strides, layout.values // size)
-        # Positions (long) and valid (bool) are copies anyway: made in numpy, whose calls
-        # cost less than torch's at this size.
-        positions = rows[:, layout.positions : layout.valid].view("<i2").astype(np.int64)
-        valid = rows[:, layout.valid : layout.valid + tokens] != 0
-        return SparseMemory(
-            keys,
-            values,
-            torch.from_numpy(valid),
-            torch.from_numpy(positions).view(count, layers, heads, tokens),
+        return SparseMemory(keys, values, valid, positions_tensor)
+
+    def _decode_codes(self, rows: np.ndarray, valid: Tensor, positions: Tensor) -> SparseMemory:
+        """Decode the key and value codes of `(N, row_bytes)` rows to `info.dtype`."""
+        from m3.quantize import QuantizedMemory
+
+        assert self.quantizer is not None
+        layout, count = self.layout, rows.shape[0]
+        layers, _, heads, tokens, _ = self.info.memory_shape
+        key_bytes, value_bytes = self.info.vector_bytes
+        raw = torch.from_numpy(rows)
+
+        def codes(offset: int, width: int) -> Tensor:
+            shape = (count, layers, heads, tokens, width)
+            strides = (layout.row_bytes, heads * tokens * width, tokens * width, width, 1)
+            return raw.as_strided(shape, strides, offset)
+
+        quantized = QuantizedMemory(
+            codes(layout.keys, key_bytes), codes(layout.values, value_bytes), valid, positions
         )
+        return self.quantizer.decode(quantized, dtype=self.info.torch_dtype)
 
     def references(self, ids: Sequence[int] | Tensor) -> list[Reference]:
         """The token ids and provenance of references (read through h5py: not a hot path).
@@ -928,11 +1015,13 @@ class HDF5Store(MemoryStore):
             "layout": self.layout,
             "verify_reads": self.verify_reads,
             "shared_reader": self._writable or self._shared_reader,
+            "quantizer": self.quantizer,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.path, self.info, self.layout = state["path"], state["info"], state["layout"]
         self.verify_reads = state["verify_reads"]
+        self.quantizer = state.get("quantizer")
         self._writable, self._shared_reader = False, state["shared_reader"]
         self._file, self._fd, self._tables = None, None, None
         self._buffers = []
@@ -949,6 +1038,8 @@ class HDF5Store(MemoryStore):
 
     def __repr__(self) -> str:
         mode = "a" if self._writable else "r"
+        quantized = ", quantized" if self.quantizer is not None else ""
         return (
-            f"HDF5Store({str(self.path)!r}, mode={mode!r}, memory_shape={self.info.memory_shape})"
+            f"HDF5Store({str(self.path)!r}, mode={mode!r}, "
+            f"memory_shape={self.info.memory_shape}{quantized})"
         )
