@@ -238,6 +238,73 @@ class RetrievalSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BankSection:
+    """How `m3 build-memory` writes a memory bank (`m3.bank.build_memory`).
+
+    Attributes:
+        dtype: Dtype of the stored keys and values; of the decoded ones when quantized.
+        batch_size: References per forward pass.
+        index: The search index over the references' embeddings (kind `index`); m3 sets
+            its `dim` (the embedder's). None: `ExactIndex`, or `ScannIndex` above 200,000
+            references.
+        quantizer: Vector quantizer of every stored key and value vector (kind
+            `quantizer`, e.g. `composite` for the paper's 14-byte codes); m3 sets its `dim`
+            (the model's `head_dim`). Keys and values get separately trained copies, trained
+            on the memories of `train_references` references sampled uniformly with the
+            recipe's seed. None: raw vectors in `dtype`.
+        quantizer_file: A saved `MemoryQuantizer` (`MemoryQuantizer.save`, or another
+            bank's `quantizer.pt`) to use instead of training one.
+        train_references: References whose memories train the quantizer.
+    """
+
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    batch_size: Annotated[int, Bounds(ge=1)] = 64
+    index: ComponentSpec | None = field(
+        default=None, metadata={"kind": "index", "provided": ("dim",)}
+    )
+    quantizer: ComponentSpec | None = field(
+        default=None, metadata={"kind": "quantizer", "provided": ("dim",)}
+    )
+    quantizer_file: registry.InputPath | None = None
+    train_references: Annotated[int, Bounds(ge=1)] = 1024
+
+
+def bank_quantizer(recipe: Recipe) -> Any:
+    """The vector quantizer a recipe's `bank` section names, untrained, or None.
+
+    Args:
+        recipe: A checked recipe.
+
+    Returns:
+        A `m3.quantize.VectorQuantizer` of the model's head dimension built from
+        `bank.quantizer`; None when the recipe names none (or only `bank.quantizer_file`).
+    """
+    if recipe.bank is None or recipe.bank.quantizer is None:
+        return None
+    return registry.instantiate(
+        "quantizer", recipe.bank.quantizer, dim=recipe.model.config().head_dim
+    )
+
+
+def _check_bank(recipe: Recipe) -> list[Problem]:
+    """Cross-checks of the bank section that need the model (run after the schema)."""
+    bank = recipe.bank
+    if bank is None:
+        return []
+    problems = []
+    if bank.quantizer is not None and bank.quantizer_file is not None:
+        message = "give either bank.quantizer (trained by the build) or bank.quantizer_file"
+        problems.append(Problem("bank.quantizer_file", message))
+    if bank.quantizer is not None:
+        try:
+            bank_quantizer(recipe)
+        except UserError as err:
+            detail = str(err).split("\n")[-1].strip()
+            problems.append(Problem("bank.quantizer.init_args", f"rejected: {detail}"))
+    return problems
+
+
+@dataclass(frozen=True, kw_only=True)
 class GenerationSection:
     """Decoding settings of `m3 generate` (`m3.generate.generate`).
 
@@ -279,6 +346,7 @@ class Recipe:
         embedder: Embeds chunks and references for retrieval (kind `embedder`).
         retrieval: Which memory bank inference reads, and how (`m3 generate`).
         generation: Decoding settings of `m3 generate`.
+        bank: How `m3 build-memory` writes the bank: dtype, batch size, index, quantizer.
     """
 
     description: str = ""
@@ -296,6 +364,7 @@ class Recipe:
     embedder: ComponentSpec | None = field(default=None, metadata={"kind": "embedder"})
     retrieval: RetrievalSection | None = None
     generation: GenerationSection | None = None
+    bank: BankSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values; loading them again gives the same recipe."""
@@ -667,6 +736,8 @@ def validate(data: Any, schema: type[T] = Recipe) -> tuple[T | None, list[Proble
     """
     problems: list[Problem] = []
     result = _check_section(data, schema, "", problems)
+    if isinstance(result, Recipe) and not problems:
+        problems += _check_bank(result)
     return (result if not problems else None), problems
 
 
@@ -725,9 +796,18 @@ def _check_field(
             specs.append(spec)
         return specs
     if inner is ComponentSpec:
-        kind = f.metadata["kind"]
-        spec, found = registry.check_spec(kind, value, path=path)
-        if spec is not None and not found:
+        kind, provided = f.metadata["kind"], f.metadata.get("provided", ())
+        spec, found = registry.check_spec(kind, value, path=path, provided=provided)
+        if spec is not None:
+            found += [
+                Problem(
+                    f"{path}.init_args.{name}", "is set by m3 itself; remove it from the recipe"
+                )
+                for name in provided
+                if name in spec.init_args
+            ]
+        if spec is not None and not found and not provided:
+            # (a part whose arguments m3 completes is built, and checked, when it is used)
             found = registry.check_by_building(kind, spec, path=path)
         problems += found
         return spec
