@@ -492,6 +492,50 @@ def load_hf_weights(model: Memory3, directory: str | Path) -> None:
         model.load_state_dict(state, strict=True)
 
 
+def load_weights(model: Memory3, path: str | Path) -> None:
+    """Load weights into a model from a state dict, a Lightning checkpoint or a HF folder.
+
+    The one loader behind `training.init_weights` (`Memory3Module.load_weights`) and
+    inference (`m3.generate.load_inference`).
+
+    Args:
+        model: The model to fill, in place.
+        path: A `.pt` state dict (a stage's `model.pt`), a Lightning `.ckpt` (its `model.*`
+            weights are used), or a Hugging Face Llama-family folder.
+
+    Raises:
+        UserError: For a missing file, or weights of another shape (naming the tensor).
+    """
+    path = Path(path)
+    if path.is_dir():  # a Hugging Face folder (config.json + *.safetensors)
+        load_hf_weights(model, path)
+        return
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = {
+            k.removeprefix("model."): v
+            for k, v in state["state_dict"].items()
+            if k.startswith("model.")
+        }
+    own = model.state_dict()
+    for name, tensor in state.items():
+        if name in own and own[name].shape != tensor.shape:
+            raise UserError(
+                f"{path}: weight {name} has shape {tuple(tensor.shape)}, this model's is "
+                f"{tuple(own[name].shape)} — was the checkpoint written with another config?"
+            )
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise UserError(
+            f"{path}: weights do not fit this model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    model.load_state_dict(state)
+
+
 def save_hf_checkpoint(
     model: Memory3, directory: str | Path, *, dtype: torch.dtype | None = None
 ) -> Path:

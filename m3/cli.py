@@ -385,12 +385,83 @@ def _add_build_memory(verbs: Subparsers) -> None:
     build.set_defaults(handler=_build_memory)
 
 
+def _generate(args: argparse.Namespace) -> int:
+    from m3.generate import generate, load_inference
+    from m3.recipes import GenerationSection, load_recipe
+
+    files, overrides = split_recipe_arguments(args.recipe_items)
+    if len(files) == 1 and os.path.isdir(files[0]):  # a bank folder or a stage's run folder
+        source: Any = files[0]
+        settings = load_recipe(Path(files[0]) / "recipe.yaml", overrides).generation
+    else:
+        source = recipe_from_args(args)
+        overrides = []
+        settings = source.generation
+    settings = settings or GenerationSection()
+    chosen = {
+        name: getattr(settings, name) if getattr(args, name) is None else getattr(args, name)
+        for name in ("max_new_tokens", "mode", "temperature", "top_k", "top_p")
+    }
+    with load_inference(source, overrides=overrides) as inference:
+        out = generate(inference, args.prompt, seed=args.seed, **chosen)
+    for n, prompt in enumerate(out.prompts):
+        tokens, reason = len(out.tokens[n]), out.finish_reasons[n]
+        print(f"=== {n + 1}: {out.mode}, {tokens} new tokens, stopped at {reason} ===")
+        print(prompt + out.texts[n])
+        if args.show_references:
+            print("references:")
+            for chunk in out.provenance[n]:
+                where = "rag prompt" if chunk.chunk < 0 else f"chunk {chunk.chunk}"
+                print(
+                    f"  {where}, tokens {chunk.start}-{chunk.end - 1} "
+                    f"(retrieved with {chunk.retrieved_with}):"
+                )
+                for i, score, text in zip(chunk.ids, chunk.scores, chunk.texts, strict=True):
+                    shown = " ".join(text.split())
+                    shown = shown if len(shown) <= 72 else shown[:71] + "…"
+                    print(f"    #{i} ({score:.3f}) {shown}")
+    return 0
+
+
+def _add_generate(verbs: Subparsers) -> None:
+    generate = verbs.add_parser(
+        "generate",
+        help="continue prompts, reading explicit memories from a memory bank",
+        description=(
+            "Load the model, its tokenizer and the memory bank named by retrieval.bank (or a "
+            "bank folder given as RECIPE), check that they belong together, and continue each "
+            "prompt: every 64-token chunk reads the memories its text retrieved, swapped while "
+            "decoding. --mode none reads no memories; --mode rag puts the retrieved references "
+            "before the prompt as text. Options override the recipe's generation: section."
+        ),
+    )
+    add_recipe_arguments(generate)
+    generate.add_argument(
+        "--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)"
+    )
+    generate.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens")
+    generate.add_argument("--mode", choices=["memory", "none", "rag"], help="what the model reads")
+    generate.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)"
+    )
+    generate.add_argument("--top-k", type=int, metavar="K", help="sample among the K likeliest")
+    generate.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass")
+    generate.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    generate.add_argument(
+        "--show-references",
+        action="store_true",
+        help="print the references (id, score, text) each chunk read",
+    )
+    generate.set_defaults(handler=_generate)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
     _add_components,
     _add_fit,
     _add_build_memory,
+    _add_generate,
     _add_size,
     _add_smoke,
 ]

@@ -168,36 +168,9 @@ class Memory3Module(L.LightningModule):
         Raises:
             UserError: For a missing file, or weights of another shape (naming the tensor).
         """
-        path = Path(path)
-        if path.is_dir():  # a Hugging Face folder (config.json + *.safetensors)
-            from m3.checkpoints import load_hf_weights
+        from m3.checkpoints import load_weights
 
-            load_hf_weights(self.model, path)
-            return
-        if not path.is_file():
-            raise UserError(f"checkpoint not found: {path}")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if isinstance(state, dict) and "state_dict" in state:
-            state = {
-                k.removeprefix("model."): v
-                for k, v in state["state_dict"].items()
-                if k.startswith("model.")
-            }
-        own = self.model.state_dict()
-        for name, tensor in state.items():
-            if name in own and own[name].shape != tensor.shape:
-                raise UserError(
-                    f"{path}: weight {name} has shape {tuple(tensor.shape)}, this model's is "
-                    f"{tuple(own[name].shape)} — was the checkpoint written with another config?"
-                )
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if missing or unexpected:
-            raise UserError(
-                f"{path}: weights do not fit this model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-        self.model.load_state_dict(state)
+        load_weights(self.model, path)
 
     # ----------------------------------------------------------------------------- steps
     def memories_for(self, batch: dict[str, Tensor]) -> Memories:

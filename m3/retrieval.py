@@ -408,6 +408,45 @@ class Retriever:
                 where.append((b, c))
         return self._run(queries, where, len(chunks), width)
 
+    def search(
+        self,
+        chunks: Sequence[QueryChunk],
+        *,
+        leak_texts: Sequence[TokenIds | None] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Embed, search and filter query chunks without reading any memory (e.g. for RAG).
+
+        The same candidates, leakage filter and over-fetching as `retrieve`; the store is
+        read only for the filter's reference token ids.
+
+        Args:
+            chunks: `N` query chunks, as text or token ids.
+            leak_texts: Per chunk, the token ids the filter checks against; None (for one or
+                for all) checks a chunk against itself.
+
+        Returns:
+            `ids` `(N, k)` int64 (−1 where fewer than `k` clean references were found) and
+            `scores` `(N, k)` float32, best first.
+        """
+        if leak_texts is not None and len(leak_texts) != len(chunks):
+            raise UserError(f"got {len(leak_texts)} leak texts for {len(chunks)} chunks")
+        queries = []
+        for n, chunk in enumerate(chunks):
+            text, ids = self._text_and_ids(chunk)
+            given = None if leak_texts is None else leak_texts[n]
+            leak = None
+            if self.threshold is not None:
+                leak = ids if given is None else _ids(given, "leak_texts")
+            queries.append(_Query(text, leak))
+        ids = np.full((len(queries), self.k), -1, dtype=np.int64)
+        scores = np.full((len(queries), self.k), -np.inf, dtype=np.float32)
+        for start in range(0, len(queries), self.group_size):
+            group = queries[start : start + self.group_size]
+            ids[start : start + len(group)], scores[start : start + len(group)] = (
+                self._search_group(group)
+            )
+        return torch.from_numpy(ids), torch.from_numpy(scores)
+
     def retrieve_context(
         self,
         contexts: Sequence[TokenIds],

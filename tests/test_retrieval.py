@@ -369,3 +369,14 @@ def test_bad_settings_are_refused() -> None:
     for change in ({"k": 0}, {"overfetch": 0}, {"cache_size": -1}, {"threshold": 1.5}):
         with pytest.raises(UserError):
             make_retriever(**change)
+
+
+def test_search_finds_what_retrieve_finds_without_reading_memories() -> None:
+    chunks = [query(3), context(TEXTS[6]), query(17, "filler words ")]
+    retriever = make_retriever()
+    ids, scores = retriever.search(chunks)
+    found = make_retriever().retrieve([[chunk] for chunk in chunks])
+    assert torch.equal(ids, found.ids[:, 0]) and torch.equal(scores, found.scores[:, 0])
+    assert retriever.cache_stats().misses == 0  # no memory was looked up
+    # a chunk that quotes a reference verbatim does not get it back
+    assert 6 not in ids[1].tolist()
