@@ -11,14 +11,22 @@ an index is built. The bank folder holds:
 | file | what |
 |---|---|
 | `store-rank{r}.h5` | the memories of the references `id % world_size == r` (`HDF5Store`) |
-| `embedder/` | the fitted embedder (`HashedNgramEmbedder.save`) |
-| `index/` | the search index over every reference (`ExactIndex`, or `ScannIndex` when large) |
-| `manifest.json` | shards, their counts, fingerprints, the embedder and index classes |
+| `quantizer.pt` | the trained `MemoryQuantizer` of a quantized bank (`bank.quantizer`) |
+| `embedder/` | the fitted embedder (its `save`, for embedders that have one) |
+| `index/` | the search index over every reference (`bank.index`, default `ExactIndex`) |
+| `manifest.json` | shards, counts, fingerprints, dtype, quantizer, embedder and index |
 | `recipe.yaml`, `fingerprint`, `done.json` | the run folder (`done.json` written last) |
 
 `open_bank(folder)` opens the shards as one store (`ShardedStore`, read-only) with the index
 and the embedder. An interrupted build resumes: each shard is reopened in append mode and only
 the references it lacks are encoded; a shard is marked complete after its last write.
+
+The recipe's `bank:` section sets the stored dtype, the batch size, the index and the vector
+quantizer. A quantized bank's shards keep codes and decode on read (`HDF5Store(quantizer=)`):
+the quantizer is trained before encoding starts, on the memories of `bank.train_references`
+references sampled uniformly with the recipe's seed (SPEC §3), or read from
+`bank.quantizer_file`; it is saved as `quantizer.pt` first, so that a resumed build and every
+rank (Lightning's launcher starts the other ranks after it is saved) use the same one.
 
 Cold start (memories encoded when first retrieved, then kept) is `ColdStartStore`.
 """
@@ -50,10 +58,13 @@ from m3.sources import FilesSource, TextSource
 
 if TYPE_CHECKING:
     from m3.embedders import Embedder
+    from m3.quantize import MemoryQuantizer
     from m3.recipes import Recipe
     from m3.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+#: The trained quantizer of a quantized bank, in the bank folder.
+QUANTIZER = "quantizer.pt"
 #: Knowledge bases with more references than this get a `ScannIndex`, smaller ones an exact one.
 SCANN_ABOVE = 200_000
 _SHARD = re.compile(r"store-rank(\d+)\.h5$")
@@ -214,6 +225,8 @@ class BankWriter(BasePredictionWriter):
         references: Every reference of the knowledge base (id = position).
         shard: `(rank, world_size)` to write one shard whatever the trainer says (ranks
             launched by hand, one process each); from the trainer when None.
+        quantizer: A trained quantizer: the shards keep codes (a quantized bank); None for
+            raw keys and values.
     """
 
     def __init__(
@@ -223,10 +236,12 @@ class BankWriter(BasePredictionWriter):
         references: Sequence[Reference],
         *,
         shard: tuple[int, int] | None = None,
+        quantizer: MemoryQuantizer | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.folder, self.info, self.references = Path(folder), info, references
         self.shard = shard
+        self.quantizer = quantizer
         self.store: HDF5Store | None = None
         self.written = 0
 
@@ -270,7 +285,14 @@ class BankWriter(BasePredictionWriter):
                     f"{path} holds memories of other weights ({stored.model_fingerprint[:16]}, "
                     f"now {info.model_fingerprint[:16]}): pass --overwrite to rebuild"
                 )
-        self.store = HDF5Store(path, info=info, mode="a")
+            had = (stored.quantizer or {}).get("fingerprint")
+            now = None if self.quantizer is None else self.quantizer.fingerprint()
+            if had != now:
+                raise UserError(
+                    f"{path} holds memories of another quantizer ({str(had)[:16]}, now "
+                    f"{str(now)[:16]}): pass --overwrite to rebuild"
+                )
+        self.store = HDF5Store(path, info=info, mode="a", quantizer=self.quantizer)
         return self.store
 
     def rank_and_size(self, trainer: L.Trainer) -> tuple[int, int]:
@@ -350,8 +372,8 @@ class ShardedStore(MemoryStore):
         shards: The shards; each id must be in one of them only.
 
     Raises:
-        UserError: For shards of different memory shapes, dtypes or weights, or an id held
-            by two shards.
+        UserError: For shards of different memory shapes, dtypes, weights or quantizers, or an
+            id held by two shards.
     """
 
     def __init__(self, shards: Sequence[MemoryStore]) -> None:
@@ -359,8 +381,10 @@ class ShardedStore(MemoryStore):
             raise UserError("a sharded store needs at least one shard")
         first = shards[0].info
         for shard in shards[1:]:
-            if (shard.info.memory_shape, shard.info.dtype, shard.info.model_fingerprint) != (
+            if (shard.info.memory_shape, shard.info.dtype, shard.info.model_fingerprint,
+                (shard.info.quantizer or {}).get("fingerprint")) != (
                 first.memory_shape, first.dtype, first.model_fingerprint,
+                (first.quantizer or {}).get("fingerprint"),
             ):  # fmt: skip
                 raise UserError(f"{shard} holds other memories than {shards[0]}")
         self.shards = list(shards)
@@ -473,14 +497,25 @@ def open_bank(folder: str | Path) -> Bank:
     Returns:
         The bank.
 
+    A quantized bank's shards reopen with the quantizer each holds (checked against the
+    manifest's); reads decode to the manifest's `dtype`.
+
     Raises:
-        UserError: For a folder without a finished bank, or an incomplete shard.
+        UserError: For a folder without a finished bank, an incomplete shard, or a shard
+            whose quantizer is not the manifest's.
     """
     folder = Path(folder)
     if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
         raise UserError(f"{folder} holds no finished memory bank (run m3 build-memory)")
     manifest = json.loads((folder / MANIFEST).read_text())
     shards = [HDF5Store(folder / s["file"]) for s in manifest["shards"]]
+    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
+    for shard in shards:
+        if (shard.info.quantizer or {}).get("fingerprint") != recorded:
+            raise UserError(
+                f"{shard.path}: its quantizer is not the one in {folder / MANIFEST} "
+                f"({str(recorded)[:16]}): rebuild the bank"
+            )
     store: MemoryStore = shards[0] if len(shards) == 1 else ShardedStore(shards)
     index = _class(manifest["index"]["class"]).load(folder / "index")
     embedder_class = _class(manifest["embedder"]["class"])
@@ -603,6 +638,7 @@ def build_index(
     *,
     batch_size: int = 1024,
     progress: bool = True,
+    index: Any = None,
 ) -> MemoryIndex:
     """Fit the embedder on the references' texts, embed them and build an index.
 
@@ -612,18 +648,27 @@ def build_index(
         embedder: Fitted here on the texts, then embeds them.
         batch_size: Texts embedded at a time.
         progress: Show tqdm progress bars.
+        index: The index's component spec (kind `index`, `dim` set to the embedder's), e.g.
+            a recipe's `bank.index`; None for the default.
 
     Returns:
-        An `ExactIndex` (or a `ScannIndex` above `SCANN_ABOVE` references), built.
+        The index, built: by default an `ExactIndex` (or a `ScannIndex` above
+        `SCANN_ABOVE` references).
     """
     from tqdm.auto import tqdm
 
+    from m3 import registry
     from m3.backends import ExactIndex, ScannIndex
 
     texts = [tokenizer.decode(r.ids) for r in references]
     embedder.fit(texts)
-    index: MemoryIndex = (
-        ScannIndex(embedder.dim) if len(texts) > SCANN_ABOVE else ExactIndex(embedder.dim)
+    spec = index
+    index = (
+        registry.instantiate("index", spec, dim=embedder.dim)
+        if spec is not None
+        else ScannIndex(embedder.dim)
+        if len(texts) > SCANN_ABOVE
+        else ExactIndex(embedder.dim)
     )
     for start in tqdm(
         range(0, len(texts), batch_size), desc="embedding references", disable=not progress
@@ -639,8 +684,8 @@ def build_memory(
     recipe: Recipe,
     *,
     overwrite: bool = False,
-    batch_size: int = 64,
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    batch_size: int | None = None,
+    dtype: Literal["float32", "bfloat16", "float16"] | None = None,
     shard: tuple[int, int] | None = None,
     callbacks: Sequence[L.Callback] = (),
 ) -> Path:
@@ -650,8 +695,10 @@ def build_memory(
         recipe: A checked recipe with `data.knowledge`, a tokenizer and
             `training.init_weights`.
         overwrite: Replace a bank folder that another recipe wrote.
-        batch_size: References per forward pass.
-        dtype: The dtype the shards store keys and values in.
+        batch_size: References per forward pass; the recipe's `bank.batch_size` (64) when
+            None.
+        dtype: The dtype the shards store keys and values in (decode them to, when
+            quantized); the recipe's `bank.dtype` (float32) when None.
         shard: `(rank, world_size)`: write only this shard (ranks launched by hand, without
             a distributed strategy). The index is built by whichever run finds every shard
             complete.
@@ -662,7 +709,8 @@ def build_memory(
 
     Raises:
         UserError: For a recipe that cannot build (no knowledge base, tokenizer or weights;
-            an empty knowledge base; a folder of another recipe).
+            an empty knowledge base; a folder of another recipe; a quantizer that cannot be
+            trained on the sampled memories).
     """
     if recipe.stage != "build_memory":
         raise UserError(f"stage: m3 build-memory runs 'build_memory' stages, got {recipe.stage!r}")
@@ -680,9 +728,12 @@ def build_memory(
         raise UserError(f"training.init_weights: {init} does not exist (train the model first?)")
     from m3 import registry
     from m3.module import Memory3Module
-    from m3.recipes import build
+    from m3.recipes import BankSection, build
     from m3.runs import RunFolder
 
+    settings = recipe.bank or BankSection()
+    batch_size = settings.batch_size if batch_size is None else batch_size
+    dtype = settings.dtype if dtype is None else dtype
     config = recipe.model.config()
     tokenizer = build(recipe, "tokenizer")
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
@@ -712,8 +763,12 @@ def build_memory(
         extra={"references": len(knowledge.references)},
     )
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
+    quantizer = bank_quantizer(
+        recipe, run.path, model, knowledge.references, prefix=prefix, encoder=encoder,
+        sparsifier=sparsifier, batch_size=batch_size,
+    )  # fmt: skip
 
-    writer = BankWriter(run.path, info, knowledge.references, shard=shard)
+    writer = BankWriter(run.path, info, knowledge.references, shard=shard, quantizer=quantizer)
     options = recipe.trainer.to_kwargs()
     keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
             "enable_progress_bar", "deterministic")  # fmt: skip
@@ -747,10 +802,100 @@ def build_memory(
         tokenizer=tokenizer,
         embedder=embedder,
         embedder_spec=recipe.to_dict().get("embedder"),
+        index_spec=settings.index,
+        quantizer=quantizer,
         written=writer.written,
         seconds=seconds,
         progress=recipe.trainer.enable_progress_bar,
     )
+
+
+def bank_quantizer(
+    recipe: Recipe,
+    folder: Path,
+    model: Memory3,
+    references: Sequence[Reference],
+    *,
+    prefix: Sequence[int],
+    encoder: MemoryEncoder | None = None,
+    sparsifier: nn.Module | None = None,
+    batch_size: int = 64,
+) -> MemoryQuantizer | None:
+    """The trained quantizer of a bank build, saved in the bank folder first.
+
+    In order: the folder's `quantizer.pt` (a resumed build, or the rank that trained it);
+    the recipe's `bank.quantizer_file`; or `bank.quantizer` trained on the memories of
+    `bank.train_references` references drawn uniformly with the recipe's seed (encoded on a
+    GPU when one is available and the trainer may use it). Keys and values get separately
+    trained quantizers.
+
+    Args:
+        recipe: The build's recipe.
+        folder: The bank folder (claimed by this build).
+        model: The model whose memory layers encode.
+        references: Every reference of the knowledge base (id = position).
+        prefix: Ids of the `<s>Reference:` prefix.
+        encoder: The encoder; `MemoryEncoder()` when None.
+        sparsifier: The sparsifier; `TopKSparsifier(k=memory_tokens)` when None.
+        batch_size: References per forward pass while sampling.
+
+    Returns:
+        The quantizer on the CPU, or None for a bank of raw memories.
+
+    Raises:
+        UserError: When the sampled memories are too few to train the quantizer (naming
+            `bank.train_references`), or a saved quantizer does not fit the model.
+    """
+    from m3.quantize import MemoryQuantizer
+    from m3.recipes import bank_quantizer as recipe_quantizer
+
+    saved = folder / QUANTIZER
+    settings = recipe.bank
+    if settings is None or (settings.quantizer is None and settings.quantizer_file is None):
+        return None
+    head_dim = model.config.head_dim
+    if saved.is_file() or settings.quantizer_file is not None:
+        path = saved if saved.is_file() else Path(str(settings.quantizer_file))
+        quantizer = MemoryQuantizer.load(path)
+        if quantizer.keys.dim != head_dim:
+            raise UserError(
+                f"bank.quantizer_file: {path} codes {quantizer.keys.dim}-dim vectors, the "
+                f"model's head_dim is {head_dim}"
+            )
+        if not quantizer.fitted:
+            raise UserError(f"bank.quantizer_file: {path} holds an untrained quantizer")
+    else:
+        quantizer = MemoryQuantizer(recipe_quantizer(recipe))
+        generator = torch.Generator().manual_seed(recipe.seed)
+        count = min(settings.train_references, len(references))
+        ids = torch.randperm(len(references), generator=generator)[:count].sort().values
+        use_gpu = torch.cuda.is_available() and recipe.trainer.accelerator in (
+            "auto",
+            "gpu",
+            "cuda",
+        )
+        device = torch.device("cuda" if use_gpu else "cpu")
+        model.to(device)
+        with torch.no_grad():
+            sample = encode_references(
+                model, [references[i].ids for i in ids.tolist()], prefix=prefix,
+                encoder=encoder, sparsifier=sparsifier, batch_size=batch_size,
+            )  # fmt: skip
+        model.to("cpu")
+        try:
+            quantizer.fit(sample, seed=recipe.seed)
+        except UserError as error:
+            raise UserError(
+                f"bank.quantizer: cannot train it on the memories of {count} sampled "
+                f"references ({error}); raise bank.train_references or lower its bits"
+            ) from None
+        quantizer.keys.to("cpu")
+        quantizer.values.to("cpu")
+    if not saved.is_file():
+        partial = saved.with_suffix(".partial")
+        quantizer.save(partial)
+        partial.replace(saved)  # a file that exists is whole
+    return quantizer
 
 
 def _now() -> float:
@@ -767,6 +912,8 @@ def _finish(
     tokenizer: Tokenizer,
     embedder: Embedder,
     embedder_spec: Any,
+    index_spec: Any = None,
+    quantizer: MemoryQuantizer | None = None,
     written: int,
     seconds: float,
     progress: bool,
@@ -786,7 +933,9 @@ def _finish(
             print(f"m3 build-memory: shard {rank} of {world} is not complete yet")
             return folder
         shards.append({"file": path.name, "references": count})
-    index = build_index(knowledge.references, tokenizer, embedder, progress=progress)
+    index = build_index(
+        knowledge.references, tokenizer, embedder, progress=progress, index=index_spec
+    )
     index.save(folder / "index")
     if hasattr(embedder, "save"):
         embedder.save(folder / "embedder")
@@ -801,6 +950,9 @@ def _finish(
         "reference_prefix": list(info.reference_prefix),
         "memory_shape": list(info.memory_shape),
         "dtype": info.dtype,
+        "quantizer": None
+        if quantizer is None
+        else {"file": QUANTIZER, **quantizer.store_description()},
         "embedder": {
             "class": f"{type(embedder).__module__}.{type(embedder).__qualname__}",
             "fingerprint": embedder.fingerprint(),
@@ -809,7 +961,8 @@ def _finish(
         "index": {"class": f"{type(index).__module__}.{type(index).__qualname__}"},
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    outputs = [folder / s["file"] for s in shards] + [folder / "index", folder / "embedder"]
+    outputs = [folder / s["file"] for s in shards]
+    outputs += [folder / "index", folder / "embedder", folder / QUANTIZER]
     summary = {
         "stage": "build_memory",
         "documents": knowledge.documents,
@@ -839,6 +992,7 @@ __all__ = [
     "KnowledgeBase",
     "ReferenceBatches",
     "ShardedStore",
+    "bank_quantizer",
     "build_index",
     "build_memory",
     "open_bank",

@@ -257,11 +257,18 @@ def _size(args: argparse.Namespace) -> int:
         raise UserError(f"give N, the number of references, once; got {' and '.join(counts)}")
     references = parse_references(counts[0]) if counts else PAPER_REFERENCES
     recipe = recipe_from_args(argparse.Namespace(recipe_items=items))
+    bytes_per_number, code_bytes = args.bytes_per_number, args.code_bytes
+    if recipe.bank is not None:  # what m3 build-memory would store
+        from m3.sizing import bank_sizes
+
+        number, code = bank_sizes(recipe)
+        bytes_per_number = number if bytes_per_number is None else bytes_per_number
+        code_bytes = code if code_bytes is None and code is not None else code_bytes
     report = size_report(
         recipe.model.config(),
         references,
-        bytes_per_number=args.bytes_per_number,
-        code_bytes=args.code_bytes,
+        bytes_per_number=2 if bytes_per_number is None else bytes_per_number,
+        code_bytes=14 if code_bytes is None else code_bytes,
         train_length=args.train_length,
     )
     files, _ = split_recipe_arguments(items)
@@ -279,7 +286,8 @@ def _add_size(verbs: Subparsers) -> None:
             "references in binary (TiB) and decimal (TB) units, and the cost model of SPEC "
             "section 6 in TFLOPs, from the recipe's model. N is a bare number among the "
             "recipe arguments (e.g. 1.12e8 or 112000000; default: the paper's 1.12e8). "
-            "Loads no torch."
+            "A recipe's bank section sets the stored dtype and the quantizer's code size. "
+            "Loads no torch unless the recipe names a quantizer."
         ),
     )
     add_recipe_arguments(size)
@@ -287,16 +295,17 @@ def _add_size(verbs: Subparsers) -> None:
     size.add_argument(
         "--bytes-per-number",
         type=int,
-        default=2,
+        default=None,
         metavar="B",
-        help="bytes per stored number, unquantized (default: 2, bf16)",
+        help="bytes per stored number, unquantized (default: the recipe's bank.dtype, else 2)",
     )
     size.add_argument(
         "--code-bytes",
         type=int,
-        default=14,
+        default=None,
         metavar="B",
-        help="bytes per key/value vector when quantized (default: 14, the paper's VQ codes)",
+        help="bytes per key/value vector when quantized (default: the recipe's "
+        "bank.quantizer, else 14: the paper's VQ codes)",
     )
     size.add_argument(
         "--train-length",
@@ -369,13 +378,16 @@ def _add_build_memory(verbs: Subparsers) -> None:
         "--overwrite", action="store_true", help="replace an output folder another recipe wrote"
     )
     build.add_argument(
-        "--batch-size", type=int, default=64, help="references per forward pass (default: 64)"
+        "--batch-size",
+        type=int,
+        default=None,
+        help="references per forward pass (default: the recipe's bank.batch_size, 64)",
     )
     build.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="dtype of the stored keys and values (default: float32)",
+        default=None,
+        help="dtype of the stored keys and values (default: the recipe's bank.dtype, float32)",
     )
     build.add_argument(
         "--shard",

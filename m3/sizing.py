@@ -43,6 +43,7 @@ import math
 import re
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
+from typing import Any
 
 from m3.config import Config
 from m3.errors import UserError
@@ -267,6 +268,36 @@ class SizeReport:
     def quantization_ratio(self) -> float:
         """How many times smaller quantized memories are than sparse ones."""
         return self.sparse_bytes / self.quantized_bytes
+
+
+def bank_sizes(recipe: Any) -> tuple[int, int | None]:
+    """What a recipe's `bank` section stores: bytes per number and bytes per vector code.
+
+    The same settings `m3 build-memory` writes with: `bank.dtype`, and the code size of
+    `bank.quantizer` (built at the model's head dimension, which imports torch) or of the
+    saved `bank.quantizer_file`.
+
+    Args:
+        recipe: A checked `m3.recipes.Recipe` with a `bank` section.
+
+    Returns:
+        `(bytes per number, bytes per key/value code)`; the code size is None when the
+        bank is not quantized. When keys and values are coded to different sizes, their
+        mean (rounded up).
+    """
+    bank = recipe.bank
+    number = {"float32": 4, "bfloat16": 2, "float16": 2}[bank.dtype]
+    if bank.quantizer is not None:
+        from m3.recipes import bank_quantizer
+
+        size = bank_quantizer(recipe).code_bytes
+        return number, size
+    if bank.quantizer_file is not None:
+        from m3.quantize import MemoryQuantizer
+
+        saved = MemoryQuantizer.load(bank.quantizer_file)
+        return number, -(-(saved.keys.code_bytes + saved.values.code_bytes) // 2)
+    return number, None
 
 
 def size_report(

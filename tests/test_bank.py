@@ -253,3 +253,93 @@ def test_a_folder_of_another_recipe_is_refused_unless_overwrite(world, built, tm
     seed = "seed=1"  # another recipe, the same weights: replaced with --overwrite
     assert main(["build-memory", *args(world, out), seed, "--overwrite"]) == 0
     assert json.loads((out / "done.json").read_text())["references"] > 0
+
+
+# ------------------------------------------------------------------------------ quantized banks
+QUANTIZED = [
+    "bank.quantizer={class_path: product, init_args: {subspaces: 4, bits: 4, iterations: 5}}",
+    "bank.train_references=12",
+]
+
+
+def test_a_quantized_bank_round_trips_through_the_command(world, built, tmp_path, capsys):
+    from m3.quantize import MemoryQuantizer, relative_error
+
+    _, _, knowledge, memory = expected(world)
+    out = tmp_path / "bank"
+    assert main(["build-memory", *args(world, out, *QUANTIZED), "--batch-size", "8"]) == 0
+    bank = open_bank(out)
+    store = bank.store
+    assert isinstance(store, HDF5Store) and store.complete and store.quantizer is not None
+    saved = MemoryQuantizer.load(out / "quantizer.pt")
+    fingerprint = saved.fingerprint()
+    assert store.quantizer.fingerprint() == fingerprint
+    assert bank.manifest["quantizer"]["fingerprint"] == fingerprint
+    assert bank.manifest["quantizer"]["keys"]["code_bytes"] == 2  # 4 subspaces × 4 bits
+    assert store.info.quantizer["fingerprint"] == fingerprint
+    count = len(knowledge.references)
+    got = store.read(torch.arange(count))
+    assert got.keys.dtype == torch.float32 and got.keys.shape == memory.keys.shape
+    assert torch.equal(got.valid, memory.valid) and torch.equal(got.positions, memory.positions)
+    # what the bank serves is the quantizer's reconstruction of the true memories
+    want = saved.decode(saved.encode(memory))
+    same = (got.keys == want.keys).all(-1).float().mean()
+    assert same > 0.99  # (a vector on a centroid boundary may flip between two batchings)
+    for part in ("keys", "values"):
+        true, read = getattr(memory, part).flatten(0, -2), getattr(got, part).flatten(0, -2)
+        own = relative_error(true, getattr(want, part).flatten(0, -2))
+        assert 0 < relative_error(true, read) == pytest.approx(own, rel=0.02)
+    assert store.references(range(count)) == knowledge.references
+    raw_bytes = json.loads((built / "done.json").read_text())["store_bytes"]
+    assert json.loads((out / "done.json").read_text())["store_bytes"] < raw_bytes
+    # m3 size reads the same settings: 2-byte codes, float32 numbers
+    capsys.readouterr()
+    assert main(["size", BASE, BANK, *SMALL, *QUANTIZED, "1000"]) == 0
+    report = capsys.readouterr().out
+    assert "2 B per key/value vector" in report and "4 B per number" in report
+    # a saved quantizer builds another bank with the very same codes
+    again = tmp_path / "again"
+    from_file = f"bank.quantizer_file={out / 'quantizer.pt'}"
+    assert main(["build-memory", *args(world, again, from_file), "--batch-size", "8"]) == 0
+    other = open_bank(again)
+    assert other.manifest["quantizer"]["fingerprint"] == fingerprint
+    assert_same(other.store.read(torch.arange(count)), store.read(torch.arange(count)))
+
+
+def test_an_interrupted_quantized_build_never_looks_complete(world, tmp_path, capsys):
+    from m3.quantize import MemoryQuantizer
+
+    _, _, knowledge, _ = expected(world)
+    out = tmp_path / "bank"
+    recipe = recipe_of(world, out, *QUANTIZED)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_memory(recipe, batch_size=4, callbacks=[Interrupt(2)])
+    shard = out / "store-rank0.h5"
+    with pytest.raises(UserError, match="incomplete store"):
+        HDF5Store(shard)
+    partial = HDF5Store(shard, mode="r", allow_incomplete=True)
+    assert len(partial) == 8 and not partial.complete and partial.quantizer is not None
+    trained = partial.quantizer.fingerprint()
+    partial.close()
+    assert not (out / "done.json").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(UserError, match="no finished memory bank"):
+        open_bank(out)
+    assert MemoryQuantizer.load(out / "quantizer.pt").fingerprint() == trained
+    # the resumed build reuses the saved quantizer: one set of codes in the whole shard
+    assert main(["build-memory", *args(world, out, *QUANTIZED), "--batch-size", "4"]) == 0
+    bank = open_bank(out)
+    assert bank.manifest["quantizer"]["fingerprint"] == trained
+    assert bank.store.ids().tolist() == list(range(len(knowledge.references)))
+    assert bank.store.verify() == []
+
+
+def test_bank_settings_are_checked_before_any_work(world, tmp_path, capsys):
+    out = tmp_path / "never"
+    bad = "bank.quantizer={class_path: product, init_args: {subspaces: 3}}"
+    assert main(["build-memory", *args(world, out, bad)]) == 2
+    assert "bank.quantizer.init_args: rejected: ProductQuantizer: dim 16" in capsys.readouterr().err
+    too_few = [QUANTIZED[0].replace("bits: 4", "bits: 12"), "bank.train_references=1"]
+    assert main(["build-memory", *args(world, out, *too_few)]) == 2
+    err = capsys.readouterr().err
+    assert "bank.quantizer: cannot train it" in err and "bank.train_references" in err
+    assert not (out / "done.json").exists()
