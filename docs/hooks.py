@@ -1,20 +1,27 @@
-"""mkdocs hook: the table of shipped recipes on docs/recipes.md, generated at build time.
+"""mkdocs hook: tables generated from the code at build time, so that they cannot drift.
 
-The page holds the marker `<!-- shipped-recipes -->`; every build replaces it with one row
-per file in `recipes/`, composed as its opening command composes it (stage, model,
-components), so the table cannot drift from the recipes. `tests/test_docs.py` checks it.
+- `<!-- shipped-recipes -->` (docs/recipes.md): one row per file in `recipes/`, composed as
+  its opening command composes it (stage, model, components);
+- `<!-- recipe-sections -->` (docs/guides/recipes.md): the top-level keys of a recipe, from
+  the attributes of `m3.recipes.Recipe` and its type hints.
+
+`tests/test_docs.py` checks both.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 import shlex
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- shipped-recipes -->"
+SECTIONS_MARKER = "<!-- recipe-sections -->"
 
 
 def _components(section: Any, prefix: str = "") -> list[str]:
@@ -31,10 +38,41 @@ def _components(section: Any, prefix: str = "") -> list[str]:
     return found
 
 
-def recipes_table() -> str:
-    """The Markdown table of the shipped recipes: file, stage, model, components, command."""
+def _import_m3() -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
+
+
+def sections_table() -> str:
+    """The Markdown table of a recipe's top-level keys, from `m3.recipes.Recipe`."""
+    _import_m3()
+    from m3.recipes import Recipe
+
+    described: dict[str, str] = {}
+    name = None
+    for line in inspect.getdoc(Recipe).split("Attributes:", 1)[1].splitlines():
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            name, described[entry[1]] = entry[1], entry[2]
+        elif name and line.startswith("        "):
+            described[name] += " " + line.strip()
+    hints = typing.get_type_hints(Recipe, include_extras=True)
+    rows = ["| key | what it holds |", "|---|---|"]
+    for field in dataclasses.fields(Recipe):
+        text = described.get(field.name, "")
+        literal = [a for a in typing.get_args(hints[field.name]) if typing.get_origin(a)]
+        choices = [typing.get_args(a) for a in literal if typing.get_origin(a) is typing.Literal]
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            choices.append(typing.get_args(hints[field.name]))
+        for values in choices:
+            text += " One of " + ", ".join(f"`{v}`" for v in values) + "."
+        rows.append(f"| `{field.name}` | {text} |")
+    return "\n".join(rows)
+
+
+def recipes_table() -> str:
+    """The Markdown table of the shipped recipes: file, stage, model, components, command."""
+    _import_m3()
     from m3.cli import split_recipe_arguments
     from m3.recipes import load_recipe, shipped_recipes
     from m3.registry import input_files_unchecked
@@ -62,5 +100,9 @@ def recipes_table() -> str:
 
 
 def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
-    """Replace the marker with the generated table (mkdocs calls this for every page)."""
-    return markdown.replace(MARKER, recipes_table()) if MARKER in markdown else markdown
+    """Replace the markers with the generated tables (mkdocs calls this for every page)."""
+    if MARKER in markdown:
+        markdown = markdown.replace(MARKER, recipes_table())
+    if SECTIONS_MARKER in markdown:
+        markdown = markdown.replace(SECTIONS_MARKER, sections_table())
+    return markdown

@@ -59,3 +59,18 @@ def test_snippet_lines_are_not_reformatted():
         if line.lstrip().startswith("--8 <")
     ]
     assert not broken, broken
+
+
+def test_the_recipe_sections_table_lists_every_key():
+    import dataclasses
+    import importlib.util
+
+    from m3.recipes import Recipe
+
+    spec = importlib.util.spec_from_file_location("docs_hooks", ROOT / "docs" / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    rows = hooks.sections_table().splitlines()[2:]
+    assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(Recipe)]
+    assert all(not row.endswith("|  |") for row in rows), "a Recipe attribute lacks its docstring"
+    assert hooks.SECTIONS_MARKER in (ROOT / "docs" / "guides" / "recipes.md").read_text()

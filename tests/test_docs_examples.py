@@ -63,3 +63,20 @@ def test_the_sparsifier_is_checked_like_a_built_in(capsys: pytest.CaptureFixture
     assert "FirstTokensSparsifier rejected them: k must be a positive integer" in (
         capsys.readouterr().err
     )
+
+
+def test_the_recipe_guides_chunker_is_checked_and_built(tmp_path: Path) -> None:
+    from my_parts import GlossaryChunker
+
+    from m3.recipes import RecipeError
+
+    files = [RECIPES_DIR / "tiny" / "base.yaml", EXAMPLES / "glossary.yaml"]
+    with pytest.raises(RecipeError) as raised:  # data/glossary.txt does not exist here
+        load_recipe(files, ["chunker.init_args.max_tokens=4"])
+    problems = "\n".join(str(p) for p in raised.value.problems)
+    assert "chunker.init_args.glossary" in problems and "max_tokens" in problems
+    glossary = tmp_path / "glossary.txt"
+    glossary.write_text("explicit memory\n")
+    recipe = load_recipe(files, [f"chunker.init_args.glossary={glossary}"])
+    chunker = build(recipe, "chunker")
+    assert isinstance(chunker, GlossaryChunker) and chunker.glossary == str(glossary)
