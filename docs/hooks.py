@@ -70,6 +70,17 @@ def sections_table() -> str:
     return "\n".join(rows)
 
 
+def _recipe_items(command: str) -> list[str]:
+    """The `RECIPE… KEY=VALUE…` arguments of a recipe's command, without its options."""
+    from m3.cli import build_parser
+
+    argv = shlex.split(command)[1:]
+    try:
+        return build_parser().parse_args(argv).recipe_items
+    except (SystemExit, AttributeError):  # a verb this checkout does not have yet
+        return [item for item in argv[1:] if not item.startswith("-")]
+
+
 def recipes_table() -> str:
     """The Markdown table of the shipped recipes: file, stage, model, components, command."""
     _import_m3()
@@ -82,7 +93,7 @@ def recipes_table() -> str:
         "|---|---|---|---|---|",
     ]
     for shipped in shipped_recipes():
-        files, overrides = split_recipe_arguments(shlex.split(shipped.command)[2:])
+        files, overrides = split_recipe_arguments(_recipe_items(shipped.command))
         with input_files_unchecked():  # data and checkpoints of other machines
             recipe = load_recipe([ROOT / f for f in files], overrides)
         name = shipped.path.relative_to(ROOT).as_posix()
