@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import inspect
 import re
 import shlex
@@ -76,7 +78,8 @@ def _recipe_items(command: str) -> list[str]:
 
     argv = shlex.split(command)[1:]
     try:
-        return build_parser().parse_args(argv).recipe_items
+        with contextlib.redirect_stderr(io.StringIO()):  # argparse prints its errors
+            return build_parser().parse_args(argv).recipe_items
     except (SystemExit, AttributeError):  # a verb this checkout does not have yet
         return [item for item in argv[1:] if not item.startswith("-")]
 
