@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import inspect
+import io
 import re
 import shlex
 import sys
