@@ -573,6 +573,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     seed: int = 0,
+    ignore_eos: bool = False,
 ) -> Generation:
     """Continue a batch of prompts, reading explicit memories (or a baseline's context).
 
@@ -587,6 +588,7 @@ def generate(
         top_k: Sample among the `top_k` most likely tokens only.
         top_p: Sample from the smallest set of likeliest tokens whose mass reaches `top_p`.
         seed: Seed of the sampling generator (the same seed gives the same text).
+        ignore_eos: Keep generating past EOS (fixed-length rows, e.g. for benchmarks).
 
     Returns:
         Texts, token ids, contexts, finish reasons, provenance and phase times per row.
@@ -674,7 +676,7 @@ def generate(
         for b, token in enumerate(tokens.tolist()):
             if finish[b]:
                 continue
-            if token == tokenizer.eos_id:
+            if token == tokenizer.eos_id and not ignore_eos:
                 finish[b] = "eos"
                 continue
             generated[b].append(token)
