@@ -63,7 +63,15 @@ def pack(documents: Iterable[Sequence[int]], *, length: int, bos_id: int, eos_id
 
 
 def fingerprint(*parts: Any) -> str:
-    """A sha256 digest of tensors, strings and JSON-serialisable values, in order."""
+    """A sha256 digest of tensors, strings and JSON-serialisable values, in order.
+
+    Args:
+        *parts: The values; a tensor contributes its raw bytes, anything else its JSON text
+            (keys sorted).
+
+    Returns:
+        The hex digest.
+    """
     digest = hashlib.sha256()
     for part in parts:
         if isinstance(part, Tensor):
@@ -202,7 +210,11 @@ class EpochSampler(Sampler[int]):
         self.start = 0
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch's permutation (Lightning calls this at each epoch start)."""
+        """Select the epoch's permutation (Lightning calls this at each epoch start).
+
+        Args:
+            epoch: The epoch about to start, 0-based.
+        """
         self.epoch = epoch
 
     def __iter__(self):
@@ -303,7 +315,12 @@ class TextDataModule(L.LightningDataModule):
         return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize, pack, split and (for the continual stage) pair with references."""
+        """Tokenize, pack, split and (for the continual stage) pair with references.
+
+        Args:
+            stage: Lightning's stage name ("fit", "validate", …); the work is the same for
+                all and done once.
+        """
         if self.train_set is not None:
             return
         sequences = self._sequences(self.train_sources)
@@ -384,7 +401,15 @@ class TextDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count the training samples consumed, for `state_dict`."""
+        """Count the training samples consumed, for `state_dict`.
+
+        Args:
+            batch: The batch about to move to the device; returned unchanged.
+            dataloader_idx: Index of the dataloader it came from.
+
+        Returns:
+            The batch.
+        """
         trainer = self.trainer
         if trainer is not None and trainer.training:
             epoch = trainer.current_epoch
@@ -398,5 +423,9 @@ class TextDataModule(L.LightningDataModule):
         return dict(self._position)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore the data position, so that a resumed run sees the batches it had not seen."""
+        """Restore the data position, so that a resumed run sees the batches it had not seen.
+
+        Args:
+            state_dict: What `state_dict` returned: the epoch and the samples consumed in it.
+        """
         self._position = {"epoch": int(state_dict["epoch"]), "samples": int(state_dict["samples"])}

@@ -53,7 +53,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise `x` of shape `(..., dim)`."""
+        """Normalise over the last dimension, in fp32, and scale.
+
+        Args:
+            x: `(..., dim)` hidden states.
+
+        Returns:
+            `(..., dim)` in the dtype of `x`.
+        """
         x32 = x.float()
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
@@ -88,7 +95,14 @@ class GatedMLP(nn.Module):
         self.act = F.silu if config.activation == "silu" else F.gelu
 
     def forward(self, x: Tensor) -> Tensor:
-        """Apply the MLP to `x` of shape `(B, T, n_embd)`."""
+        """Apply the gated MLP.
+
+        Args:
+            x: `(B, T, n_embd)` normalised hidden states.
+
+        Returns:
+            `(B, T, n_embd)`.
+        """
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -131,7 +145,16 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` of shape `(B, H, T, d)` by the angles behind `cos`/`sin` (`(B|1, 1, T, d)`)."""
+    """Apply rotary position embeddings (computed in fp32).
+
+    Args:
+        x: `(B, H, T, d)` queries or keys.
+        cos: `(B|1, 1, T, d)` cosines of the angles (`RotaryEmbedding`).
+        sin: `(B|1, 1, T, d)` sines of the same angles.
+
+    Returns:
+        `(B, H, T, d)` rotated, in the dtype of `x`.
+    """
     x32 = x.float()
     first, second = x32.chunk(2, dim=-1)
     rotated = torch.cat([-second, first], dim=-1)
@@ -378,7 +401,21 @@ class Block(nn.Module):
         cache: tuple[Tensor, Tensor] | None = None,
         capture: list[LayerStates] | None = None,
     ) -> Tensor:
-        """Apply the block to `x` of shape `(B, T, n_embd)` (see `Attention.forward`)."""
+        """Apply the block: pre-norm attention, then the pre-norm MLP, each with a residual.
+
+        Args:
+            x: `(B, T, n_embd)` hidden states.
+            cos: RoPE cosines `(B|1, 1, T, d_h)`.
+            sin: RoPE sines, same shape.
+            step: The call's plan (see `Attention.forward`).
+            memory: This layer's memories per chunk, keys and values
+                `(B, C, M_c, H_kv, k, d_h)`, or None in a layer without memory.
+            cache: This layer's cached keys and values `(B, H_kv, S_max, d_h)`, or None.
+            capture: When given, this layer's `LayerStates` are appended to it.
+
+        Returns:
+            `(B, T, n_embd)`.
+        """
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, memory, cache, capture)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -235,13 +235,32 @@ class Memory3Module(L.LightningModule):
         return loss
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """One optimisation step's loss."""
+        """One optimisation step's loss.
+
+        Args:
+            batch: A collated batch: `"tokens"` `(B, T + 1)` (inputs and shifted targets),
+                plus, in the continual stage, the references to encode and the pool layout
+                (`"pool"`, `"slots"`, `"reference_tokens"`, `"reference_lengths"`; see
+                `m3.data.ContinualCollator`).
+            batch_idx: Index of the batch in the epoch.
+
+        Returns:
+            The scalar loss.
+        """
         loss = self._step(batch, "train")
         self.log("lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Held-out loss, perplexity and accuracy."""
+        """Held-out loss, perplexity and accuracy.
+
+        Args:
+            batch: A collated batch, as in `training_step`.
+            batch_idx: Index of the batch.
+
+        Returns:
+            The scalar loss.
+        """
         return self._step(batch, "val")
 
     # ----------------------------------------------------------------------------- optimiser

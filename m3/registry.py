@@ -373,7 +373,14 @@ def resolve(kind: str, class_path: str) -> type:
 
 
 def show(value: Any) -> str:
-    """A short display of a value in an error message (`None` shows as `null`, as in YAML)."""
+    """A short display of a value in an error message (`None` shows as `null`, as in YAML).
+
+    Args:
+        value: Any value.
+
+    Returns:
+        Its `repr`, cut to 60 characters.
+    """
     text = "null" if value is None else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -74,3 +74,105 @@ def test_the_recipe_sections_table_lists_every_key():
     assert [row.split("`")[1] for row in rows] == [f.name for f in dataclasses.fields(Recipe)]
     assert all(not row.endswith("|  |") for row in rows), "a Recipe attribute lacks its docstring"
     assert hooks.SECTIONS_MARKER in (ROOT / "docs" / "guides" / "recipes.md").read_text()
+
+
+# Modules being edited in parallel with this check, each with known gaps (m3.bank: the
+# Lightning hooks of BankWriter and shard_name; m3.quantize: packed_bytes). Each leaves this
+# set once its docstrings pass.
+NOT_YET_CHECKED = {"m3.bank", "m3.quantize"}
+
+
+def _documented(doc: str) -> set[str]:
+    """Names listed in a Google-style docstring's `Args:` and `Attributes:` sections."""
+    import re
+
+    names: set[str] = set()
+    for section in ("Args", "Attributes"):
+        found = re.search(rf"^{section}:\n((?:[ \t]+.*\n?|\n)*)", doc, re.M)
+        if found:
+            names |= set(re.findall(r"^    (\*{0,2}\w+)(?: \(.*?\))?:", found.group(1), re.M))
+    return names
+
+
+def _parameters(function) -> list[str]:
+    import inspect
+
+    prefix = {inspect.Parameter.VAR_POSITIONAL: "*", inspect.Parameter.VAR_KEYWORD: "**"}
+    return [
+        prefix.get(p.kind, "") + p.name
+        for p in inspect.signature(function).parameters.values()
+        if p.name not in ("self", "cls")
+    ]
+
+
+def _overrides_m3(cls: type, name: str) -> bool:
+    """Whether a method overrides one of an m3 base class (whose docstring then applies)."""
+    return any(
+        name in base.__dict__ and base.__module__.startswith("m3") for base in cls.__mro__[1:]
+    )
+
+
+def docstring_gaps(module_name: str) -> list[str]:
+    """Public classes, functions and methods of a module without a docstring, or whose
+    docstring does not name every argument under `Args:` (classes: `Args:` or `Attributes:`).
+    """
+    import dataclasses
+    import importlib
+    import inspect
+
+    gaps = []
+
+    def check(where: str, function, owner: type | None = None, name: str = "") -> None:
+        inherited = owner is not None and _overrides_m3(owner, name)
+        doc = inspect.getdoc(function) if function.__doc__ else None
+        if not doc:
+            if not inherited:
+                gaps.append(f"{where}: no docstring")
+            return
+        if inherited and "Args:" not in doc:
+            return
+        missing = [p for p in _parameters(function) if p not in _documented(doc)]
+        if missing:
+            gaps.append(f"{where}: Args does not describe {', '.join(missing)}")
+
+    module = importlib.import_module(module_name)
+    for name, obj in vars(module).items():
+        if name.startswith("_") or getattr(obj, "__module__", None) != module_name:
+            continue
+        where = f"{module_name}.{name}"
+        if inspect.isfunction(obj):
+            check(where, obj)
+        elif inspect.isclass(obj):
+            doc = obj.__dict__.get("__doc__")
+            if not doc:
+                gaps.append(f"{where}: no docstring")
+                continue
+            if issubclass(obj, tuple):
+                arguments = list(getattr(obj, "_fields", ()))
+            elif "__init__" in obj.__dict__ or dataclasses.is_dataclass(obj):
+                arguments = _parameters(obj)
+            else:
+                arguments = []
+            missing = [a for a in arguments if a not in _documented(inspect.cleandoc(doc))]
+            if missing:
+                gaps.append(f"{where}: Args/Attributes does not describe {', '.join(missing)}")
+            for member_name, member in obj.__dict__.items():
+                if member_name.startswith("_"):
+                    continue
+                if isinstance(member, property):
+                    if not member.fget.__doc__:
+                        gaps.append(f"{where}.{member_name}: no docstring")
+                    continue
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if inspect.isfunction(member):
+                    check(f"{where}.{member_name}", member, obj, member_name)
+    return gaps
+
+
+def test_every_public_function_and_class_documents_its_arguments():
+    gaps = []
+    for module in public_modules():
+        if module not in NOT_YET_CHECKED:
+            gaps += docstring_gaps(module)
+    assert not gaps, "\n".join(gaps)
