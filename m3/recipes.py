@@ -53,9 +53,12 @@ from m3.registry import Bounds, ComponentSpec, Problem
 
 T = TypeVar("T")
 
-#: What a recipe is for: `m3 fit` runs warmup and continual, `m3 build-memory` build_memory;
-#: the verbs of the other stages arrive with later releases.
-Stage = Literal["warmup", "continual", "build_memory", "evaluate", "generate", "pipeline"]
+#: What a recipe is for: `m3 fit` runs warmup and continual, `m3 build-memory` build_memory,
+#: `m3 evaluate` evaluate, `m3 generate` generate; `world` (write the synthetic world and its
+#: tokenizer) and `edit` (measure knowledge edits) run as stages of a `pipeline` (`m3 run`).
+Stage = Literal[
+    "world", "warmup", "continual", "build_memory", "evaluate", "generate", "edit", "pipeline"
+]
 
 #: Where the recipes shipped with m3 live (in a source checkout).
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -217,6 +220,62 @@ class TrainerSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class WorldSection:
+    """The synthetic world that a `world` stage writes (`m3.world.World`, `m3.pipeline`).
+
+    Attributes:
+        seed: Seed of the world whose facts the knowledge base holds.
+        n_people: People in the world.
+        n_places: Places in the world.
+        n_orgs: Organisations in the world.
+        background_seed: Seed of a second world whose text (training text and knowledge
+            base), with standard-library English, is the warmup stage's general text, so
+            that the first world's facts are new to the model; null: no second world.
+        stdlib_chars: Characters of standard-library English (docstrings, pydoc topics).
+        n_questions: Cloze questions written; null: one per held-out entity.
+        n_edits: Knowledge edits written (`World.edits`).
+    """
+
+    seed: Annotated[int, Bounds(ge=0)] = 0
+    n_people: Annotated[int, Bounds(ge=1)] = 2400
+    n_places: Annotated[int, Bounds(ge=1)] = 800
+    n_orgs: Annotated[int, Bounds(ge=1)] = 800
+    background_seed: Annotated[int, Bounds(ge=0)] | None = 1
+    stdlib_chars: Annotated[int, Bounds(ge=0)] = 400_000
+    n_questions: Annotated[int, Bounds(ge=1)] | None = None
+    n_edits: Annotated[int, Bounds(ge=0)] = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvaluationSection:
+    """What `m3 evaluate` scores (`m3.evaluate`), and the knowledge edits an `edit` stage tries.
+
+    Attributes:
+        cloze: A JSONL file of multiple-choice cloze questions (`prompt`, `options`,
+            `answer`; `World.write` writes `cloze.jsonl`).
+        heldout: Sources of held-out text scored for loss, perplexity and accuracy.
+        n_questions: Questions asked (the first ones); null: all.
+        seq_length: Tokens per held-out window after its `<s>`.
+        max_sequences: Most held-out windows scored.
+        batch_size: Sequences (or cloze questions) per forward pass.
+        protocols: Retrieval protocols of held-out text: "paper" (each chunk retrieves with
+            its own text), "causal" (with the text before it).
+        edits: A JSONL file of knowledge edits (`World.write` writes `edits.jsonl`).
+        n_edits: Edits tried (the first ones); null: all.
+    """
+
+    cloze: str | None = None
+    heldout: list[ComponentSpec] | None = field(default=None, metadata={"kind": "source"})
+    n_questions: Annotated[int, Bounds(ge=1)] | None = None
+    seq_length: Annotated[int, Bounds(ge=1)] = 256
+    max_sequences: Annotated[int, Bounds(ge=1)] = 64
+    batch_size: Annotated[int, Bounds(ge=1)] = 16
+    protocols: list[Literal["paper", "causal"]] = field(default_factory=lambda: ["paper", "causal"])
+    edits: str | None = None
+    n_edits: Annotated[int, Bounds(ge=1)] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrievalSection:
     """How inference reads a memory bank (`m3.retrieval.Retriever`, `m3.generate`).
 
@@ -347,6 +406,13 @@ class Recipe:
         retrieval: Which memory bank inference reads, and how (`m3 generate`).
         generation: Decoding settings of `m3 generate`.
         bank: How `m3 build-memory` writes the bank: dtype, batch size, index, quantizer.
+        world: The synthetic world a `world` stage writes.
+        evaluation: What `m3 evaluate` scores.
+        stages: The stages of a `pipeline` recipe, in order (`m3 run`): stage name -> the
+            recipe keys merged over the pipeline recipe (without `stages`) to give the
+            stage's own recipe, which must set `stage`; its outputs go to
+            `<output>/<name>` unless it sets `output`. Being a mapping, a stage's keys can
+            be changed from the command line: `stages.warmup.trainer.max_steps=50`.
     """
 
     description: str = ""
@@ -365,6 +431,9 @@ class Recipe:
     retrieval: RetrievalSection | None = None
     generation: GenerationSection | None = None
     bank: BankSection | None = None
+    world: WorldSection | None = None
+    evaluation: EvaluationSection | None = None
+    stages: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The recipe as plain values; loading them again gives the same recipe."""
@@ -738,7 +807,62 @@ def validate(data: Any, schema: type[T] = Recipe) -> tuple[T | None, list[Proble
     result = _check_section(data, schema, "", problems)
     if isinstance(result, Recipe) and not problems:
         problems += _check_bank(result)
+    if isinstance(result, Recipe) and not problems and result.stages is not None:
+        problems += _stage_problems(result)
     return (result if not problems else None), problems
+
+
+def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
+    """The recipe of each stage of a pipeline recipe.
+
+    A stage's recipe is the pipeline recipe without `stages`, with the stage's keys merged
+    over it (mappings key by key, other values replaced) and `output` defaulting to
+    `<output>/<name>`.
+
+    Args:
+        recipe: A checked recipe with `stage: pipeline`.
+
+    Returns:
+        `(name, recipe)` of every stage, in order.
+
+    Raises:
+        RecipeError: Listing the problems of every stage, each under `stages.<name>`.
+    """
+    problems = _stage_problems(recipe)
+    if problems:
+        raise RecipeError(problems, sources="the pipeline recipe")
+    return [(name, _stage_recipe(recipe, name)[0]) for name in recipe.stages or {}]
+
+
+def _stage_recipe(recipe: Recipe, name: str) -> tuple[Recipe | None, list[Problem]]:
+    base = {k: v for k, v in recipe.to_dict().items() if k not in ("stages", "description")}
+    base["output"] = f"{recipe.output}/{name}"
+    base.pop("stage", None)
+    merged = _deep_merge(base, (recipe.stages or {})[name])
+    merged.setdefault("description", f"stage {name} of: {recipe.description}")
+    return validate(merged)
+
+
+def _stage_problems(recipe: Recipe) -> list[Problem]:
+    if recipe.stage != "pipeline":
+        message = f"a recipe with stages has stage: pipeline, got {recipe.stage!r}"
+        return [Problem("stage", message)]
+    if not recipe.stages:
+        return [Problem("stages", "a pipeline needs at least one stage")]
+    problems: list[Problem] = []
+    for name, keys in recipe.stages.items():
+        where = f"stages.{name}"
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            message = "a stage name is letters, digits, '_', '-' or '.'"
+            problems.append(Problem(where, message))
+        stage = keys.get("stage")
+        if stage is None or stage == "pipeline":
+            message = f"each stage sets its stage (not pipeline), got {stage!r}"
+            problems.append(Problem(f"{where}.stage", message))
+            continue
+        _, found = _stage_recipe(recipe, name)
+        problems += [Problem(f"{where}: {p.path}", p.message) for p in found]
+    return problems
 
 
 def _unknown_key(path: str, key: Any, allowed: Sequence[str]) -> Problem:
