@@ -63,6 +63,8 @@ if TYPE_CHECKING:
     from m3.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+#: The journal of an edit in progress (`m3.editing`): the bank is unfinished while it exists.
+EDIT_JOURNAL = "edit-journal"
 #: The trained quantizer of a quantized bank, in the bank folder.
 QUANTIZER = "quantizer.pt"
 #: Knowledge bases with more references than this get a `ScannIndex`, smaller ones an exact one.
@@ -505,6 +507,11 @@ def open_bank(folder: str | Path) -> Bank:
             whose quantizer is not the manifest's.
     """
     folder = Path(folder)
+    if (folder / EDIT_JOURNAL).is_dir():
+        raise UserError(
+            f"{folder} holds no finished memory bank: an edit was interrupted; finish it with "
+            f"m3 edit {folder} --resume"
+        )
     if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
         raise UserError(f"{folder} holds no finished memory bank (run m3 build-memory)")
     manifest = json.loads((folder / MANIFEST).read_text())
@@ -740,6 +747,10 @@ def build_memory(
     if run.complete and not overwrite:
         print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
         return run.path
+    if (run.path / EDIT_JOURNAL).is_dir():
+        raise UserError(
+            f"{run.path} has an interrupted edit: finish it with m3 edit {run.path} --resume"
+        )
     module = Memory3Module(config, init_weights=init)
     model = module.model
     chunker = build(recipe, "chunker") if recipe.chunker else FixedChunker(config.reference_length)
