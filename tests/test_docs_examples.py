@@ -37,7 +37,8 @@ def test_the_store_builds_from_its_dotted_class_path(tmp_path: Path) -> None:
 
 def test_the_store_is_listed_once_imported(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["components", "store", "--import", "my_store"]) == 0
-    assert "directory  my_store.DirectoryStore" in capsys.readouterr().out
+    rows = [line.split()[:2] for line in capsys.readouterr().out.splitlines()]
+    assert ["directory", "my_store.DirectoryStore"] in rows  # short name, dotted path
 
 
 def test_the_sparsifier_builds_from_a_recipe_overlay() -> None:
