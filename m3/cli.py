@@ -467,6 +467,70 @@ def _add_generate(verbs: Subparsers) -> None:
     generate.set_defaults(handler=_generate)
 
 
+def _edit(args: argparse.Namespace) -> int:
+    from m3.editing import edit_from_recipe, read_replacements, resolve_bank, resume_edit
+
+    files, overrides = split_recipe_arguments(args.recipe_items)
+    if len(files) == 1 and os.path.isdir(files[0]):  # a bank folder
+        source: Any = files[0]
+    else:
+        source, overrides = recipe_from_args(args), []
+    if args.resume:
+        if args.replace or args.delete:
+            raise UserError("--resume finishes an interrupted edit: give no --replace/--delete")
+        summary = resume_edit(resolve_bank(source, overrides))
+        if summary is None:
+            print("m3 edit: no interrupted edit to resume")
+            return 0
+    else:
+        replace = read_replacements(args.replace) if args.replace else []
+        summary = edit_from_recipe(
+            source, overrides=overrides, replace=replace, delete=args.delete or (),
+            batch_size=args.batch_size,
+        )  # fmt: skip
+    print(f"m3 edit: {summary.describe()}")
+    return 0
+
+
+def _add_edit(verbs: Subparsers) -> None:
+    edit = verbs.add_parser(
+        "edit",
+        help="replace or delete documents of a memory bank (store and index together)",
+        description=(
+            "Knowledge editing without retraining: re-encode the new texts of knowledge-base "
+            "documents (addressed by document id) with the weights that wrote the bank, "
+            "write their memories to the store and their embeddings to the index, or remove "
+            "documents from both. RECIPE is a bank folder (its recipe.yaml) or recipe files "
+            "naming the bank (retrieval.bank, or a build_memory recipe's output), the "
+            "weights (training.init_weights) and the tokenizer. An interrupted edit leaves "
+            "the bank unfinished until --resume completes it."
+        ),
+    )
+    add_recipe_arguments(edit)
+    edit.usage = (
+        "%(prog)s [options] BANK|RECIPE [RECIPE ...] [KEY=VALUE ...] "
+        "[--replace FILE] [--delete ID ...]"
+    )
+    edit.add_argument(
+        "--replace",
+        metavar="FILE",
+        help='JSON Lines of {"id": DOCUMENT_ID, "text": NEW_TEXT}: the documents to replace',
+    )
+    edit.add_argument(
+        "--delete", nargs="+", action="extend", metavar="ID", help="ids of documents to remove"
+    )
+    edit.add_argument(
+        "--resume", action="store_true", help="finish an interrupted edit of the bank"
+    )
+    edit.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="references per forward pass (default: the recipe's bank.batch_size, 64)",
+    )
+    edit.set_defaults(handler=_edit)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
@@ -474,6 +538,7 @@ _VERBS: list[Callable[[Subparsers], None]] = [
     _add_fit,
     _add_build_memory,
     _add_generate,
+    _add_edit,
     _add_size,
     _add_smoke,
 ]
