@@ -343,3 +343,26 @@ def test_measure_edits_edits_a_copy_and_scores_before_and_after(parts, tmp_path)
         stored = bank.store.references(owned[document.id])
         assert b"".join(bytes(r.ids) for r in stored).decode() == document.text
     bank.store.close()
+
+
+def test_a_quantized_bank_stores_the_new_memories_as_its_codes(parts, tmp_path):
+    quantized = [
+        "bank.quantizer={class_path: product, init_args: {subspaces: 4, bits: 4, iterations: 5}}",
+        "bank.train_references=12",
+    ]
+    folder = tmp_path / "quantized"
+    build_memory(
+        load_recipe([BASE, BANK], [*SMALL, *quantized, parts["weights"], f"output={folder}"])
+    )
+    edit_bank(
+        folder, model=parts["model"], tokenizer=parts["tokenizer"],
+        replace={"person-0001.1": LONG}, delete=["place-0001.0"],
+    )  # fmt: skip
+    bank = open_bank(folder)
+    quantizer = bank.store.quantizer
+    assert quantizer is not None
+    new = document_references(bank.store)["person-0001.1"]
+    memory = encoded(parts, cut(LONG, "person-0001.1"))
+    assert_same(bank.store.read(new), quantizer.decode(quantizer.encode(memory)))
+    bank.store.close()
+    check_consistent(folder)
