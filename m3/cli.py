@@ -467,6 +467,70 @@ def _add_generate(verbs: Subparsers) -> None:
     generate.set_defaults(handler=_generate)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from m3.evaluate import evaluate_recipe
+
+    recipe = recipe_from_args(args)
+    if recipe.stage != "evaluate":
+        raise UserError(f"stage: m3 evaluate runs 'evaluate' stages, got {recipe.stage!r}")
+    evaluate_recipe(recipe, overwrite=args.overwrite)
+    return 0
+
+
+def _add_evaluate(verbs: Subparsers) -> None:
+    evaluate = verbs.add_parser(
+        "evaluate",
+        help="score a model with memory, without memory and with RAG",
+        description=(
+            "Load the model and its memory bank (retrieval.bank), then score multiple-choice "
+            "cloze questions (evaluation.cloze: with memory, without, with RAG, and with "
+            "memories shuffled across questions) and held-out text (evaluation.heldout: loss, "
+            "perplexity, accuracy under the paper's and the causal retrieval protocol). "
+            "Writes evaluation.json, evaluation.md and PNG plots to the recipe's output."
+        ),
+    )
+    add_recipe_arguments(evaluate)
+    evaluate.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder of another recipe"
+    )
+    evaluate.set_defaults(handler=_evaluate)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from m3 import registry
+    from m3.pipeline import run_pipeline
+
+    with registry.input_files_unchecked():  # earlier stages write the later stages' inputs
+        recipe = recipe_from_args(args)
+    if recipe.stage != "pipeline":
+        raise UserError(
+            f"stage: m3 run runs recipes with stages (stage: pipeline), got {recipe.stage!r}; "
+            "use m3 fit, m3 build-memory, m3 evaluate or m3 generate for one stage"
+        )
+    run_pipeline(recipe, overwrite=args.overwrite)
+    return 0
+
+
+def _add_run(verbs: Subparsers) -> None:
+    run = verbs.add_parser(
+        "run",
+        help="run every stage of a pipeline recipe, skipping those already done",
+        description=(
+            "Run the stages a pipeline recipe lists (stages: name -> stage recipe), in order, "
+            "then write <output>/report.md. A stage whose outputs exist for the same inputs is "
+            "skipped, so a run that was interrupted continues where it stopped. Change a "
+            "stage's keys from the command line, e.g. stages.warmup.trainer.max_steps=50."
+        ),
+    )
+    add_recipe_arguments(run)
+    run.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow an output folder of another recipe: re-run the stages that changed",
+    )
+    run.set_defaults(handler=_run)
+
+
 def _edit(args: argparse.Namespace) -> int:
     from m3.editing import edit_from_recipe, read_replacements, resolve_bank, resume_edit
 
@@ -535,8 +599,10 @@ _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
     _add_components,
+    _add_run,
     _add_fit,
     _add_build_memory,
+    _add_evaluate,
     _add_generate,
     _add_edit,
     _add_size,

@@ -1,0 +1,129 @@
+"""Pipelines (`m3 run`): stages in order, skipped when done, re-run when their inputs change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from m3 import registry
+from m3.cli import main
+from m3.errors import UserError
+from m3.pipeline import run_pipeline
+from m3.recipes import RecipeError, load_recipe, stage_recipes
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
+
+# The quickstart's stages at toy sizes: the mechanics, not the learning, are under test.
+TOY = [
+    "world.n_people=60", "world.n_places=20", "world.n_orgs=20", "world.stdlib_chars=20000",
+    "world.n_edits=4", "model.vocab_size=512", "tokenizer.init_args.vocab_size=512",
+    "data.seq_length=128", "data.batch_size=2", "trainer.val_check_interval=2",
+    "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
+    "stages.warmup.trainer.max_steps=2", "stages.continual.trainer.max_steps=2",
+    "stages.evaluate.evaluation.n_questions=8", "stages.evaluate.evaluation.max_sequences=2",
+    "stages.edit.evaluation.n_edits=3", "stages.generate.generation.max_new_tokens=4",
+]  # fmt: skip
+
+
+def toy(tmp: Path, *more: str):
+    with registry.input_files_unchecked():
+        return load_recipe(QUICKSTART, [f"output={tmp / 'run'}", *TOY, *more])
+
+
+def test_quickstart_stages_run_then_skip_then_rerun_what_changed(tmp_path: Path) -> None:
+    lines: list[str] = []
+    report = run_pipeline(toy(tmp_path), echo=lines.append)
+    names = ["data", "warmup", "continual", "bank", "evaluate", "edit", "generate"]
+    assert [line.split()[1] for line in lines if "finished in" in line] == names
+    text = report.read_text()
+    for heading in ("## Training: warmup", "## Evaluation: evaluate", "## Knowledge editing",
+                    "## Storage: bank", "## Generation sample"):  # fmt: skip
+        assert heading in text
+    for png in (
+        "warmup/curves.png",
+        "evaluate/cloze.png",
+        "storage.png",
+        "generate/throughput.png",
+    ):
+        assert (tmp_path / "run" / png).stat().st_size > 1000
+    evaluation = json.loads((tmp_path / "run" / "evaluate" / "evaluation.json").read_text())
+    assert set(evaluation["cloze"]) == {"memory", "none", "rag", "shuffled"}
+    assert set(evaluation["heldout"]) == {"paper", "causal"}
+
+    lines.clear()
+    run_pipeline(toy(tmp_path), echo=lines.append)
+    assert sum("skipped" in line for line in lines) == len(names)
+
+    # a changed continual stage re-runs it and everything after it, nothing before it
+    lines.clear()
+    run_pipeline(
+        toy(tmp_path, "stages.continual.trainer.max_steps=3"), echo=lines.append, overwrite=True
+    )
+    skipped = [line.split()[1] for line in lines if "skipped" in line]
+    assert skipped == ["data", "warmup"]
+    assert [line.split()[1] for line in lines if "finished in" in line] == names[2:]
+
+
+def test_a_folder_of_another_recipe_is_refused(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        run_pipeline(toy(tmp_path))
+    (run / "notes.txt").unlink()
+    (run / "pipeline.json").write_text(json.dumps({"recipe": "another", "stages": {}}))
+    with pytest.raises(UserError, match=r"another recipe.*--overwrite"):
+        run_pipeline(toy(tmp_path))
+
+
+def test_a_stage_whose_input_is_missing_stops_before_it_runs(tmp_path: Path) -> None:
+    recipe = toy(
+        tmp_path,
+        "stages.warmup.data.train=[{class_path: files, init_args: {paths: [nowhere.jsonl]}}]",
+    )
+    lines: list[str] = []
+    with pytest.raises(
+        RecipeError,
+        match=r"stages\.warmup: data\.train\[0\]\.init_args\.paths\[0\]: no such file.*nowhere",
+    ):
+        run_pipeline(recipe, echo=lines.append)
+    assert any("data (world): finished" in line for line in lines)
+    assert not (tmp_path / "run" / "warmup").exists()
+
+
+def test_stage_problems_are_reported_with_the_stage_name(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError) as caught:
+        toy(tmp_path, "stages.continual.training.lr=-1", "stages.bank.stage=train")
+    message = str(caught.value)
+    assert "stages.continual: training.lr: must be greater than 0" in message
+    assert "stages.bank: stage:" in message
+
+
+def test_stage_recipes_inherit_the_shared_sections(tmp_path: Path) -> None:
+    with registry.input_files_unchecked():  # the data stage has not written them
+        stages = dict(stage_recipes(toy(tmp_path)))
+    assert stages["warmup"].output == str(tmp_path / "run" / "warmup")
+    assert stages["continual"].model == stages["warmup"].model
+    assert stages["continual"].training.init_weights == str(
+        tmp_path / "run" / "warmup" / "model.pt"
+    )
+    assert stages["evaluate"].retrieval.bank == str(tmp_path / "run" / "bank")
+
+
+def test_m3_run_refuses_a_recipe_without_stages(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(ROOT / "recipes" / "tiny" / "base.yaml")]) == 2
+    assert "stage: pipeline" in capsys.readouterr().err
+
+
+def test_an_empty_data_folder_is_named(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    recipe = toy(
+        tmp_path,
+        f"stages.warmup.data.train=[{{class_path: files, init_args: {{paths: [{empty}]}}}}]",
+    )
+    with pytest.raises(UserError, match=str(empty)):
+        run_pipeline(recipe, echo=lambda _: None)
