@@ -218,6 +218,9 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        #: When a list, every memory-mode call appends the share of attention each query put on
+        #: memory tokens, `(B, H, T)` (`m3.diagnostics.memory_attention`); None records nothing.
+        self.memory_shares: list[Tensor] | None = None
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Project to queries, keys and values, before RoPE.
@@ -270,7 +273,9 @@ class Attention(nn.Module):
                 q, k, v, attn_mask=step.key_mask, is_causal=not step.decode, enable_gqa=True
             )
         else:
-            out = _attend_with_memory(q, k, v, *memory, step)
+            out, share = _attend_with_memory(q, k, v, *memory, step)
+            if self.memory_shares is not None:
+                self.memory_shares.append(share.detach()[..., step.prefix_length :])
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
@@ -332,7 +337,7 @@ def _memory_attention(
 
 def _attend_with_memory(
     q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor, step: _Step
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     """One softmax over memory tokens and the causal context, in a single SDPA call.
 
     The memory part of query `i` is summarised by its log-sum-exp `lse_i` and output `o_i`.
@@ -340,6 +345,9 @@ def _attend_with_memory(
     `i` through an extra query channel `lse_i / scale`; its value is the one-hot extra channel.
     The kernel's softmax then returns `(Z_ctx · out_ctx) / (Z_ctx + Z_mem)` in the first `d`
     channels and the memory share `Z_mem / (Z_ctx + Z_mem)` in the extra one.
+
+    Returns:
+        The attention output `(B, H, T, d)` and the memory share `(B, H, T)`.
     """
     assert step.memory is not None
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -374,7 +382,7 @@ def _attend_with_memory(
         )
         out = out[:, :, 1:]
     memory_share = out[..., -1:]
-    return out[..., :-1] + memory_share * mem_out.to(out.dtype)
+    return out[..., :-1] + memory_share * mem_out.to(out.dtype), memory_share[..., 0]
 
 
 class Block(nn.Module):

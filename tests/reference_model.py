@@ -44,13 +44,12 @@ def _rope(x: Tensor, positions: list[int], base: float) -> Tensor:
     return out
 
 
-def _softmax_attend(q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor) -> Tensor:
-    """q (R, d), keys/values (N, d), allowed (R, N) bool: explicit softmax per row."""
+def _softmax_weights(q: Tensor, keys: Tensor, allowed: Tensor) -> Tensor:
+    """q (R, d), keys (N, d), allowed (R, N) bool: explicit softmax weights per row."""
     scores = q @ keys.T / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~allowed, float("-inf"))
     weights = torch.exp(scores - scores.max(-1, keepdim=True).values)
-    weights = weights / weights.sum(-1, keepdim=True)
-    return weights @ values
+    return weights / weights.sum(-1, keepdim=True)
 
 
 def reference_forward(
@@ -59,11 +58,13 @@ def reference_forward(
     memories: Memories | None = None,
     prefix: list[int] | None = None,
     capture: list[list[tuple[Tensor, Tensor, Tensor, Tensor]]] | None = None,
+    shares: Tensor | None = None,
 ) -> Tensor:
     """Logits (B, T, V) in float64 through a per-chunk loop (see the module docstring).
 
     With `capture`, each row appends its per-layer (q before RoPE, k before RoPE, k after
-    RoPE, v), each (S, heads, d), to it.
+    RoPE, v), each (S, heads, d), to it. With `shares` (L_mem, B, H, T), each context token's
+    softmax mass on memory tokens is written into it, per memory layer and head.
     """
     cfg = model.config
     w = {name: t.detach().double().cpu() for name, t in model.state_dict().items()}
@@ -121,9 +122,12 @@ def reference_forward(
                     allowed = torch.cat(
                         [torch.ones(end - begin, n_mem, dtype=torch.bool), causal], 1
                     )
-                    att[begin:end, head] = _softmax_attend(
-                        q[begin:end, head], keys, values, allowed
-                    )
+                    weights = _softmax_weights(q[begin:end, head], keys, allowed)
+                    att[begin:end, head] = weights @ values
+                    if shares is not None and chunk is not None and layer in memory_layers:
+                        j = memory_layers.index(layer)
+                        mass = weights[:, :n_mem].sum(-1)
+                        shares[j, row, head, begin - width : end - width] = mass
             h = h + att.reshape(length, heads * dim) @ w[p + "self_attn.o_proj.weight"].T
             a = _norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm, cfg.norm_eps)
             gate = _act(a @ w[p + "mlp.gate_proj.weight"].T, cfg.activation)
