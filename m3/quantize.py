@@ -145,12 +145,16 @@ def unpack_codes(packed: Tensor, bits: int, fields: int) -> Tensor:
         )
     count = packed.shape[0]
     out = torch.empty(count, fields, dtype=torch.long, device=packed.device)
-    byte_shifts = torch.arange(8, device=packed.device)
-    weights = torch.tensor([1 << i for i in range(bits)], dtype=torch.long, device=packed.device)
+    # Field j starts at bit j·bits: in byte (j·bits) div 8, at shift (j·bits) mod 8. A field
+    # of at most 16 bits at a shift of at most 7 lies within 3 bytes, read as one little-
+    # endian integer (two zero bytes of padding let the last fields read past the row).
+    starts = torch.arange(fields, device=packed.device) * bits
+    first, shift = starts // 8, (starts % 8).int()
+    mask = (1 << bits) - 1
     for start in range(0, count, _PACK_ROWS):
-        block = packed[start : start + _PACK_ROWS].long()
-        stream = ((block[..., None] >> byte_shifts) & 1).flatten(1)[:, : fields * bits]
-        out[start : start + _PACK_ROWS] = (stream.view(-1, fields, bits) * weights).sum(-1)
+        block = torch.nn.functional.pad(packed[start : start + _PACK_ROWS], (0, 2)).int()
+        word = block[:, first] | (block[:, first + 1] << 8) | (block[:, first + 2] << 16)
+        out[start : start + _PACK_ROWS] = ((word >> shift) & mask).long()
     return out
 
 
@@ -263,8 +267,11 @@ def _pq_assign(vectors: Tensor, codebooks: Tensor) -> Tensor:
 
 def _pq_decode(index: Tensor, codebooks: Tensor) -> Tensor:
     """`(n, M)` indices, `(M, K, d / M)` codebooks -> `(n, d)` vectors."""
-    spaces = torch.arange(codebooks.shape[0], device=codebooks.device)
-    return codebooks[spaces[None, :], index].flatten(1)
+    spaces, size, width = codebooks.shape
+    # one index_select over the stacked codebooks: several times faster than a 2-D gather
+    offsets = torch.arange(spaces, device=codebooks.device) * size
+    rows = (index + offsets).flatten()
+    return codebooks.reshape(spaces * size, width).index_select(0, rows).view(-1, spaces * width)
 
 
 def _pq_train(
