@@ -355,6 +355,8 @@ def _attend_with_memory(
     mem_out, lse = _memory_attention(
         q[:, :, prefix:], mem_k, mem_v, step.memory.valid, step.memory.chunk_length, scale
     )
+    if step.decode:
+        return _decode_with_memory(q, k, v, mem_out, lse, step.key_mask, scale)
     if prefix:  # the prefix's own rows see no memories
         mem_out = F.pad(mem_out, (0, 0, prefix, 0))
         lse = F.pad(lse, (prefix, 0), value=torch.finfo(torch.float32).min)
@@ -369,20 +371,46 @@ def _attend_with_memory(
     anchor = k.new_zeros(batch, kv_heads, 1, dim + 1)
     anchor[..., -1] = 1
     k2, v2 = torch.cat([anchor, k2], dim=2), torch.cat([anchor, v2], dim=2)
-    if step.decode:
-        mask = F.pad(step.key_mask, (1, 0), value=True)
-        out = F.scaled_dot_product_attention(
-            q2, k2, v2, attn_mask=mask, scale=scale, enable_gqa=True
-        )
-    else:
-        # a leading dummy query keeps the causal alignment: query i sees the anchor and keys 0..i
-        q2 = F.pad(q2, (0, 0, 1, 0))
-        out = F.scaled_dot_product_attention(
-            q2, k2, v2, is_causal=True, scale=scale, enable_gqa=True
-        )
-        out = out[:, :, 1:]
+    # a leading dummy query keeps the causal alignment: query i sees the anchor and keys 0..i
+    q2 = F.pad(q2, (0, 0, 1, 0))
+    out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale, enable_gqa=True)
+    out = out[:, :, 1:]
     memory_share = out[..., -1:]
     return out[..., :-1] + memory_share * mem_out.to(out.dtype), memory_share[..., 0]
+
+
+def _decode_with_memory(
+    q: Tensor, k: Tensor, v: Tensor, mem_out: Tensor, mem_lse: Tensor, mask: Tensor, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Decoding steps' attention: context and memory parts merged by their log-sum-exps.
+
+    A step has few queries, so the context part is computed directly (fp32) instead of
+    through the anchor key, which would copy the whole cache in every memory layer.
+
+    Args:
+        q: `(B, H, T, d)` queries of the new tokens.
+        k: `(B, H_kv, S, d)` cached keys, new ones included.
+        v: Same shape: cached values.
+        mem_out: `(B, H, T, d)` fp32 memory-only attention output.
+        mem_lse: `(B, H, T)` log-sum-exp of the memory scores.
+        mask: `(B, 1, T, S)` bool: cache slots each new token may attend to.
+        scale: Softmax scale.
+
+    Returns:
+        The attention output `(B, H, T, d)` and the memory share `(B, H, T)`.
+    """
+    batch, heads, length, dim = q.shape
+    kv_heads = k.shape[1]
+    queries = q.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)
+    scores = queries @ k.float().transpose(-1, -2) * scale  # (B, H_kv, G·T, S)
+    scores = scores.view(batch, heads, length, -1).masked_fill(~mask, float("-inf"))
+    ctx_lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - ctx_lse[..., None]).reshape(batch, kv_heads, -1, scores.shape[-1])
+    ctx_out = (probs @ v.float()).reshape(batch, heads, length, dim)
+    total = torch.logaddexp(ctx_lse, mem_lse)
+    share = torch.exp(mem_lse - total)
+    out = torch.exp(ctx_lse - total)[..., None] * ctx_out + share[..., None] * mem_out
+    return out.to(q.dtype), share.to(q.dtype)
 
 
 class Block(nn.Module):
