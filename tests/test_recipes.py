@@ -621,22 +621,6 @@ def guide_python_block(containing: str) -> str:
     return block
 
 
-def test_guide_component_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    name = f"guide_parts_{uuid.uuid4().hex[:8]}"
-    write(tmp_path, f"{name}.py", guide_python_block("class GlossaryChunker"))
-    monkeypatch.syspath_prepend(str(tmp_path))
-    glossary = write(tmp_path, "glossary.txt", "memory\n")
-    spec = f"chunker={{class_path: {name}.GlossaryChunker, init_args: {{max_tokens: 64}}}}"
-    recipe = load_recipe(TINY, [spec, f"chunker.init_args.glossary={glossary}"])
-    chunker = build(recipe, "chunker")
-    assert chunker.max_tokens == 64 and chunker.glossary == glossary
-    problems = problems_of(
-        TINY, [spec, "chunker.init_args.max_tokens=4", "chunker.init_args.glossary=x"]
-    )
-    assert problems["chunker.init_args.max_tokens"].startswith("must be at least 8, got 4")
-    assert problems["chunker.init_args.glossary"].startswith("no such file or directory: 'x'")
-
-
 def test_guide_python_example(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(ROOT)
     scope: dict[str, Any] = {}
