@@ -104,6 +104,7 @@ def main() -> None:
     parser.add_argument("--continual-steps", type=int, default=800)
     parser.add_argument("--memory-layers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--memory-tokens", type=int, default=8, help="tokens kept per head")
     args = parser.parse_args()
     start, root = time.perf_counter(), Path(tempfile.mkdtemp())
     world = World.generate(0)
@@ -118,6 +119,7 @@ def main() -> None:
     config = dict(
         preset="tiny", vocab_size=tokenizer.vocab_size, n_layer=4, n_embd=128, n_head=4,
         n_kv_head=2, head_dim=32, mlp_hidden=384, block_size=256, memory_layers=args.memory_layers,
+        memory_tokens=args.memory_tokens,
     )  # fmt: skip
     L.seed_everything(0)
     warm = Memory3Module(config, lr=3e-3, warmup_steps=30)
