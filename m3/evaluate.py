@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 from torch import Tensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
+from tqdm.auto import tqdm
 
 from m3.errors import UserError
 from m3.memory import Memories
@@ -215,6 +216,7 @@ def evaluate_cloze(
     modes: Sequence[ClozeMode] = CLOZE_MODES,
     batch_size: int = 32,
     seed: int = 0,
+    progress: bool = False,
 ) -> dict[str, ClozeScore]:
     """Multiple-choice cloze accuracy: the option with the highest log-likelihood wins.
 
@@ -229,6 +231,7 @@ def evaluate_cloze(
         modes: Which of `memory`, `none`, `rag`, `shuffled` to score.
         batch_size: Questions per forward pass (times their options).
         seed: Seed of the shuffled control's permutation.
+        progress: Show a progress bar per mode.
 
     Returns:
         Mode -> score.
@@ -262,7 +265,8 @@ def evaluate_cloze(
             before = rag_prefixes(retriever, tokenizer, [q.prompt for q in questions])  # type: ignore[arg-type]
             rows = [[c[0], *b, *c[1:]] for c, b in zip(contexts, before, strict=True)]
         correct = SumMetric()
-        for start in range(0, len(questions), batch_size):
+        starts = range(0, len(questions), batch_size)
+        for start in tqdm(starts, desc=f"cloze, {mode}", disable=not progress, leave=False):
             batch = range(start, min(start + batch_size, len(questions)))
             ctx, opts, owner = [], [], []
             for q in batch:
@@ -358,6 +362,7 @@ def evaluate_heldout(
     seq_length: int = 256,
     batch_size: int = 8,
     max_sequences: int | None = 64,
+    progress: bool = False,
 ) -> dict[str, dict[str, TextScore]]:
     """Loss, perplexity and next-token accuracy on held-out text.
 
@@ -372,6 +377,7 @@ def evaluate_heldout(
         seq_length: Tokens per scored window after its `<s>`.
         batch_size: Windows per forward pass.
         max_sequences: Most windows scored.
+        progress: Show a progress bar per protocol and mode.
 
     Returns:
         Protocol -> mode -> score.
@@ -402,7 +408,9 @@ def evaluate_heldout(
                 results[protocol][mode] = shared[mode]
                 continue
             metrics = (MeanMetric(), MeanMetric())
-            for start in range(0, len(windows), batch_size):
+            starts = range(0, len(windows), batch_size)
+            label = f"held-out, {mode}" + (f" ({protocol})" if mode == "memory" else "")
+            for start in tqdm(starts, desc=label, disable=not progress, leave=False):
                 batch = windows[start : start + batch_size]
                 rows, scored_from, memories = batch, [1] * len(batch), None
                 if mode == "memory":
@@ -586,6 +594,7 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
                 retriever=retriever,
                 batch_size=spec.batch_size,
                 seed=recipe.seed,
+                progress=True,
             )
             if questions
             else {}
@@ -600,6 +609,7 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
                 seq_length=spec.seq_length,
                 batch_size=spec.batch_size,
                 max_sequences=spec.max_sequences,
+                progress=True,
             )
             if texts
             else {}
