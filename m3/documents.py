@@ -119,6 +119,45 @@ def iter_documents(path: Path, *, text_field: str = "text") -> Iterator[Document
         yield Document(doc_id, text) if text.strip() else None
 
 
+def read_jsonl(
+    path: str | Path, keys: Sequence[str], *, text_keys: Sequence[str] = ()
+) -> list[dict]:
+    """Read a JSON Lines file of objects that must hold some keys (blank lines skipped).
+
+    Args:
+        path: The file.
+        keys: Keys every object must have.
+        text_keys: Those of `keys` whose values must be strings.
+
+    Returns:
+        The objects, in file order.
+
+    Raises:
+        UserError: For a missing file, a line that is not JSON, or an object without one of
+            `keys` or with a non-string value of `text_keys` (naming the file and line).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"no such file: {file}")
+    rows = []
+    with file.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise UserError(f"{file}:{number}: not valid JSON ({error.msg})") from None
+            missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise UserError(f"{file}:{number}: missing key(s) {missing}; expected {list(keys)}")
+            for key in text_keys:
+                if not isinstance(row[key], str):
+                    raise UserError(f"{file}:{number}: {key!r} must be a string")
+            rows.append(row)
+    return rows
+
+
 def read_corpus(paths: Sequence[str | Path], *, text_field: str = "text") -> Corpus:
     """Read every document of some files and directories.
 

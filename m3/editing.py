@@ -63,7 +63,7 @@ from torch import nn
 from m3.backends.base import MemoryIndex, MemoryStore, MissingReferenceError
 from m3.bank import EDIT_JOURNAL
 from m3.chunking import Chunker, FixedChunker, Reference
-from m3.documents import Document
+from m3.documents import Document, read_jsonl
 from m3.errors import UserError
 from m3.memory import SparseMemory
 from m3.sources import TextSource
@@ -654,22 +654,8 @@ def read_replacements(path: str | Path) -> list[Document]:
         UserError: For a missing file, a line that is not JSON, or one without `id` or a
             string `text` (naming the file and line).
     """
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"--replace: no such file: {file}")
-    documents = []
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{file}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(row, dict) or "id" not in row or not isinstance(row.get("text"), str):
-                raise UserError(f'{file}:{number}: expected {{"id": ..., "text": "..."}}')
-            documents.append(Document(str(row["id"]), row["text"]))
-    return documents
+    rows = read_jsonl(path, ("id", "text"), text_keys=("text",))
+    return [Document(str(row["id"]), row["text"]) for row in rows]
 
 
 # ------------------------------------------------------------------------------ measuring edits

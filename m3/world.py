@@ -44,7 +44,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import NamedTuple
 
-from m3.documents import Document
+from m3.documents import Document, read_jsonl
 from m3.errors import UserError
 
 #: Version of the generator; it changes whenever the same seed would give other text.
@@ -1101,26 +1101,6 @@ def _edit_row(edit: Edit) -> dict:
 # Reading the files back.
 
 
-def _read_jsonl(path: str | Path, keys: Sequence[str]) -> list[dict]:
-    file = Path(path)
-    if not file.is_file():
-        raise UserError(f"no such file: {file}")
-    rows = []
-    with file.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise UserError(f"{file}:{number}: not valid JSON ({error.msg})") from None
-            missing = [k for k in keys if not isinstance(row, dict) or k not in row]
-            if missing:
-                raise UserError(f"{file}:{number}: missing key(s) {missing}; expected {list(keys)}")
-            rows.append(row)
-    return rows
-
-
 def _question_from(row: dict) -> ClozeQuestion:
     return ClozeQuestion(
         prompt=row["prompt"],
@@ -1150,7 +1130,7 @@ def read_cloze(path: str | Path) -> list[ClozeQuestion]:
             of range.
     """
     keys = ("prompt", "options", "answer", "entity", "attribute", "kb_ids")
-    questions = [_question_from(row) for row in _read_jsonl(path, keys)]
+    questions = [_question_from(row) for row in read_jsonl(path, keys)]
     for number, q in enumerate(questions, 1):
         if not 0 <= q.answer < len(q.options):
             raise UserError(
@@ -1181,5 +1161,5 @@ def read_edits(path: str | Path) -> list[Edit]:
             tuple(Document(d["id"], d["text"]) for d in row["documents"]),
             _question_from(row["question"]),
         )
-        for row in _read_jsonl(path, keys)
+        for row in read_jsonl(path, keys)
     ]
