@@ -175,36 +175,45 @@ def rag_prefixes(
 
 
 @torch.no_grad()
-def _option_scores(
+def _scored_tokens(
     model: Memory3,
-    contexts: list[list[int]],
-    options: list[list[int]],
+    rows: list[list[int]],
+    scored_from: list[int],
     memories: Memories | None,
     prefix: Tensor,
-) -> Tensor:
-    """Sum of the log-probabilities of each option's tokens after its context, `(R,)`."""
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Read right-padded rows in memory mode and score their tokens from `scored_from` on.
+
+    Args:
+        model: The model.
+        rows: `R` token-id rows, each starting with `<s>`.
+        scored_from: Per row, the position of its first scored token (≥ 1).
+        memories: The rows' memories (every chunk sees what chunk 0 sees when the pool has
+            one chunk); None reads none.
+        prefix: The reference prefix ids.
+
+    Returns:
+        `(R, T − 1)` log-probabilities of each next token, whether it was the argmax, and
+        the mask of scored positions.
+    """
     device = prefix.device
-    rows = [c + o for c, o in zip(contexts, options, strict=True)]
-    idx, _ = _right_pad(rows, 0)
+    idx, lengths = _right_pad(rows, 0)
+    idx, lengths = idx.to(device), lengths.to(device)
     chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
     if memories is None:
         memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
-    else:
-        memories = Memories(
-            memories.keys,
-            memories.values,
-            memories.valid,
-            memories.visible[:, :1].expand(-1, chunks, -1),
-        )
-    param = next(model.parameters())
-    memories = memories.to(device=device, dtype=param.dtype)
-    logp = torch.log_softmax(model(idx.to(device), memories, prefix=prefix).float(), -1)
-    scores = torch.zeros(len(rows))
-    for r, (context, option) in enumerate(zip(contexts, options, strict=True)):
-        targets = torch.tensor(option, device=device)
-        positions = torch.arange(len(context) - 1, len(context) + len(option) - 1, device=device)
-        scores[r] = logp[r, positions, targets].sum().cpu()
-    return scores
+    elif memories.num_chunks == 1 and chunks > 1:
+        visible = memories.visible.expand(-1, chunks, -1)
+        memories = Memories(memories.keys, memories.values, memories.valid, visible)
+    memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
+    logits = model(idx, memories, prefix=prefix).float()[:, :-1]
+    targets = idx[:, 1:, None]
+    token_logp = torch.log_softmax(logits, -1).gather(-1, targets)[..., 0]
+    hits = (logits.argmax(-1, keepdim=True) == targets)[..., 0].float()
+    position = torch.arange(idx.shape[1] - 1, device=device)[None]
+    start = torch.tensor(scored_from, device=device)[:, None]
+    mask = (position >= start - 1) & (position < lengths[:, None] - 1)
+    return token_logp, hits, mask
 
 
 def evaluate_cloze(
@@ -251,6 +260,7 @@ def evaluate_cloze(
     device = next(model.parameters()).device
     prefix = _prefix(tokenizer, device)
     contexts = [[tokenizer.bos_id, *tokenizer.encode(q.prompt)] for q in questions]
+    option_ids = [[tokenizer.encode(o) for o in q.options] for q in questions]
     retrieved = None
     if retriever is not None and {"memory", "shuffled"} & set(modes):
         retrieved = retriever.retrieve(
@@ -268,17 +278,18 @@ def evaluate_cloze(
         starts = range(0, len(questions), batch_size)
         for start in tqdm(starts, desc=f"cloze, {mode}", disable=not progress, leave=False):
             batch = range(start, min(start + batch_size, len(questions)))
-            ctx, opts, owner = [], [], []
+            lines, scored_from, owner = [], [], []
             for q in batch:
-                for option in questions[q].options:
-                    ctx.append(rows[q])
-                    opts.append(tokenizer.encode(option))
+                for option in option_ids[q]:
+                    lines.append(rows[q] + option)
+                    scored_from.append(len(rows[q]))
                     owner.append(q)
             memories = None
             if mode in ("memory", "shuffled"):
                 source = (order if mode == "memory" else shuffled)[torch.tensor(owner)]
                 memories = _rows_of(retrieved, source)  # type: ignore[arg-type]
-            scores = _option_scores(model, ctx, opts, memories, prefix)
+            token_logp, _, mask = _scored_tokens(model, lines, scored_from, memories, prefix)
+            scores = (token_logp * mask).sum(-1).cpu()
             at = 0
             for q in batch:
                 n = len(questions[q].options)
@@ -321,34 +332,6 @@ def heldout_sequences(
     if not windows:
         raise UserError("the held-out text is empty: nothing to score")
     return windows
-
-
-@torch.no_grad()
-def _score_text(
-    model: Memory3,
-    rows: list[list[int]],
-    scored_from: list[int],
-    memories: Memories | None,
-    prefix: Tensor,
-    metrics: tuple[MeanMetric, MeanMetric],
-) -> None:
-    device = prefix.device
-    idx, lengths = _right_pad(rows, 0)
-    chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
-    if memories is None:
-        memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
-    param = next(model.parameters())
-    memories = memories.to(device=device, dtype=param.dtype)
-    logits = model(idx.to(device), memories, prefix=prefix).float()
-    losses = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), idx[:, 1:].to(device), reduction="none"
-    )
-    hits = (logits[:, :-1].argmax(-1) == idx[:, 1:].to(device)).float()
-    position = torch.arange(idx.shape[1] - 1, device=device)[None]
-    start = torch.tensor(scored_from, device=device)[:, None]
-    mask = (position >= start - 1) & (position < lengths.to(device)[:, None] - 1)
-    metrics[0].update(losses[mask].cpu(), weight=1.0)
-    metrics[1].update(hits[mask].cpu(), weight=1.0)
 
 
 def evaluate_heldout(
@@ -428,7 +411,9 @@ def evaluate_heldout(
                     before = rag_prefixes(retriever, tokenizer, queries)  # type: ignore[arg-type]
                     rows = [[w[0], *b, *w[1:]] for w, b in zip(batch, before, strict=True)]
                     scored_from = [1 + len(b) for b in before]
-                _score_text(model, rows, scored_from, memories, prefix, metrics)
+                token_logp, hits, mask = _scored_tokens(model, rows, scored_from, memories, prefix)
+                metrics[0].update(-token_logp[mask].cpu())
+                metrics[1].update(hits[mask].cpu())
             loss = float(metrics[0].compute())
             tokens = sum(len(w) - 1 for w in windows)
             score = TextScore(loss, math.exp(loss), float(metrics[1].compute()), tokens)
