@@ -103,7 +103,7 @@ def write_world(recipe: Recipe, *, overwrite: bool = False) -> Path:
     return run.path
 
 
-def _cloze_questions(recipe: Recipe, key: str) -> list:
+def _evaluation_file(recipe: Recipe, key: str) -> list:
     from m3.world import read_cloze, read_edits
 
     spec = recipe.evaluation
@@ -132,7 +132,7 @@ def measure_edits_stage(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from m3.editing import measure_edits
     from m3.generate import load_inference
 
-    edits = _cloze_questions(recipe, "edits")
+    edits = _evaluation_file(recipe, "edits")
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
     if run.complete and not overwrite:
         return run.path
@@ -191,7 +191,7 @@ def generate_sample(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from m3.plots import plot_bars
     from m3.recipes import GenerationSection
 
-    prompts = [q.prompt for q in _cloze_questions(recipe, "cloze")[:3]]
+    prompts = [q.prompt for q in _evaluation_file(recipe, "cloze")[:3]]
     settings = recipe.generation or GenerationSection()
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
     if run.complete and not overwrite:

@@ -808,7 +808,7 @@ def validate(data: Any, schema: type[T] = Recipe) -> tuple[T | None, list[Proble
     if isinstance(result, Recipe) and not problems:
         problems += _check_bank(result)
     if isinstance(result, Recipe) and not problems and result.stages is not None:
-        problems += _stage_problems(result)
+        problems += _checked_stages(result)[1]
     return (result if not problems else None), problems
 
 
@@ -828,10 +828,10 @@ def stage_recipes(recipe: Recipe) -> list[tuple[str, Recipe]]:
     Raises:
         RecipeError: Listing the problems of every stage, each under `stages.<name>`.
     """
-    problems = _stage_problems(recipe)
+    stages, problems = _checked_stages(recipe)
     if problems:
         raise RecipeError(problems, sources="the pipeline recipe")
-    return [(name, _stage_recipe(recipe, name)[0]) for name in recipe.stages or {}]
+    return stages
 
 
 def _stage_recipe(recipe: Recipe, name: str) -> tuple[Recipe | None, list[Problem]]:
@@ -843,12 +843,14 @@ def _stage_recipe(recipe: Recipe, name: str) -> tuple[Recipe | None, list[Proble
     return validate(merged)
 
 
-def _stage_problems(recipe: Recipe) -> list[Problem]:
+def _checked_stages(recipe: Recipe) -> tuple[list[tuple[str, Recipe]], list[Problem]]:
+    """Every stage's recipe, checked once, and the problems of all of them."""
     if recipe.stage != "pipeline":
         message = f"a recipe with stages has stage: pipeline, got {recipe.stage!r}"
-        return [Problem("stage", message)]
+        return [], [Problem("stage", message)]
     if not recipe.stages:
-        return [Problem("stages", "a pipeline needs at least one stage")]
+        return [], [Problem("stages", "a pipeline needs at least one stage")]
+    stages: list[tuple[str, Recipe]] = []
     problems: list[Problem] = []
     for name, keys in recipe.stages.items():
         where = f"stages.{name}"
@@ -860,9 +862,11 @@ def _stage_problems(recipe: Recipe) -> list[Problem]:
             message = f"each stage sets its stage (not pipeline), got {stage!r}"
             problems.append(Problem(f"{where}.stage", message))
             continue
-        _, found = _stage_recipe(recipe, name)
+        checked, found = _stage_recipe(recipe, name)
         problems += [Problem(f"{where}: {p.path}", p.message) for p in found]
-    return problems
+        if checked is not None:
+            stages.append((name, checked))
+    return stages, problems
 
 
 def _unknown_key(path: str, key: Any, allowed: Sequence[str]) -> Problem:

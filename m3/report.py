@@ -55,7 +55,7 @@ def memory_verdict(cloze: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def _storage(stage: Recipe, folder: Path) -> tuple[list[str], Path | None]:
+def _storage(stage: Recipe, folder: Path) -> tuple[list[str], Path]:
     """Storage per reference of a bank: measured on disk, and the sizing model's figures."""
     from m3.plots import plot_bars
     from m3.sizing import dense_bytes, sparse_bytes
@@ -131,9 +131,14 @@ def write_report(
                     lines += [image(folder / png, png[:-4]), ""]
         elif stage.stage == "build_memory" and (folder / "manifest.json").is_file():
             table, png = _storage(stage, folder)
-            lines += [f"## Storage: {name}", "", *table, ""]
-            if png is not None:
-                lines += [image(png, "storage per reference"), ""]
+            lines += [
+                f"## Storage: {name}",
+                "",
+                *table,
+                "",
+                image(png, "storage per reference"),
+                "",
+            ]
         elif stage.stage in ("edit", "generate"):
             for markdown in sorted(folder.glob("*.md")):
                 lines += [markdown.read_text(), ""]
