@@ -341,7 +341,30 @@ def _train_rotation(
 
 
 # ------------------------------------------------------------------------------ quantizers
-class VectorQuantizer(ABC):
+class _BytesRoundTrip:
+    """`to_bytes`/`from_bytes` for a class that has `save(file)` and `load(file, device=)`."""
+
+    def to_bytes(self) -> bytes:
+        """What `save` writes, as bytes (to keep inside another file, e.g. a store's)."""
+        buffer = io.BytesIO()
+        self.save(buffer)  # type: ignore[attr-defined]
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, device: torch.device | str = "cpu") -> Any:
+        """Inverse of `to_bytes`.
+
+        Args:
+            data: The bytes.
+            device: Where to put the trained state.
+
+        Returns:
+            The quantizer.
+        """
+        return cls.load(io.BytesIO(data), device=device)  # type: ignore[attr-defined]
+
+
+class VectorQuantizer(_BytesRoundTrip, ABC):
     """Compresses `d`-dim float vectors to fixed-size byte codes, and back.
 
     Subclasses define their settings in the constructor (plain keyword arguments: recipes
@@ -372,7 +395,7 @@ class VectorQuantizer(ABC):
         """Whether the quantizer is trained (always, for those that need no training)."""
         return True
 
-    def _fit(self, vectors: Tensor, generator: torch.Generator) -> None:  # noqa: B027
+    def _fit(self, vectors: Tensor, generator: torch.Generator) -> None:
         """Train on `(n, d)` float32 vectors (on their device); nothing to train by default."""
 
     @abstractmethod
@@ -387,7 +410,7 @@ class VectorQuantizer(ABC):
         """Trained tensors by name (empty when untrained or stateless)."""
         return {}
 
-    def _load_state(self, state: dict[str, Tensor]) -> None:  # noqa: B027
+    def _load_state(self, state: dict[str, Tensor]) -> None:
         """Restore what `_state` returned."""
 
     # --- the public interface
@@ -570,25 +593,6 @@ class VectorQuantizer(ABC):
         """
         data = _load_file(path, FORMAT)
         return cls._from_payload(data, device)
-
-    def to_bytes(self) -> bytes:
-        """What `save` writes, as bytes (to keep inside another file, e.g. a store)."""
-        buffer = io.BytesIO()
-        self.save(buffer)
-        return buffer.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, device: torch.device | str = "cpu") -> Any:
-        """Inverse of `to_bytes`.
-
-        Args:
-            data: The bytes.
-            device: Where to put the trained state.
-
-        Returns:
-            The quantizer.
-        """
-        return cls.load(io.BytesIO(data), device=device)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.init_args().items())
@@ -1144,7 +1148,7 @@ def memory_vectors(memory: SparseMemory, *, part: Literal["keys", "values"]) -> 
     return tensor[mask]
 
 
-class MemoryQuantizer:
+class MemoryQuantizer(_BytesRoundTrip):
     """Quantizers for every key and value vector of sparse memories.
 
     Keys and values are coded separately: by default `values` is an untrained copy of
@@ -1334,25 +1338,6 @@ class MemoryQuantizer:
             else VectorQuantizer._from_payload(data["values"], device)
         )
         return cls(keys, values)
-
-    def to_bytes(self) -> bytes:
-        """What `save` writes, as bytes (to keep inside a store's file)."""
-        buffer = io.BytesIO()
-        self.save(buffer)
-        return buffer.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes, *, device: torch.device | str = "cpu") -> MemoryQuantizer:
-        """Inverse of `to_bytes`.
-
-        Args:
-            data: The bytes.
-            device: Where to put the trained state.
-
-        Returns:
-            The memory quantizer.
-        """
-        return cls.load(io.BytesIO(data), device=device)
 
 
 def relative_error(vectors: Tensor, approx: Tensor) -> float:
