@@ -73,7 +73,14 @@ _SHARD = re.compile(r"store-rank(\d+)\.h5$")
 
 
 def shard_name(rank: int) -> str:
-    """The file name of a rank's shard, e.g. `store-rank0.h5`."""
+    """The file name of a rank's shard in a bank folder.
+
+    Args:
+        rank: The rank that writes the shard (0-based).
+
+    Returns:
+        `store-rank{rank}.h5`, e.g. `store-rank0.h5`.
+    """
     return f"store-rank{rank}.h5"
 
 
@@ -298,11 +305,28 @@ class BankWriter(BasePredictionWriter):
         return self.store
 
     def rank_and_size(self, trainer: L.Trainer) -> tuple[int, int]:
-        """`(rank, world_size)` of this writer."""
+        """The rank this writer writes for and the number of ranks of the build.
+
+        Args:
+            trainer: The predict run's trainer; its `global_rank` and `world_size` are used
+                unless the writer was given `shard`.
+
+        Returns:
+            `(rank, world_size)`.
+        """
         return self.shard if self.shard is not None else (trainer.global_rank, trainer.world_size)
 
     def pending(self, trainer: L.Trainer) -> list[int]:
-        """The ids of this rank's references that its shard does not hold yet, ascending."""
+        """The ids of this rank's references that its shard does not hold yet.
+
+        Opens (or creates) the shard. A rank owns the references `id % world_size == rank`.
+
+        Args:
+            trainer: The predict run's trainer (gives the rank, see `rank_and_size`).
+
+        Returns:
+            The ids still to encode, ascending; empty when the shard is full.
+        """
         rank, world = self.rank_and_size(trainer)
         store = self.open(rank, world)
         ids = np.arange(rank, len(self.references), world)
@@ -318,18 +342,42 @@ class BankWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        """Write one batch's memories and provenance to the shard."""
+        """Write one batch's memories and provenance to the shard (a Lightning hook).
+
+        Args:
+            trainer: The predict run's trainer (gives the rank, see `rank_and_size`).
+            pl_module: The `BankEncoder` that made the prediction (unused).
+            prediction: What `BankEncoder.predict_step` returned: `ids` `(N,)` and `memory`,
+                a `SparseMemory` with keys and values `(N, L_mem, H_kv, k, d_h)`.
+            batch_indices: Lightning's sample indices of the batch (unused: the ids travel
+                in the prediction).
+            batch: The batch that was encoded (unused).
+            batch_idx: The batch's position in the run (unused).
+            dataloader_idx: The dataloader's position (unused; there is one).
+        """
         store = self.open(*self.rank_and_size(trainer))
         ids = prediction["ids"]
         store.write(ids, prediction["memory"], [self.references[i] for i in ids.tolist()])
         self.written += len(ids)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Mark the shard complete once every reference of the rank is in it."""
+        """Mark the shard complete once every reference of the rank is in it (a Lightning hook).
+
+        Args:
+            trainer: The predict run's trainer (gives the rank, see `rank_and_size`).
+            pl_module: The `BankEncoder` (unused).
+        """
         self.finish_shard(trainer)
 
     def finish_shard(self, trainer: L.Trainer) -> None:
-        """Mark the shard complete if it holds every reference of its rank, then close it."""
+        """Mark the shard complete if it holds every reference of its rank, then close it.
+
+        Also called after the predict run, so that a shard that was already full (nothing left
+        to encode, no predict loop) is marked complete too.
+
+        Args:
+            trainer: The predict run's trainer (gives the rank, see `rank_and_size`).
+        """
         rank, world = self.rank_and_size(trainer)
         store = self.open(rank, world)
         expected = len(range(rank, len(self.references), world))
@@ -341,7 +389,13 @@ class BankWriter(BasePredictionWriter):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        """Close the shard (incomplete) so that the next run resumes it."""
+        """Close the shard, unmarked, so that the next run resumes it (a Lightning hook).
+
+        Args:
+            trainer: The predict run's trainer (unused).
+            pl_module: The `BankEncoder` (unused).
+            exception: What interrupted the run; Lightning re-raises it.
+        """
         if self.store is not None:
             self.store.close()
             self.store = None

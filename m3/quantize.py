@@ -89,7 +89,15 @@ def _check_choice(owner: str, name: str, value: object, choices: dict[str, Any])
 
 # ------------------------------------------------------------------------------- bit packing
 def packed_bytes(fields: int, bits: int) -> int:
-    """Bytes taken by `fields` codes of `bits` bits each: `ceil(fields · bits / 8)`."""
+    """Bytes of one packed row of codes (`pack_codes`): `ceil(fields · bits / 8)`.
+
+    Args:
+        fields: Codes per row `m`, e.g. a product quantizer's subspaces.
+        bits: Width of one code in bits.
+
+    Returns:
+        The row's size in bytes: 10 for the paper's 8 fields of 10 bits.
+    """
     return -(-fields * bits // 8)
 
 

@@ -151,7 +151,10 @@ class TrainingSection:
 
     Attributes:
         lr: Peak learning rate (the paper: ≈ 8e-4 warmup, ≈ 5e-5 continual).
-        weight_decay: AdamW weight decay (none on norms and embeddings).
+        weight_decay: AdamW weight decay of the weight matrices: the attention and MLP
+            projections and an untied `lm_head`. The token embedding gets none, nor does
+            the `lm_head` when `model.tie_embeddings` makes it the same tensor, nor any
+            parameter of fewer than two dimensions (the norms' weights).
         betas: AdamW betas.
         schedule: "wsd" (warmup-stable-decay), "cosine" or "constant".
         warmup_steps: Linear warmup steps.

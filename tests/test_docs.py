@@ -76,12 +76,6 @@ def test_the_recipe_sections_table_lists_every_key():
     assert hooks.SECTIONS_MARKER in (ROOT / "docs" / "guides" / "recipes.md").read_text()
 
 
-# Modules being edited in parallel with this check, each with known gaps (m3.bank: the
-# Lightning hooks of BankWriter and shard_name; m3.quantize: packed_bytes). Each leaves this
-# set once its docstrings pass.
-NOT_YET_CHECKED = {"m3.bank", "m3.quantize"}
-
-
 def _documented(doc: str) -> set[str]:
     """Names listed in a Google-style docstring's `Args:` and `Attributes:` sections."""
     import re
@@ -173,6 +167,5 @@ def docstring_gaps(module_name: str) -> list[str]:
 def test_every_public_function_and_class_documents_its_arguments():
     gaps = []
     for module in public_modules():
-        if module not in NOT_YET_CHECKED:
-            gaps += docstring_gaps(module)
+        gaps += docstring_gaps(module)
     assert not gaps, "\n".join(gaps)
