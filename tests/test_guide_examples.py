@@ -1,0 +1,82 @@
+"""The guides' Python scripts (`docs/examples/*.py`, included by the pages) run on real parts.
+
+Each test runs one script at tiny sizes: a bank that `build_memory` wrote (`tiny_bank`), the
+tiny model, small worlds. A guide shows the script itself, so what it shows is what runs here.
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+from m3.generate import Generation
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+def run_main(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run a script as `python docs/examples/NAME.py ARGS…` would, in this process."""
+    monkeypatch.setattr(sys, "argv", [str(EXAMPLES / f"{name}.py"), *args])
+    runpy.run_path(str(EXAMPLES / f"{name}.py"), run_name="__main__")
+
+
+# --------------------------------------------------------------------------------- generation
+def test_generate_text_prints_text_and_references(tiny_bank, docs_example, capsys) -> None:
+    script = docs_example("generate_text")
+    prompts = ["Ada Lovelace was born in", "The drawbridge of"]
+    out = script.continue_prompts(str(tiny_bank.folder), prompts, max_new_tokens=80)
+    assert isinstance(out, Generation) and out.prompts == prompts
+    assert set(out.finish_reasons) <= {"eos", "length"}
+    printed = capsys.readouterr().out
+    for prompt, text, rows in zip(prompts, out.texts, out.provenance, strict=True):
+        assert prompt + text in printed
+        assert rows[0].retrieved_with == "prompt"
+        assert f"0 0 {rows[0].end} prompt {rows[0].ids}" in printed
+        assert all(r.retrieved_with == "previous chunk" for r in rows[1:])
+    # a row that ran past token 64 swapped its memories while decoding
+    assert any(len(rows) > 1 for rows in out.provenance)
+    again = script.continue_prompts(str(tiny_bank.folder), prompts, max_new_tokens=80)
+    assert again.texts == out.texts  # seeded
+
+
+def test_generate_text_command_line(tiny_bank, monkeypatch, capsys) -> None:
+    run_main("generate_text", str(tiny_bank.folder), "The town of", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert out.count("The town of") == 1 and "'prefill'" in out
+
+
+def test_rag_prompt_puts_the_references_before_the_prompt(tiny_bank, docs_example) -> None:
+    from m3.generate import load_inference, rag_references
+
+    prompt = "Ada Lovelace was born in"
+    text = docs_example("rag_prompt").rag_prompt(str(tiny_bank.folder), prompt)
+    with load_inference(tiny_bank.folder) as inference:
+        found = rag_references(inference.retriever, [prompt])[0]
+    assert len(found) == inference.retriever.k
+    assert text == "".join(f"Reference: {r.text}\n" for r in found) + prompt
+
+
+def test_rag_prompt_command_line(tiny_bank, monkeypatch, capsys) -> None:
+    run_main("rag_prompt", str(tiny_bank.folder), "The drawbridge of", monkeypatch=monkeypatch)
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("The drawbridge of") and out.count("Reference: ") == 5
+
+
+# --------------------------------------------------------------------------------- evaluation
+def test_evaluate_bank_scores_every_mode(tiny_bank, docs_example, capsys) -> None:
+    table = docs_example("evaluate_bank").evaluate(str(tiny_bank.folder), str(tiny_bank.data))
+    for mode in ("memory", "none", "rag", "shuffled"):
+        assert f"| {mode} |" in table
+    for protocol in ("paper", "causal"):
+        assert f"| {protocol} | memory |" in table
+    questions = len(tiny_bank.world.cloze_questions())
+    assert f"{questions} questions" in table
+    assert len(capsys.readouterr().out.splitlines()) == 2  # accuracy line, loss line
+
+
+def test_evaluate_bank_command_line(tiny_bank, monkeypatch, capsys) -> None:
+    run_main("evaluate_bank", str(tiny_bank.folder), str(tiny_bank.data), monkeypatch=monkeypatch)
+    assert "Held-out text" in capsys.readouterr().out
