@@ -7,6 +7,7 @@ tiny model, small worlds. A guide shows the script itself, so what it shows is w
 from __future__ import annotations
 
 import runpy
+import shutil
 import sys
 from pathlib import Path
 
@@ -80,3 +81,45 @@ def test_evaluate_bank_scores_every_mode(tiny_bank, docs_example, capsys) -> Non
 def test_evaluate_bank_command_line(tiny_bank, monkeypatch, capsys) -> None:
     run_main("evaluate_bank", str(tiny_bank.folder), str(tiny_bank.data), monkeypatch=monkeypatch)
     assert "Held-out text" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ editing
+def test_edit_bank_replaces_and_deletes(tiny_bank, docs_example, tmp_path, capsys) -> None:
+    from m3.bank import open_bank
+
+    bank = tmp_path / "bank"
+    shutil.copytree(tiny_bank.folder, bank)
+    summary = docs_example("edit_bank").edit(str(bank))
+    assert (summary.documents_replaced, summary.documents_deleted) == (1, 1)
+    assert summary.describe() in capsys.readouterr().out
+    opened = open_bank(bank)
+    try:
+        texts = [r.ids for r in opened.store.references(opened.store.ids())]
+        assert len(texts) == summary.references
+        tokens = {tuple(ids) for ids in texts}
+        assert tuple(b"Velmora Quist worked as a tailor") in tokens  # bytes as tokens
+    finally:
+        opened.store.close()
+
+
+def test_measure_edits_leaves_the_bank_and_reports(tiny_bank, docs_example, tmp_path) -> None:
+    before = (tiny_bank.folder / "manifest.json").read_bytes()
+    report = docs_example("measure_edits").measure(
+        str(tiny_bank.folder), str(tmp_path / "edits"), tiny_bank.world.params, n_edits=3
+    )
+    assert report.n == 3 and 0 <= report.before <= 1 and 0 <= report.took_effect <= 1
+    assert report.summary.documents_replaced >= 3 and report.bank.is_relative_to(tmp_path)
+    assert (tiny_bank.folder / "manifest.json").read_bytes() == before
+
+
+# ------------------------------------------------------------------------- the read path
+def test_read_path_generates_what_generate_does(tiny_bank, docs_example, capsys) -> None:
+    from m3.generate import generate, load_inference
+
+    prompt = "Ada Lovelace was born in"  # 25 tokens with <s>: 96 more cross the boundary at 64
+    tokens = docs_example("read_path").read_path(str(tiny_bank.folder), prompt, steps=96)
+    with load_inference(tiny_bank.folder) as inference:
+        out = generate(inference, [prompt], max_new_tokens=96, temperature=0, ignore_eos=True)
+    assert tokens == out.tokens[0]
+    assert [r.retrieved_with for r in out.provenance[0]] == ["prompt", "previous chunk"]
+    assert "CacheStats(hits=" in capsys.readouterr().out
