@@ -6,6 +6,7 @@ tiny model, small worlds. A guide shows the script itself, so what it shows is w
 
 from __future__ import annotations
 
+import json
 import runpy
 import shutil
 import sys
@@ -16,6 +17,11 @@ import pytest
 from m3.generate import Generation
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+
+
+def references(bank) -> int:
+    """References in a bank, as its manifest records."""
+    return json.loads((bank.folder / "manifest.json").read_text())["references"]
 
 
 def run_main(name: str, *args: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -123,3 +129,62 @@ def test_read_path_generates_what_generate_does(tiny_bank, docs_example, capsys)
     assert tokens == out.tokens[0]
     assert [r.retrieved_with for r in out.provenance[0]] == ["prompt", "previous chunk"]
     assert "CacheStats(hits=" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------- the world, the model
+def test_world_tour_writes_what_it_prints(docs_example, tmp_path, capsys) -> None:
+    sizes = {"n_people": 12, "n_places": 6, "n_orgs": 6}
+    world = docs_example("world_tour").tour(str(tmp_path / "world"), sizes, max_chars=5_000)
+    assert world.params["n_people"] == 12
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"{len(world.knowledge_base())} references, " + (
+        f"{len(world.training_documents())} training documents, "
+        f"{len(world.cloze_questions())} questions"
+    )
+    assert lines[-1].endswith("characters") and int(lines[-1].split()[2]) <= 5_000
+    assert {p.name for p in (tmp_path / "world").iterdir()} >= {"kb.jsonl", "cloze.jsonl"}
+
+
+def test_first_forward_reads_memories(docs_example) -> None:
+    import torch
+
+    torch.manual_seed(0)
+    plain, with_memory = docs_example("first_forward").first_forward()
+    assert plain.shape == with_memory.shape == (2, 160, 512)
+    # the first chunk's rows differ too: every chunk reads its memories
+    assert (plain[:, :64] - with_memory[:, :64]).abs().amax() > 0
+    assert torch.isfinite(with_memory).all()
+
+
+# ------------------------------------------------------------------------- stores and banks
+def test_store_round_trip_builds_a_complete_bank(docs_example, tmp_path, capsys) -> None:
+    import torch
+
+    from m3.backends import HDF5Store
+
+    script = docs_example("store_round_trip")
+    memory = script.round_trip(str(tmp_path))
+    assert len(memory) == len(script.TEXTS) and memory.keys.dtype == torch.bfloat16
+    assert capsys.readouterr().out.startswith(f"{len(script.TEXTS)} references; doc-0 0 ")
+    assert HDF5Store(tmp_path / "bank.h5").complete
+    again = script.round_trip(str(tmp_path))  # resumes: nothing left to encode, same bytes
+    assert torch.equal(again.keys, memory.keys) and torch.equal(again.valid, memory.valid)
+
+
+def test_search_bank_reads_the_nearest_references(tiny_bank, docs_example, capsys) -> None:
+    memory = docs_example("search_bank").search(str(tiny_bank.folder), "Where was Ada born?")
+    config = tiny_bank.recipe.model.config()
+    assert tuple(memory.keys.shape) == (5, *config.memory_shape[:1], *config.memory_shape[2:])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 6 and lines[-1].startswith(f"{references(tiny_bank)} references")
+
+
+def test_cold_start_encodes_once(tiny_bank, docs_example, tmp_path, capsys) -> None:
+    cold_start = docs_example("cold_start").cold_start
+    store = cold_start(tiny_bank.recipe, str(tmp_path / "lazy.h5"))
+    assert store.encoded == 2 and sorted(store.ids().tolist()) == [1, 3]
+    store.close()
+    store = cold_start(tiny_bank.recipe, str(tmp_path / "lazy.h5"))  # the file keeps them
+    assert store.encoded == 0
+    store.close()
+    assert f"{references(tiny_bank)} references, 2 stored, 2 encoded" in capsys.readouterr().out
