@@ -188,3 +188,85 @@ def test_cold_start_encodes_once(tiny_bank, docs_example, tmp_path, capsys) -> N
     assert store.encoded == 0
     store.close()
     assert f"{references(tiny_bank)} references, 2 stored, 2 encoded" in capsys.readouterr().out
+
+
+def test_quantize_memories_stores_codes(docs_example, tmp_path, capsys) -> None:
+    import torch
+
+    from m3.backends import HDF5Store
+    from m3.quantize import MemoryQuantizer
+
+    sizes = {"n_people": 24, "n_places": 8, "n_orgs": 8}
+    stored = docs_example("quantize_memories").quantize(str(tmp_path), sizes)
+    assert stored.keys.dtype == torch.bfloat16 and torch.isfinite(stored.keys.float()).all()
+    saved = MemoryQuantizer.load(tmp_path / "bank.quantizer")
+    with HDF5Store(tmp_path / "bank.h5") as store:
+        assert store.quantizer.fingerprint() == saved.fingerprint()
+        assert store.info.vector_bytes == (4, 4)  # 2 coarse + 2 PQ bytes per 16-dim vector
+    out = capsys.readouterr().out
+    assert f"{len(stored)} references read back, 256 bytes" in out  # 2·2·8 vectors × (4 + 4)
+
+
+# -------------------------------------------------------------------- a pretrained checkpoint
+def test_load_pretrained_runs_a_transformers_checkpoint(docs_example, tmp_path, capsys) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from m3.tokenizer import HFTokenizer
+
+    text = "The capital of France is Paris. The capital of Italy is Rome.\n" * 20
+    tokenizer = HFTokenizer.train([text], vocab_size=300)
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=320, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        )
+    )  # fmt: skip
+    hf.save_pretrained(tmp_path / "ckpt")
+    tokenizer.save(tmp_path / "ckpt")  # tokenizer.json next to config.json
+
+    module = docs_example("load_pretrained").load_pretrained(str(tmp_path / "ckpt"), range(2))
+    assert module.hparams.stage == "continual"
+    assert module.model.config.memory_layers == (0, 1) and module.model.config.n_layer == 4
+    weights = dict(hf.named_parameters())["model.layers.3.mlp.down_proj.weight"]
+    assert torch.equal(module.model.layers[3].mlp.down_proj.weight, weights)
+    assert "memory_layers=(0, 1)" in capsys.readouterr().out  # the printed config
+
+
+# ------------------------------------------------------------------ recipes, indexes, specs
+def test_recipe_parts_builds_from_overrides(docs_example, capsys) -> None:
+    from m3.recipes import RECIPES_DIR
+
+    recipe = docs_example("recipe_parts").recipe_parts(
+        [str(RECIPES_DIR / "tiny" / "base.yaml")], ["model.n_layer=6"]
+    )
+    assert recipe.model.config().n_layer == 6
+    assert capsys.readouterr().out.split()[0] == "6"
+
+
+@pytest.mark.parametrize("kind", ["ExactIndex", "ScannIndex"])
+def test_index_round_trip_finds_each_query(docs_example, tmp_path, kind, capsys) -> None:
+    import m3.backends
+
+    index = docs_example("index_round_trip").index_round_trip(
+        str(tmp_path), getattr(m3.backends, kind)
+    )
+    assert isinstance(index, getattr(m3.backends, kind)) and len(index) == 999
+    first, last = capsys.readouterr().out.splitlines()
+    assert first.startswith("[0, 10, 20]")  # before the removal: each query's own vector
+    assert last.startswith("999 vectors;") and "[0," not in last  # id 0 is gone
+
+
+def test_leakage_filter_drops_the_copy_only(docs_example, capsys) -> None:
+    drop = docs_example("leakage_filter").leakage_filter()
+    assert drop.tolist() == [True, False, False]
+    overlap, exceeds, _ = capsys.readouterr().out.splitlines()
+    assert 0 < float(overlap) <= 2 / 3 and exceeds == "False"
+
+
+def test_store_from_spec_creates_then_opens(docs_example, tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(EXAMPLES))  # where the spec's my_store module lives
+    store = docs_example("store_from_spec").store_from_spec(str(tmp_path / "bank"))
+    assert type(store).__name__ == "DirectoryStore" and len(store) == 0
+    assert (tmp_path / "bank" / "info.json").is_file()
