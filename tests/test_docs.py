@@ -169,3 +169,27 @@ def test_every_public_function_and_class_documents_its_arguments():
     for module in public_modules():
         gaps += docstring_gaps(module)
     assert not gaps, "\n".join(gaps)
+
+
+def test_python_in_the_docs_comes_from_files_the_tests_run():
+    # A ```python block holds only `--8<--` includes of files under docs/examples or tests,
+    # so the code a page shows is code that runs; every docs/examples script is named by a
+    # test. (YAML, console and output blocks are checked elsewhere or not code.)
+    import re
+
+    inline = []
+    for path in sorted((ROOT / "docs").rglob("*.md")):
+        text = path.read_text(encoding="utf-8")
+        for block in re.finditer(r"^```python\n(.*?)^```", text, re.M | re.S):
+            lines = [line for line in block.group(1).splitlines() if line.strip()]
+            if not lines or not all(re.fullmatch(r'--8<-- "[^"]+"', line) for line in lines):
+                number = text[: block.start()].count("\n") + 1
+                inline.append(f"{path.relative_to(ROOT)}:{number}")
+    assert not inline, f"inline Python, move it to docs/examples: {inline}"
+    tests = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "tests").glob("*.py"))
+    unrun = [
+        path.name
+        for path in sorted((ROOT / "docs" / "examples").glob("*.py"))
+        if not re.search(rf"\b{path.stem}\b", tests)
+    ]
+    assert not unrun, f"docs/examples scripts no test runs: {unrun}"
