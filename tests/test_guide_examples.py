@@ -242,7 +242,8 @@ def test_recipe_parts_builds_from_overrides(docs_example, capsys) -> None:
         [str(RECIPES_DIR / "tiny" / "base.yaml")], ["model.n_layer=6"]
     )
     assert recipe.model.config().n_layer == 6
-    assert capsys.readouterr().out.split()[0] == "6"
+    layers, *_, tokenizer, max_tokens = capsys.readouterr().out.split()
+    assert (layers, tokenizer, max_tokens) == ("6", "ByteTokenizer", "128")
 
 
 @pytest.mark.parametrize("kind", ["ExactIndex", "ScannIndex"])

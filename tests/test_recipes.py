@@ -611,25 +611,6 @@ def test_fuzz_base_itself_is_valid() -> None:
         assert sorted(os.listdir(".")) == ["corpus.txt", "recipe.yaml"]
 
 
-# --- the recipes guide's code runs -------------------------------------------------------------
-
-
-def guide_python_block(containing: str) -> str:
-    text = (ROOT / "docs" / "guides" / "recipes.md").read_text(encoding="utf-8")
-    blocks = [b.split("\n```", 1)[0] for b in text.split("```python\n")[1:]]
-    (block,) = [b for b in blocks if containing in b]
-    return block
-
-
-def test_guide_python_example(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
-    scope: dict[str, Any] = {}
-    exec(guide_python_block("load_recipe"), scope)
-    assert scope["config"].n_layer == 6
-    assert isinstance(scope["tokenizer"], ByteTokenizer)
-    assert isinstance(scope["chunker"], FixedChunker) and scope["chunker"].max_tokens == 128
-
-
 def test_recipe_error_survives_pickling() -> None:
     import pickle
 
