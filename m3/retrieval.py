@@ -13,7 +13,7 @@ to turn chunk token ids into text for the embedder). For every 64-token query ch
 
 ```python
 retriever = Retriever(embedder=embedder, index=index, store=store, tokenizer=tokenizer,
-                      model=model, expected_embedder_fingerprint=bank["embedder_fingerprint"])
+                      model=model, manifest=bank_manifest)
 prompt = retriever.retrieve_context(prompt_ids)     # every chunk of every prompt, batched
 logits = model(idx, prompt.memories, prefix=prefix)
 step = retriever.retrieve_next(contexts)            # at a 64-token boundary while decoding
@@ -217,8 +217,8 @@ class Retriever:
             (`benchmarks/retrieval_latency.py`); overlap pays when reads are large or cold.
         expected_embedder_fingerprint: The embedder fingerprint recorded with the index; the
             embedder must match it.
-        manifest: A memory bank's manifest: a mapping whose "embedder_fingerprint" is used
-            as `expected_embedder_fingerprint` (give one or the other).
+        manifest: A memory bank's `manifest.json` (as a mapping): its embedder's fingerprint
+            is used as `expected_embedder_fingerprint` (give one or the other).
         where: Name of the store for messages; its `path` or class name when None.
 
     Raises:
@@ -291,11 +291,13 @@ class Retriever:
         if manifest is not None:
             if expected is not None:
                 raise UserError("give expected_embedder_fingerprint or manifest, not both")
-            if "embedder_fingerprint" not in manifest:
+            fingerprint = (manifest.get("embedder") or {}).get("fingerprint")
+            if fingerprint is None:
                 raise UserError(
-                    f"the bank manifest has no 'embedder_fingerprint' (keys: {sorted(manifest)})"
+                    "the bank manifest has no embedder fingerprint (manifest['embedder']"
+                    f"['fingerprint']; keys: {sorted(manifest)})"
                 )
-            expected = str(manifest["embedder_fingerprint"])
+            expected = str(fingerprint)
         actual = self.embedder.fingerprint()
         if expected is not None and expected != actual:
             raise UserError(

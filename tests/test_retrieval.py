@@ -350,9 +350,13 @@ def test_an_embedder_other_than_the_indexs_is_refused_naming_both() -> None:
     assert expected[:16] in str(error.value) and other.fingerprint()[:16] in str(error.value)
     with pytest.raises(UserError, match="embedder"):
         make_retriever(
-            expected_embedder_fingerprint=None, manifest={"embedder_fingerprint": "0" * 64}
+            expected_embedder_fingerprint=None, manifest={"embedder": {"fingerprint": "0" * 64}}
         )
-    make_retriever(expected_embedder_fingerprint=None, manifest={"embedder_fingerprint": expected})
+    make_retriever(
+        expected_embedder_fingerprint=None, manifest={"embedder": {"fingerprint": expected}}
+    )
+    with pytest.raises(UserError, match="no embedder fingerprint"):
+        make_retriever(expected_embedder_fingerprint=None, manifest={"shards": []})
 
 
 def test_a_model_other_than_the_stores_writer_is_refused() -> None:
