@@ -28,7 +28,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -200,6 +201,10 @@ class _Step:
     key_mask: Tensor | None = None  # (B, 1, T, S) when decoding
     slots: Tensor | None = None  # (B, T) cache slots of each row's new tokens when decoding
     memory: _MemoryPlan | None = None
+    # buffer index of cache slot 0 (the cache's memory region comes first) and the first
+    # buffer index a decoding step attends to: 0 in a layer reading its cached memories
+    cache_offset: int = 0
+    window_start: int = 0
 
 
 class Attention(nn.Module):
@@ -285,18 +290,19 @@ def _write_cache(
 ) -> tuple[Tensor, Tensor]:
     """Store new keys/values in the cache; return the keys/values to attend over."""
     cache_k, cache_v = cache
+    offset = step.cache_offset
     if not step.decode:  # prefill: the whole (prefix +) prompt from slot 0
         length = k.shape[2]
-        cache_k[:, :, :length] = k
-        cache_v[:, :, :length] = v
+        cache_k[:, :, offset : offset + length] = k
+        cache_v[:, :, offset : offset + length] = v
         return k, v
     assert step.slots is not None and step.key_mask is not None
     rows = torch.arange(k.shape[0], device=k.device)[:, None]
     # advanced indices first: the indexed view is (B, T, H_kv, d_h)
-    cache_k[rows, :, step.slots] = k.transpose(1, 2)
-    cache_v[rows, :, step.slots] = v.transpose(1, 2)
-    used = step.key_mask.shape[-1]
-    return cache_k[:, :, :used], cache_v[:, :, :used]
+    cache_k[rows, :, offset + step.slots] = k.transpose(1, 2)
+    cache_v[rows, :, offset + step.slots] = v.transpose(1, 2)
+    end = step.window_start + step.key_mask.shape[-1]
+    return cache_k[:, :, step.window_start : end], cache_v[:, :, step.window_start : end]
 
 
 def _memory_attention(
@@ -466,22 +472,40 @@ class KVCache:
     `swap_memories` when a row starts a new chunk (`starts_chunk`). The context cache is
     never recomputed.
 
+    The buffers start with a *memory region*: the current memories' keys and values laid out
+    as cache slots `(B, H_kv, M·k, d_h)` in every memory layer, so that a decoding step reads
+    memories and context in one attention call, as it would a longer context. It grows when
+    a row's memories need more slots and is rewritten on each swap.
+
     Args:
         keys: Per layer `(B, H_kv, b + capacity, d_h)` buffers.
         values: Same shapes.
         prefix: The reference prefix ids `(b,)` in memory mode, None in warmup mode.
         chunk_length: Tokens per context chunk.
+        memory_layers: Indices of the layers that read memories, in the order of the
+            memories' `L_mem` axis.
     """
 
     def __init__(
-        self, keys: list[Tensor], values: list[Tensor], *, prefix: Tensor | None, chunk_length: int
+        self,
+        keys: list[Tensor],
+        values: list[Tensor],
+        *,
+        prefix: Tensor | None,
+        chunk_length: int,
+        memory_layers: Sequence[int] = (),
     ) -> None:
         self.keys = keys
         self.values = values
         self.prefix = prefix
         self.chunk_length = chunk_length
+        self.memory_layers = tuple(memory_layers)
         self.lengths = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
         self.memories: Memories | None = None
+        #: Leading buffer slots of the memory region.
+        self.memory_slots = 0
+        #: `(B, memory_slots)` bool: the region's slots that hold a memory token of the row.
+        self.memory_mask: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -496,7 +520,7 @@ class KVCache:
     @property
     def capacity(self) -> int:
         """Most context tokens a row can hold."""
-        return self.keys[0].shape[2] - self.prefix_length
+        return self.keys[0].shape[2] - self.memory_slots - self.prefix_length
 
     @property
     def starts_chunk(self) -> Tensor:
@@ -541,7 +565,31 @@ class KVCache:
         current = Memories(*(getattr(current, name).clone() for name in fields))
         for name in fields:
             getattr(current, name)[rows] = getattr(memories, name)
-        self.memories = current
+        self.hold_memories(current)
+
+    def hold_memories(self, memories: Memories) -> None:
+        """Make `memories` the ones every row reads, and lay them out in the memory region.
+
+        Args:
+            memories: One-chunk memories (`C = 1`) for every row, in the cache's dtype.
+        """
+        batch, count, _, heads, tokens, dim = memories.keys.shape
+        size = count * tokens
+        if size > self.memory_slots:  # grow the region in front: a one-off copy
+            grow = (0, 0, size - self.memory_slots, 0)
+            self.keys = [F.pad(buffer, grow) for buffer in self.keys]
+            self.values = [F.pad(buffer, grow) for buffer in self.values]
+            self.memory_slots = size
+        mask = memories.valid & memories.visible[:, 0, :, None]  # (B, M, k)
+        self.memory_mask = F.pad(mask.flatten(1), (0, self.memory_slots - size))
+        for j, layer in enumerate(self.memory_layers):
+            # (B, M, H_kv, k, d) -> (B, H_kv, M·k, d)
+            layout = (0, 2, 1, 3, 4)
+            keys = memories.keys[:, :, j].permute(layout).reshape(batch, heads, size, dim)
+            values = memories.values[:, :, j].permute(layout).reshape(batch, heads, size, dim)
+            self.keys[layer][:, :, :size] = keys
+            self.values[layer][:, :, :size] = values
+        self.memories = memories
 
 
 class Memory3(nn.Module):
@@ -682,7 +730,13 @@ class Memory3(nn.Module):
         shape = (batch_size, self.config.n_kv_head, slots, self.config.head_dim)
         keys = [param.new_zeros(shape, dtype=dtype) for _ in self.layers]
         values = [param.new_zeros(shape, dtype=dtype) for _ in self.layers]
-        return KVCache(keys, values, prefix=prefix, chunk_length=self.config.chunk_length)
+        return KVCache(
+            keys,
+            values,
+            prefix=prefix,
+            chunk_length=self.config.chunk_length,
+            memory_layers=self.config.memory_layers or (),
+        )
 
     def prefill(
         self,
@@ -728,7 +782,7 @@ class Memory3(nn.Module):
         cache.lengths = lengths.to(device=cache.lengths.device, dtype=torch.long)
         if memories is not None:
             last_chunk = (cache.lengths - 1) // self.config.chunk_length
-            cache.memories = memories.for_chunks(last_chunk).to(dtype=cache.keys[0].dtype)
+            cache.hold_memories(memories.for_chunks(last_chunk).to(dtype=cache.keys[0].dtype))
         return logits
 
     def decode(self, tokens: Tensor, cache: KVCache) -> Tensor:
@@ -779,10 +833,25 @@ class Memory3(nn.Module):
         positions = slots - prefix + (0 if cache.prefix is None else prefix + self._offset)
         used = int(slots.max()) + 1
         key_mask = torch.arange(used, device=slots.device) <= slots[..., None]  # (B, T, S)
-        step = _Step(prefix_length=0, decode=True, key_mask=key_mask[:, None], slots=slots)
-        if cache.memories is not None:
+        step = _Step(
+            prefix_length=0,
+            decode=True,
+            key_mask=key_mask[:, None],
+            slots=slots,
+            cache_offset=cache.memory_slots,
+            window_start=cache.memory_slots,
+        )
+        memory_step = None
+        if cache.memories is not None and self._recording_shares():
+            # the exact per-chunk path: it also measures the share of attention on memories
             step.memory = self._memory_plan(cache.memories, chunk_length=length)
-        logits = self._run_layers(tokens, positions, step, cache.memories, cache)
+        elif cache.memory_mask is not None:
+            # memory layers attend over the memory region and the context in one call
+            region = cache.memory_mask[:, None, None, :].expand(-1, 1, length, -1)
+            memory_step = replace(
+                step, key_mask=torch.cat([region, step.key_mask], dim=-1), window_start=0
+            )
+        logits = self._run_layers(tokens, positions, step, cache.memories, cache, memory_step)
         cache.lengths = cache.lengths + length
         return logits
 
@@ -790,6 +859,9 @@ class Memory3(nn.Module):
     @property
     def _offset(self) -> int:
         return int(self.config.context_offset or 0)
+
+    def _recording_shares(self) -> bool:
+        return any(block.self_attn.memory_shares is not None for block in self.layers)
 
     def _check_prefix(self, prefix: Tensor) -> Tensor:
         if prefix.dim() != 1 or prefix.numel() == 0:
@@ -840,7 +912,7 @@ class Memory3(nn.Module):
                 f"sequence of {length} tokens exceeds block_size {self.config.block_size}"
             )
         positions = torch.arange(length, device=idx.device)
-        step = _Step(prefix_length=0, decode=False)
+        step = _Step(prefix_length=0, decode=False, cache_offset=cache.memory_slots if cache else 0)
         if memories is None:
             if prefix is not None:
                 raise ValueError("a prefix is only used in memory mode: pass memories too")
@@ -865,14 +937,19 @@ class Memory3(nn.Module):
         step: _Step,
         memories: Memories | None,
         cache: KVCache | None,
+        memory_step: _Step | None = None,
     ) -> Tensor:
+        # memory layers read `memories` per chunk or, with `memory_step`, the cache's region
         cos, sin = self.rotary(positions)
         x = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
-            memory = None
-            if step.memory is not None and memories is not None and i in self.memory_slot:
-                j = self.memory_slot[i]
-                memory = step.memory.gather(memories.keys[:, :, j], memories.values[:, :, j])
+            memory, layer_step = None, step
+            if i in self.memory_slot:
+                if memory_step is not None:
+                    layer_step = memory_step
+                elif step.memory is not None and memories is not None:
+                    j = self.memory_slot[i]
+                    memory = step.memory.gather(memories.keys[:, :, j], memories.values[:, :, j])
             layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, cos, sin, step, memory, layer_cache)
+            x = block(x, cos, sin, layer_step, memory, layer_cache)
         return self.lm_head(self.norm(x))
