@@ -1,146 +1,122 @@
 """The paper's Figure 11 at small scale: when should memory join training?
 
-Three runs on the synthetic world, equal total steps, the same data order:
+Four runs of the quickstart pipeline (`recipes/quickstart.yaml`, or `--recipe`, with the
+same `key=value` overrides), the same world, equal total steps:
 
 - **warmup → continual with memory** (the paper's recipe);
-- **warmup → more warmup** (no memory at all);
-- **memory from step 0** (continual training from random weights).
+- **warmup → more training without memory**, on the same knowledge-heavy text;
+- **memory from step 0**: continual training from random weights for all the steps;
+- **no memory from step 0**, on the knowledge-heavy text only (in-domain from the start).
 
-The script prints the held-out loss on knowledge-heavy text of each run — read with its
-memories where it has them — and plots the curves next to the table (`figure11.png`).
+Each run then encodes the knowledge base with its own weights and runs the quickstart's
+evaluation. The table gives the held-out loss on the held-out entities' text (paper protocol
+for the runs with memory, no memory for the others), cloze accuracy likewise, and the last
+validation loss on the held-out split of the training text; `figure11.png` plots those
+validation curves over the optimiser steps of the whole run.
 
-    OMP_NUM_THREADS=1 python benchmarks/figure11.py [--warmup-steps 200] [--continual-steps 200]
+    OMP_NUM_THREADS=2 python benchmarks/figure11.py [--warmup-steps 400] \\
+        [--continual-steps 1320] [--out benchmarks/results] [key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import csv
+import json
 import time
 from pathlib import Path
 
-import lightning as L
-import torch
+import yaml
 
-from m3.chunking import FixedChunker
-from m3.data import TextDataModule
-from m3.embedders import HashedNgramEmbedder
-from m3.module import Memory3Module
+from m3 import registry
+from m3.pipeline import run_pipeline
 from m3.plots import _pyplot
-from m3.sources import StdlibSource, WorldSource
-from m3.tokenizer import HFTokenizer
+from m3.recipes import load_recipe
 
-SIZES = {"n_people": 1200, "n_places": 400, "n_orgs": 400}
+ROOT = Path(__file__).resolve().parents[1]
 
-
-def model_config(vocab: int) -> dict:
-    return dict(
-        preset="tiny", vocab_size=vocab, n_layer=4, n_embd=128, n_head=4, n_kv_head=2,
-        head_dim=32, mlp_hidden=384, block_size=256, memory_layers=[1, 2],
-    )  # fmt: skip
-
-
-class Curve(L.Callback):
-    """Records the held-out loss at every validation."""
-
-    def __init__(self, offset: int) -> None:
-        self.offset, self.points = offset, []
-
-    def on_validation_epoch_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if "val/loss" in trainer.callback_metrics and not trainer.sanity_checking:
-            self.points.append(
-                (self.offset + trainer.global_step, float(trainer.callback_metrics["val/loss"]))
-            )
+#: name -> (warmup stage first, memory in the second stage)
+RUNS = {
+    "warmup → continual with memory": (True, True),
+    "warmup → more training, no memory": (True, False),
+    "memory from step 0": (False, True),
+    "no memory from step 0 (in-domain)": (False, False),
+}
 
 
-def train(
-    module: Memory3Module, data: TextDataModule, steps: int, curve: Curve, root: Path
-) -> None:
-    trainer = L.Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
-        enable_model_summary=False, enable_progress_bar=False, default_root_dir=root,
-        val_check_interval=max(1, steps // 4), check_val_every_n_epoch=None,
-        limit_val_batches=4, callbacks=[curve], num_sanity_val_steps=0,
-    )  # fmt: skip
-    trainer.fit(module, datamodule=data)
+def run_recipe(base: dict, *, warmup: bool, memory: bool, steps: tuple[int, int]) -> dict:
+    """One run's pipeline: data, [warmup], train, bank, evaluate — from the quickstart's."""
+    stages = base["stages"]
+    train = json.loads(json.dumps(stages["continual"]))  # a deep copy
+    train["trainer"]["max_steps"] = steps[1] if warmup else sum(steps)
+    if not warmup:
+        train["training"]["init_weights"] = "random" if memory else None
+    if not memory:
+        train["stage"] = "warmup"
+        train["data"].pop("knowledge", None)
+    weights = {"init_weights": f"{base['output']}/train/model.pt"}
+    run = {"data": stages["data"]}
+    if warmup:
+        run["warmup"] = {**stages["warmup"], "trainer": {"max_steps": steps[0]}}
+    run["train"] = train
+    run["bank"] = {**stages["bank"], "training": weights}
+    run["evaluate"] = {**stages["evaluate"], "training": weights}
+    return {**base, "stages": run}
+
+
+def validation_curve(folder: Path, offset: int) -> list[tuple[int, float]]:
+    """`(step, val/loss)` points of a training stage's `metrics.csv`."""
+    with open(folder / "logs" / "metrics.csv", encoding="utf-8") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/loss")]
+    return [(offset + int(row["step"]) + 1, float(row["val/loss"])) for row in rows]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--continual-steps", type=int, default=200)
+    parser.add_argument("--recipe", default=str(ROOT / "recipes" / "quickstart.yaml"))
+    parser.add_argument("--warmup-steps", type=int, default=400)
+    parser.add_argument("--continual-steps", type=int, default=1320)
     parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp())
-    start = time.perf_counter()
+    steps = (args.warmup_steps, args.continual_steps)
+    results = {}
+    for name, (warmup, memory) in RUNS.items():
+        start = time.perf_counter()
+        folder = out / "figure11" / name.split(" (")[0].replace(" → ", "-").replace(" ", "-")
+        recipe_file = folder.with_suffix(".yaml")
+        recipe_file.parent.mkdir(parents=True, exist_ok=True)
+        with registry.input_files_unchecked():  # the data stage writes them
+            base = load_recipe([args.recipe], [*args.overrides, f"output={folder}"]).to_dict()
+            recipe = run_recipe(base, warmup=warmup, memory=memory, steps=steps)
+            recipe_file.write_text(yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True))
+            checked = load_recipe([recipe_file])
+        run_pipeline(checked, overwrite=True)
+        evaluation = json.loads((folder / "evaluate" / "evaluation.json").read_text())
+        mode = "memory" if memory else "none"
+        heldout = evaluation["heldout"]["paper"][mode]["loss"]
+        cloze = evaluation["cloze"][mode]["accuracy"]
+        curve = validation_curve(folder / "train", steps[0] if warmup else 0)
+        results[name] = (heldout, cloze, curve, time.perf_counter() - start)
 
-    # warmup on another world and stdlib text; continual on this world, whose facts are new
-    warm_text = [
-        WorldSource("train", seed=1, **SIZES),
-        WorldSource("kb", seed=1, **SIZES),
-        StdlibSource(max_chars=300_000),
-    ]
-    train_text = [WorldSource("train", seed=0, **SIZES)]
-    knowledge = [WorldSource("kb", seed=0, **SIZES)]
-    texts = [d.text for s in (*warm_text, *train_text, *knowledge) for d in s.documents()]
-    tokenizer = HFTokenizer.train(texts, vocab_size=2048)
-    config = model_config(tokenizer.vocab_size)
-    prefix = tokenizer.reference_prefix()
+    print(f"\n{args.recipe} {' '.join(args.overrides)}")
+    print(f"{steps[0]} warmup + {steps[1]} continual steps (or {sum(steps)} from step 0)\n")
+    print(f"{'run':<36}{'held-out loss':>14}{'cloze':>8}{'val loss':>10}{'time':>8}")
+    for name, (heldout, cloze, curve, seconds) in results.items():
+        print(f"{name:<36}{heldout:>14.3f}{cloze:>8.1%}{curve[-1][1]:>10.3f}{seconds:>7.0f}s")
+    best = min(results, key=lambda n: results[n][0])
+    print(f"\nlowest held-out loss: {best} (paper: warmup → continual with memory)")
 
-    def data(sources: list, *, memory: bool) -> TextDataModule:
-        return TextDataModule(
-            tokenizer, sources, seq_length=256, batch_size=8, val_fraction=0.05, seed=0,
-            knowledge=knowledge if memory else None, chunker=FixedChunker(128),
-            embedder=HashedNgramEmbedder(dim=4096, ngrams=(1,)),
-        )  # fmt: skip
-
-    runs = {}
-    L.seed_everything(0)
-    warm = Memory3Module(config, lr=3e-3, warmup_steps=20)
-    warm_curve = Curve(0)
-    train(warm, data(warm_text, memory=False), args.warmup_steps, warm_curve, root)
-    torch.save(warm.model.state_dict(), root / "warm.pt")
-    for name, stage, init in (
-        ("warmup → continual with memory", "continual", root / "warm.pt"),
-        ("warmup → more warmup (no memory)", "warmup", root / "warm.pt"),
-        ("memory from step 0", "continual", None),
-    ):
-        L.seed_everything(0)
-        module = Memory3Module(
-            config, stage=stage, lr=2e-3, warmup_steps=20, reference_prefix=prefix,
-            init_weights=str(init) if init else None,
-        )  # fmt: skip
-        offset = args.warmup_steps if init else 0
-        steps = args.continual_steps if init else args.warmup_steps + args.continual_steps
-        curve = Curve(offset)
-        # every run is scored on the same knowledge-heavy held-out text, with memory when it has it
-        train(
-            module,
-            data(train_text, memory=True)
-            if stage == "continual"
-            else data(train_text, memory=False),
-            steps,
-            curve,
-            root,
-        )
-        runs[name] = curve.points
-
-    print(f"tiny-like model, {args.warmup_steps} warmup + {args.continual_steps} continual steps, "
-          f"{time.perf_counter() - start:.0f} s")  # fmt: skip
-    print(f"{'run':<36}{'final held-out loss':>22}")
-    for name, points in runs.items():
-        print(f"{name:<36}{points[-1][1]:>22.3f}")
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6.4, 4.0))
-    axis.plot(*zip(*warm_curve.points, strict=True), "k--", label="warmup (other text)")
-    for name, points in runs.items():
-        axis.plot(*zip(*points, strict=True), "o-", label=name, markersize=3)
-    axis.set_xlabel("optimiser step")
-    axis.set_ylabel("held-out loss on knowledge-heavy text")
-    axis.grid(alpha=0.3)
-    axis.legend()
+    for name, (_, _, curve, _) in results.items():
+        axis.plot(*zip(*curve, strict=True), "o-", label=name, markersize=3)
+    axis.set_xlabel("optimiser step (warmup included)")
+    axis.set_ylabel("validation loss, knowledge-heavy text")
+    axis.set_title("When should memory join training? (cf. paper Fig. 11)")
+    axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(out / "figure11.png", dpi=120)
     print(f"plot: {out / 'figure11.png'}")

@@ -53,9 +53,12 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     if continual and init is None:
         raise UserError(
             "training.init_weights: the continual stage starts from the warmup stage's weights "
-            "(e.g. runs/<name>/warmup/model.pt) or a pretrained folder"
+            "(e.g. runs/<name>/warmup/model.pt) or a pretrained folder; 'random' trains with "
+            "memory from random weights"
         )
-    if init is not None and not Path(init).exists():
+    if init == "random":
+        init = None
+    elif init is not None and not Path(init).exists():
         raise UserError(
             f"training.init_weights: {init} does not exist (run the warmup stage first?)"
         )

@@ -56,11 +56,11 @@ def write_world(recipe: Recipe, *, overwrite: bool = False) -> Path:
 
     Files in the output folder: the world's (`World.write`: `kb.jsonl`, `train.jsonl`,
     `heldout.jsonl`, `cloze.jsonl`, `edits.jsonl`, `entities.jsonl`, `world.json`), then
-    `general.jsonl` (a second world's text and knowledge base, and standard-library English:
-    text without this world's facts) and `corpus.txt` (all the text, one document per
-    paragraph, for training a tokenizer). A recipe tokenizer is built once, so that one that
-    trains itself on `corpus.txt` (`HFTokenizer` with `train_files` and `cache`) is trained
-    here and reused by the later stages.
+    `general.jsonl` (a second world's open-book text, `World.open_book_documents`, and
+    standard-library English: text without this world's facts) and `corpus.txt` (all the
+    text, one document per paragraph, for training a tokenizer). A recipe tokenizer is built
+    once, so that one that trains itself on `corpus.txt` (`HFTokenizer` with `train_files`
+    and `cache`) is trained here and reused by the later stages.
 
     Args:
         recipe: A checked recipe with `stage: world` (its `world:` section, or the defaults).
@@ -83,7 +83,7 @@ def write_world(recipe: Recipe, *, overwrite: bool = False) -> Path:
     general = []
     if spec.background_seed is not None:
         background = World.generate(spec.background_seed, **sizes)
-        general += background.training_documents() + background.knowledge_base()
+        general += background.open_book_documents()
     if spec.stdlib_chars:
         general += StdlibSource(max_chars=spec.stdlib_chars).documents()
     with open(run.path / "general.jsonl", "w", encoding="utf-8") as handle:

@@ -164,7 +164,8 @@ class TrainingSection:
         encode: "grad": gradients flow through the on-the-fly encoding; "no_grad":
             forward-only encoding.
         init_weights: Weights to start from: a stage's `model.pt` or `.ckpt`, or a Hugging
-            Face Llama-family folder.
+            Face Llama-family folder; a continual stage must name them, or say "random" to
+            train with memory from random weights (the paper's Figure 11 comparison).
     """
 
     lr: Annotated[float, Bounds(gt=0)] = 8e-4
@@ -231,9 +232,10 @@ class WorldSection:
         n_people: People in the world.
         n_places: Places in the world.
         n_orgs: Organisations in the world.
-        background_seed: Seed of a second world whose text (training text and knowledge
-            base), with standard-library English, is the warmup stage's general text, so
-            that the first world's facts are new to the model; null: no second world.
+        background_seed: Seed of a second world whose open-book text (each training
+            document after its entities' knowledge-base documents), with standard-library
+            English, is the warmup stage's general text, so that the first world's facts are
+            new to the model; null: no second world.
         stdlib_chars: Characters of standard-library English (docstrings, pydoc topics).
         n_questions: Cloze questions written; null: one per held-out entity.
         n_edits: Knowledge edits written (`World.edits`).

@@ -840,6 +840,27 @@ class World:
         """
         return [doc for doc, _ in self._training]
 
+    def open_book_documents(self) -> list[Document]:
+        """Training text written open-book: each document after its entities' KB documents.
+
+        The way an encyclopedia article follows its infobox: a model trained on them sees
+        facts stated in context, then restated in other words, and learns to look them up
+        in its context (m3 uses a second world's open-book text as warmup text).
+
+        Returns:
+            The documents, ids `open-book-<k>`, one per training document.
+        """
+        by_entity: dict[str, list[str]] = {}
+        for doc in self._kb:
+            by_entity.setdefault(doc.id.split(".")[0], []).append(doc.text)
+        return [
+            Document(
+                doc.id.replace("train", "open-book", 1),
+                "\n".join([*(text for e in subjects for text in by_entity[e]), doc.text]),
+            )
+            for doc, subjects in self._training
+        ]
+
     def heldout_documents(self) -> list[Document]:
         """Held-out text about the eval entities, for held-out loss; never train on it.
 

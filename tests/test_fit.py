@@ -61,6 +61,14 @@ def test_continual_stage_starts_from_the_warmup_weights(warmup_run, tmp_path):
     )
 
 
+def test_continual_training_from_random_weights_must_be_asked_for(tmp_path):
+    """`training.init_weights: random` trains with memory from step 0 (Figure 11's arm)."""
+    out = tmp_path / "from-scratch"
+    assert run(BASE, CONTINUAL, f"output={out}", "training.init_weights=random", *FAST) == 0
+    done = json.loads((out / "done.json").read_text())
+    assert done["stage"] == "continual" and done["steps"] == 3
+
+
 def test_bad_continual_recipes_stop_before_any_work(warmup_run, tmp_path, capsys):
     out = tmp_path / "never"
     assert run(BASE, CONTINUAL, f"output={out}", "training.init_weights=null", *FAST) == 2

@@ -216,6 +216,16 @@ def test_training_text_uses_other_phrasings_than_the_kb(world: World):
     assert not kb_sentences & text_sentences
 
 
+def test_open_book_documents_put_their_entities_kb_documents_first(world: World):
+    kb = {d.id: d.text for d in world.knowledge_base()}
+    open_book = world.open_book_documents()
+    assert len(open_book) == len(world.training_documents())
+    for book, doc in zip(open_book, world.training_documents(), strict=True):
+        facts = [kb[i] for e in world.subjects(doc.id) for i in sorted(kb) if i.split(".")[0] == e]
+        assert book.text == "\n".join([*facts, doc.text])
+        assert book.id == doc.id.replace("train", "open-book")
+
+
 def test_heldout_entities_are_never_named_in_training_text(world: World):
     # Every piece (4+ letters) of every training word: a name inside any word is caught too.
     pieces = {
