@@ -6,7 +6,8 @@
   reference it retrieves (SPEC §5): the chunk's text is embedded and searched; a candidate
   whose overlap with the training sequence exceeds 0.9 (Eq. 6) is skipped for the next hit.
 - `ContinualCollator` builds a batch's memory pool: the batch's distinct references (each
-  encoded once, on the fly, by the LightningModule), each row's pool and each chunk's slot.
+  encoded once, on the fly, by the LightningModule, or read from a memory bank's store:
+  `training.encode: store`), each row's pool and each chunk's slot.
 - `TextDataModule` ties them together, with a held-out split, DataLoader workers, and a
   data position that checkpoints save and restore.
 """
@@ -17,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -25,13 +26,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-from m3.backends.base import MemoryIndex
+from m3.backends.base import MemoryIndex, MemoryStore
 from m3.chunking import Chunker, FixedChunker, Reference
 from m3.embedders import Embedder, HashedNgramEmbedder
 from m3.errors import UserError
+from m3.memory import SparseMemory
 from m3.overlap import leak_mask
 from m3.sources import TextSource, gather
 from m3.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from m3.model import Memory3
 
 
 def pack(documents: Iterable[Sequence[int]], *, length: int, bos_id: int, eos_id: int) -> Tensor:
@@ -157,21 +162,106 @@ class SequenceDataset(Dataset):
         return item
 
 
+def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
+    """Open the store of a memory bank that `m3 build-memory` wrote, without its index.
+
+    The shards open read-only as one store, as `m3.bank.open_bank` opens them, but neither
+    the search index nor the embedder is loaded: the continual stage reads memories by
+    reference id and searches nothing.
+
+    Args:
+        folder: The bank folder (`training.memories`).
+
+    Returns:
+        The store and the bank's `manifest.json`.
+
+    Raises:
+        UserError: Naming `training.memories` and the folder, when it holds no finished bank
+            or a shard that does not open.
+    """
+    from m3.backends.hdf5_store import HDF5Store
+    from m3.bank import EDIT_JOURNAL, MANIFEST, ShardedStore
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(
+            f"training.memories: {folder} does not exist (expected the bank folder "
+            "m3 build-memory wrote: build the bank first?)"
+        )
+    if (folder / EDIT_JOURNAL).is_dir():
+        raise UserError(
+            f"training.memories: {folder} holds an interrupted edit, not a finished memory "
+            f"bank: finish it with m3 edit {folder} --resume"
+        )
+    if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
+        raise UserError(
+            f"training.memories: {folder} is not a memory bank (expected the folder "
+            "m3 build-memory wrote, with manifest.json and done.json)"
+        )
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = [folder / shard["file"] for shard in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(
+            f"training.memories: {folder / MANIFEST} is not a bank manifest ({error!r})"
+        ) from None
+    try:
+        shards: list[MemoryStore] = [HDF5Store(path) for path in files]
+        store = shards[0] if len(shards) == 1 else ShardedStore(shards)
+    except UserError as error:
+        raise UserError(f"training.memories: {folder}: {error}") from None
+    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
+    for shard in shards:
+        if (shard.info.quantizer or {}).get("fingerprint") != recorded:
+            raise UserError(
+                f"training.memories: {shard}: its quantizer is not the one in "
+                f"{folder / MANIFEST}: rebuild the bank"
+            )
+    return store, manifest
+
+
 class ContinualCollator:
     """Builds a continual batch: the distinct references once, each row's pool and slots.
 
+    The batch's distinct references come as token ids to encode (`reference_tokens`,
+    `reference_lengths`), or, with `memories`, as their memories read from a bank's store
+    by reference id (`memory_keys`, `memory_values`, `memory_valid`, `memory_positions`):
+    nothing is encoded then. The store is opened lazily, once in each process that collates
+    (each DataLoader worker), and is never pickled open.
+
     Args:
-        references: The knowledge base's references (reference id = position).
+        references: The knowledge base's references (reference id = position, the ids
+            `m3.bank.read_knowledge` gives and the bank builder stores them under).
+        memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
+            the references' memories from instead of encoding them; None to encode.
     """
 
-    def __init__(self, references: Sequence[Reference]) -> None:
+    def __init__(
+        self, references: Sequence[Reference], *, memories: str | Path | None = None
+    ) -> None:
         self.reference_ids = [list(r.ids) for r in references]
+        self.memories = None if memories is None else Path(memories)
+        self._store: MemoryStore | None = None
+
+    @property
+    def store(self) -> MemoryStore:
+        """The bank's store, opened on first use in this process."""
+        if self.memories is None:
+            raise UserError("this collator encodes references: it was given no memories")
+        if self._store is None:
+            self._store = open_memory_store(self.memories)[0]
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # each worker opens its own
+        return state
 
     def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Collate items of `SequenceDataset` into a batch for `Memory3Module`."""
         tokens = torch.stack([item["tokens"] for item in items])
         retrieved = torch.stack([item["references"] for item in items])  # (B, C)
-        unique = torch.unique(retrieved[retrieved >= 0])  # encoded once per batch
+        unique = torch.unique(retrieved[retrieved >= 0])  # encoded (or read) once per batch
         rows = [torch.unique(r[r >= 0]) for r in retrieved]
         width = max(1, max(len(r) for r in rows))
         pool = torch.full((len(items), width), -1, dtype=torch.long)
@@ -180,18 +270,35 @@ class ContinualCollator:
             pool[b, : len(row)] = torch.searchsorted(unique, row)
             hit = retrieved[b] >= 0
             slots[b, hit] = torch.searchsorted(row, retrieved[b, hit])
+        if unique.numel() == 0:  # no chunk retrieved anything: one dummy reference, no slot uses it
+            pool.fill_(-1)
+        batch = {"tokens": tokens, "pool": pool, "slots": slots}
+        if self.memories is not None:
+            return batch | self._read(unique)
         lengths = torch.tensor([len(self.reference_ids[i]) for i in unique.tolist()] or [1])
         reference_tokens = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
         for u, i in enumerate(unique.tolist()):
             reference_tokens[u, : lengths[u]] = torch.tensor(self.reference_ids[i])
-        if unique.numel() == 0:  # no chunk retrieved anything: one dummy reference, no slot uses it
-            pool.fill_(-1)
+        return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
+
+    def _read(self, unique: Tensor) -> dict[str, Tensor]:
+        store = self.store
+        if unique.numel():
+            memory = store.read(unique)
+        else:  # the dummy reference: no valid token
+            layers, _, heads, kept, dim = store.info.memory_shape
+            memory = SparseMemory(
+                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
+                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
+                torch.zeros(1, kept, dtype=torch.bool),
+                torch.full((1, layers, heads, kept), -1, dtype=torch.long),
+            )
+        whole = torch.contiguous_format  # copies: store reads are views into a reused buffer
         return {
-            "tokens": tokens,
-            "pool": pool,
-            "slots": slots,
-            "reference_tokens": reference_tokens,
-            "reference_lengths": lengths,
+            "memory_keys": memory.keys.clone(memory_format=whole),
+            "memory_values": memory.values.clone(memory_format=whole),
+            "memory_valid": memory.valid.clone(memory_format=whole),
+            "memory_positions": memory.positions.clone(memory_format=whole),
         }
 
 
@@ -253,6 +360,10 @@ class TextDataModule(L.LightningDataModule):
         candidates: Search hits tried per chunk.
         pairing_file: Where the pairing is saved with a fingerprint of its inputs; reused
             when the fingerprint matches, refused (naming both) when it does not.
+        memories: For the continual stage: a bank folder that `m3 build-memory` wrote from
+            the same knowledge base (`training.memories`); batches then carry the memories
+            of their references read from its store instead of their token ids to encode.
+            `check_memories` checks that the bank fits.
     """
 
     def __init__(
@@ -273,6 +384,7 @@ class TextDataModule(L.LightningDataModule):
         threshold: float = 0.9,
         candidates: int = 8,
         pairing_file: str | Path | None = None,
+        memories: str | Path | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -288,6 +400,7 @@ class TextDataModule(L.LightningDataModule):
         self.embedder = embedder or HashedNgramEmbedder()
         self.chunk_length, self.threshold, self.candidates = chunk_length, threshold, candidates
         self.pairing_file = None if pairing_file is None else Path(pairing_file)
+        self.memories = None if memories is None else Path(memories)
         self.references: list[Reference] = []
         self.train_set: SequenceDataset | None = None
         self.val_set: SequenceDataset | None = None
@@ -314,6 +427,65 @@ class TextDataModule(L.LightningDataModule):
 
         return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
 
+    def check_memories(self, model: Memory3) -> None:
+        """Check that the bank of `memories` holds memories of these references for `model`.
+
+        Call it before training, with the weights that start it (`training.init_weights`):
+        the bank was written by them, and training moves away from them (frozen memories go
+        stale, the paper's "frozen" option). Builds the references if `setup` has not.
+
+        Args:
+            model: The model about to be trained, with its initial weights.
+
+        Raises:
+            UserError: Naming `training.memories`, for a folder that is not a finished bank; a
+                bank of another number of references, of another tokenizer or reference
+                prefix, or whose stored token ids differ from the knowledge base's; memories
+                of another shape or written by other weights.
+        """
+        if self.memories is None:
+            raise UserError("training.memories: no bank folder was given to read memories from")
+        if not self.references:
+            self.references = self.build_references()
+        store, manifest = open_memory_store(self.memories)
+        try:
+            self._check_bank(store, manifest, model)
+        finally:
+            store.close()
+
+    def _check_bank(self, store: MemoryStore, manifest: dict[str, Any], model: Memory3) -> None:
+        where = f"training.memories: {self.memories}"
+        count = manifest.get("references")
+        if count != len(self.references) or len(store) != len(self.references):
+            raise UserError(
+                f"{where} holds {count} references ({len(store)} stored), but data.knowledge "
+                f"cut by this recipe's chunker gives {len(self.references)}: build the bank "
+                "from the same knowledge base and chunker"
+            )
+        tokenizer = self.tokenizer.fingerprint()
+        if store.info.tokenizer_fingerprint and store.info.tokenizer_fingerprint != tokenizer:
+            raise UserError(
+                f"{where} was written with tokenizer {store.info.tokenizer_fingerprint[:16]}, "
+                f"this recipe's is {tokenizer[:16]}: build the bank with the same tokenizer"
+            )
+        prefix = tuple(self.tokenizer.reference_prefix())
+        if store.info.reference_prefix and store.info.reference_prefix != prefix:
+            raise UserError(
+                f"{where} encoded references after the prefix {list(store.info.reference_prefix)}"
+                f", this recipe's tokenizer gives {list(prefix)}"
+            )
+        # the manifest records no fingerprint of the knowledge base: compare the token ids
+        # the bank stored with the references' at a few ids spread over the whole range
+        picks = sorted({round(i * (len(self.references) - 1) / 15) for i in range(16)})
+        for reference_id, stored in zip(picks, store.references(picks), strict=True):
+            if list(stored.ids) != list(self.references[reference_id].ids):
+                raise UserError(
+                    f"{where}: reference {reference_id} holds other tokens than data.knowledge's "
+                    "reference of that id: build the bank from the same knowledge base and "
+                    "chunker"
+                )
+        store.info.check_model(model.config.memory_shape, model.memory_fingerprint(), where=where)
+
     def setup(self, stage: str | None = None) -> None:
         """Tokenize, pack, split and (for the continual stage) pair with references.
 
@@ -336,7 +508,8 @@ class TextDataModule(L.LightningDataModule):
             raise UserError("no training sequence left after the held-out split")
         train_pairs = val_pairs = None
         if self.knowledge is not None:
-            self.references = self.build_references()
+            if not self.references:  # check_memories may have built them
+                self.references = self.build_references()
             train_pairs, val_pairs = self._pairing(train, held_out)
         self.train_set = SequenceDataset(train, train_pairs)
         self.val_set = SequenceDataset(held_out, val_pairs) if len(held_out) else None
@@ -375,7 +548,9 @@ class TextDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------- loaders
     def _collate(self):
-        return ContinualCollator(self.references) if self.references else None
+        if not self.references:
+            return None
+        return ContinualCollator(self.references, memories=self.memories)
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, resuming at the saved data position."""

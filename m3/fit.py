@@ -1,7 +1,8 @@
 """`m3 fit`: train one stage (warmup or continual) from a recipe, with Lightning's Trainer.
 
 Everything is checked before training starts: the recipe, the tokenizer against the model's
-vocabulary, the warmup checkpoint of a continual stage and its knowledge base. The run folder
+vocabulary, the warmup checkpoint of a continual stage and its knowledge base, and, with
+`training.encode: store`, the bank it reads memories from (`training.memories`). The run folder
 (`output`) then holds:
 
 - `checkpoints/` (Lightning checkpoints; an interrupted run resumes from `last.ckpt`),
@@ -64,6 +65,18 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
         )
     if continual and not recipe.data.knowledge:
         raise UserError("data.knowledge: the continual stage needs the knowledge base's sources")
+    memories = recipe.training.memories
+    if recipe.training.encode == "store" and continual and memories is None:
+        raise UserError(
+            "training.memories: training.encode: store reads the references' memories from a "
+            "bank: name the folder m3 build-memory wrote (e.g. runs/<name>/bank)"
+        )
+    if memories is not None and (recipe.training.encode != "store" or not continual):
+        raise UserError(
+            f"training.memories: only a continual stage with training.encode: store reads "
+            f"memories from a bank (this is a {recipe.stage} stage with encode: "
+            f"{recipe.training.encode}): set training.encode: store or drop training.memories"
+        )
 
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -109,6 +122,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
         threshold=data_spec.threshold,
         candidates=data_spec.candidates,
         pairing_file=data_spec.pairing_file or run.path / "pairing.pt",
+        memories=memories,
     )
     training = recipe.training
     L.seed_everything(recipe.seed, workers=True)
@@ -129,6 +143,8 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
         sparsifier=_components(recipe, "sparsifier", None),
         init_weights=init,
     )
+    if memories is not None:  # the bank was written by the initial weights: check it now
+        data.check_memories(module.model)
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     options = recipe.trainer.to_kwargs()
     every = max(1, options["max_steps"] // 10)

@@ -8,8 +8,9 @@
   memories, as at inference). The references are encoded **on the fly by the current
   weights** through the memory layers only, with gradients flowing through the selected keys
   and values (top-k indices chosen without gradient); a reference retrieved by several
-  chunks of a batch is encoded once. `encode="no_grad"` encodes forward-only; memories read
-  from a store arrive precomputed in the batch.
+  chunks of a batch is encoded once. `encode="no_grad"` encodes forward-only;
+  `encode="store"` encodes nothing: the memories, read from a bank's store by the data
+  pipeline (the paper's "frozen" option), arrive precomputed in the batch.
 
 Optimiser: AdamW (weight decay 0.1, none on norms and embeddings), warmup-stable-decay or
 cosine schedule, gradient clipping through the Trainer. Metrics (torchmetrics): loss,
@@ -98,7 +99,9 @@ class Memory3Module(L.LightningModule):
             continual stage.
         window: Chunks whose references a chunk reads (the paper: 5).
         encode: "grad" (gradients flow through the memories), "no_grad" (forward-only
-            encoding) — memories precomputed in the batch (read from a store) skip encoding.
+            encoding) or "store" (continual batches must carry precomputed memories, read
+            from a bank's store by `m3.data.ContinualCollator(memories=...)`). Memories
+            precomputed in a batch skip encoding whatever the mode.
         encoder: Encodes references; `MemoryEncoder()` when None.
         sparsifier: Keeps the top tokens; `TopKSparsifier(k=config.memory_tokens)` when None.
         init_weights: A checkpoint to start from: a Lightning `.ckpt` of this module, a `.pt`
@@ -121,7 +124,7 @@ class Memory3Module(L.LightningModule):
         total_steps: int | None = None,
         reference_prefix: Sequence[int] = (),
         window: int = 5,
-        encode: Literal["grad", "no_grad"] = "grad",
+        encode: Literal["grad", "no_grad", "store"] = "grad",
         encoder: MemoryEncoder | None = None,
         sparsifier: Sparsifier | None = None,
         init_weights: str | None = None,
@@ -129,8 +132,8 @@ class Memory3Module(L.LightningModule):
         super().__init__()
         if stage not in ("warmup", "continual"):
             raise UserError(f"stage must be 'warmup' or 'continual', got {stage!r}")
-        if encode not in ("grad", "no_grad"):
-            raise UserError(f"encode must be 'grad' or 'no_grad', got {encode!r}")
+        if encode not in ("grad", "no_grad", "store"):
+            raise UserError(f"encode must be 'grad', 'no_grad' or 'store', got {encode!r}")
         if stage == "continual" and not reference_prefix:
             raise UserError("the continual stage needs reference_prefix (the tokenizer's ids)")
         self.config = config_from(model)
@@ -180,7 +183,10 @@ class Memory3Module(L.LightningModule):
             batch: A continual batch: `pool` `(B, M)` indices into the batch's unique
                 references (−1 = empty slot), `slots` `(B, C)` the pool slot each chunk
                 retrieved (−1 = none), and either `reference_tokens` `(U, R)` with
-                `reference_lengths` `(U,)`, or precomputed `memory_*` tensors.
+                `reference_lengths` `(U,)`, or the unique references' precomputed memories
+                `memory_keys`, `memory_values`, `memory_valid`, `memory_positions` (the
+                fields of a `SparseMemory`, as `m3.data.ContinualCollator(memories=...)`
+                reads them from a store).
 
         Returns:
             The pool with its sliding-window visibility (chunk c sees chunks c−window+1..c).
@@ -191,6 +197,11 @@ class Memory3Module(L.LightningModule):
                 batch["memory_values"],
                 batch["memory_valid"],
                 batch["memory_positions"],
+            )
+        elif self.encode == "store":
+            raise UserError(
+                "encode='store' reads memories from a store: the batch has no memory_* "
+                "tensors (collate it with m3.data.ContinualCollator(memories=<bank folder>))"
             )
         else:
             with torch.set_grad_enabled(self.encode == "grad" and torch.is_grad_enabled()):
@@ -239,9 +250,9 @@ class Memory3Module(L.LightningModule):
 
         Args:
             batch: A collated batch: `"tokens"` `(B, T + 1)` (inputs and shifted targets),
-                plus, in the continual stage, the references to encode and the pool layout
-                (`"pool"`, `"slots"`, `"reference_tokens"`, `"reference_lengths"`; see
-                `m3.data.ContinualCollator`).
+                plus, in the continual stage, the pool layout (`"pool"`, `"slots"`) and the
+                references to encode (`"reference_tokens"`, `"reference_lengths"`) or their
+                memories read from a store (`"memory_*"`; see `m3.data.ContinualCollator`).
             batch_idx: Index of the batch in the epoch.
 
         Returns:

@@ -161,8 +161,15 @@ class TrainingSection:
         decay_fraction: Share of the steps in the final decay of "wsd".
         min_lr_ratio: Final learning rate as a fraction of `lr`.
         window: Chunks whose references a chunk reads (the paper: 5).
-        encode: "grad": gradients flow through the on-the-fly encoding; "no_grad":
-            forward-only encoding.
+        encode: How the continual stage gets its references' memories. "grad": encoded on
+            the fly by the current weights, gradients flowing through the selected keys and
+            values (the paper's setting; ≈ 2× a warmup step); "no_grad": encoded on the fly,
+            forward-only (≈ 1.3×); "store": read from the bank named by `memories` and not
+            encoded at all (the paper's "frozen" option: the memories stay those of the
+            weights that built the bank while training changes the weights).
+        memories: With `encode: store`, and only then: the bank folder `m3 build-memory`
+            wrote from the same knowledge base, chunker and tokenizer, with the weights
+            `init_weights` names. `m3 fit` checks all of that before training.
         init_weights: Weights to start from: a stage's `model.pt` or `.ckpt`, or a Hugging
             Face Llama-family folder; a continual stage must name them, or say "random" to
             train with memory from random weights (the paper's Figure 11 comparison).
@@ -176,7 +183,8 @@ class TrainingSection:
     decay_fraction: Annotated[float, Bounds(ge=0, le=1)] = 0.1
     min_lr_ratio: Annotated[float, Bounds(ge=0, le=1)] = 0.0
     window: Annotated[int, Bounds(ge=1)] = 5
-    encode: Literal["grad", "no_grad"] = "grad"
+    encode: Literal["grad", "no_grad", "store"] = "grad"
+    memories: str | None = None
     init_weights: str | None = None
 
 

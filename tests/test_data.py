@@ -167,3 +167,107 @@ def test_data_module_pairs_once_and_refuses_a_pairing_of_other_data(tmp_path):
 def test_data_module_refuses_sequences_shorter_than_a_chunk(tmp_path):
     with pytest.raises(UserError, match="shorter than one chunk"):
         TextDataModule(ByteTokenizer(), [tmp_path], seq_length=32, chunk_length=64)
+
+
+# ------------------------------------------------------------------- memories read from a bank
+def bank_data(tiny_bank, **kwargs):
+    """The continual data of `tiny_bank`'s world, reading memories from the bank."""
+    from conftest import TINY_WORLD
+
+    from m3.sources import WorldSource
+
+    config = tiny_bank.recipe.model.config()
+    options = dict(
+        val=[WorldSource("heldout", **TINY_WORLD)], seq_length=128, batch_size=3,
+        knowledge=[WorldSource("kb", **TINY_WORLD)], chunker=FixedChunker(config.reference_length),
+        embedder=HashedNgramEmbedder(dim=512), chunk_length=config.chunk_length,
+        memories=tiny_bank.folder,
+    )  # fmt: skip
+    return TextDataModule(ByteTokenizer(), [WorldSource("train", **TINY_WORLD)], **options | kwargs)
+
+
+def bank_model(tiny_bank):
+    from m3.checkpoints import load_weights
+    from m3.model import Memory3
+
+    model = Memory3(tiny_bank.recipe.model.config())
+    load_weights(model, tiny_bank.weights)
+    return model
+
+
+def test_store_batches_carry_what_the_bank_holds_for_their_references(tiny_bank):
+    """Reference ids are the bank's ids; each worker opens the store itself."""
+    import pickle
+
+    from m3.bank import open_bank
+    from m3.data import open_memory_store
+
+    data = bank_data(tiny_bank, num_workers=2)
+    data.check_memories(bank_model(tiny_bank))
+    data.setup()
+    bank = open_bank(tiny_bank.folder)
+    # ids agree: the bank stored, under each id, the tokens of the pairing's reference
+    assert len(bank.store) == len(data.references)
+    for i, stored in enumerate(bank.store.references(range(len(data.references)))):
+        assert list(stored.ids) == list(data.references[i].ids)
+    encoding = ContinualCollator(data.references)
+    size, pairing = data.batch_size, data.val_set.pairing
+    batches = list(data.val_dataloader())  # in order, collated in worker processes
+    assert len(batches) >= 2 and (pairing >= 0).any()
+    for n, batch in enumerate(batches):
+        items = [data.val_set[i] for i in range(n * size, min((n + 1) * size, len(data.val_set)))]
+        assert "reference_tokens" not in batch
+        layout = encoding(items)  # the same pool and slots as when encoding
+        assert torch.equal(batch["pool"], layout["pool"])
+        assert torch.equal(batch["slots"], layout["slots"])
+        ids = torch.unique(pairing[n * size : (n + 1) * size])
+        memory = bank.store.read(ids[ids >= 0])
+        assert torch.equal(batch["memory_keys"], memory.keys)
+        assert torch.equal(batch["memory_values"], memory.values)
+        assert torch.equal(batch["memory_valid"], memory.valid)
+        assert torch.equal(batch["memory_positions"], memory.positions)
+    # a collator is pickled without its open store and opens it again where it is used
+    collator = data.val_dataloader().collate_fn
+    first = collator(items)
+    assert collator._store is not None
+    copy = pickle.loads(pickle.dumps(collator))
+    assert copy._store is None
+    assert torch.equal(copy(items)["memory_keys"], first["memory_keys"])
+    # a batch whose chunks retrieved nothing gets one invalid dummy memory
+    empty = copy([{"tokens": items[0]["tokens"], "references": torch.full_like(ids[:2], -1)}])
+    assert empty["memory_keys"].shape[0] == 1 and not empty["memory_valid"].any()
+    assert (empty["pool"] == -1).all()
+    store, manifest = open_memory_store(tiny_bank.folder)
+    assert manifest["references"] == len(store) == len(data.references)
+
+
+def test_a_bank_that_does_not_fit_is_refused_naming_training_memories(tiny_bank, tmp_path):
+    from conftest import TINY_WORLD
+
+    from m3.sources import WorldSource
+
+    model = bank_model(tiny_bank)
+    with pytest.raises(UserError, match=r"training.memories: .* is not a memory bank"):
+        bank_data(tiny_bank, memories=tmp_path).check_memories(model)
+    fewer = [WorldSource("kb", n_people=8, n_places=6, n_orgs=6)]
+    with pytest.raises(UserError, match=r"training.memories: .* holds \d+ references"):
+        bank_data(tiny_bank, knowledge=fewer).check_memories(model)
+    # as many references, other text (the same documents, case swapped): the stored tokens tell
+    documents = WorldSource("kb", **TINY_WORLD).documents()
+    lines = [json.dumps({"id": d.id, "text": d.text.swapcase()}) for d in documents]
+    (tmp_path / "swapped.jsonl").write_text("\n".join(lines))
+    data = bank_data(tiny_bank, knowledge=[FilesSource([tmp_path / "swapped.jsonl"])])
+    data.references = data.build_references()
+    assert len(data.references) == len(open_bank_store(tiny_bank))
+    with pytest.raises(UserError, match=r"reference \d+ holds other tokens"):
+        data.check_memories(model)
+    with torch.no_grad():
+        model.embed_tokens.weight.add_(1.0)  # other weights than the bank's writer
+    with pytest.raises(UserError, match=r"training.memories: .* was written by weights"):
+        bank_data(tiny_bank).check_memories(model)
+
+
+def open_bank_store(tiny_bank):
+    from m3.data import open_memory_store
+
+    return open_memory_store(tiny_bank.folder)[0]

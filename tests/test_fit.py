@@ -81,3 +81,59 @@ def test_bad_continual_recipes_stop_before_any_work(warmup_run, tmp_path, capsys
     assert run(BASE, WARMUP, f"output={out}", "model.vocab_size=100", *FAST) == 2
     assert "the tokenizer has 259 ids" in capsys.readouterr().err
     assert not (out / "done.json").exists()
+
+
+# ------------------------------------------------------------- encode: store (the frozen option)
+BUILD = str(ROOT / "recipes/tiny/build-memory.yaml")
+
+
+@pytest.fixture(scope="module")
+def warmup_bank(warmup_run, tmp_path_factory) -> Path:
+    """The continual recipe's knowledge base, encoded by the warmup weights."""
+    out = tmp_path_factory.mktemp("banks") / "warmup-bank"
+    init = f"training.init_weights={warmup_run / 'model.pt'}"
+    args = [BASE, BUILD, f"output={out}", init, "trainer.enable_progress_bar=false"]
+    assert main(["build-memory", *args]) == 0
+    return out
+
+
+def test_continual_stage_reads_frozen_memories_from_a_bank(warmup_run, warmup_bank, tmp_path):
+    out = tmp_path / "frozen"
+    init = f"training.init_weights={warmup_run / 'model.pt'}"
+    store = ["training.encode=store", f"training.memories={warmup_bank}"]
+    assert run(BASE, CONTINUAL, f"output={out}", init, *store, *FAST, "data.num_workers=1") == 0
+    done = json.loads((out / "done.json").read_text())
+    assert done["stage"] == "continual" and done["steps"] == 3
+    before = torch.load(warmup_run / "model.pt")
+    after = torch.load(out / "model.pt")
+    name = "layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(before[name], after[name])
+
+
+def test_bad_store_settings_stop_before_any_work(warmup_run, warmup_bank, tmp_path, capsys):
+    out = tmp_path / "never"
+    init = f"training.init_weights={warmup_run / 'model.pt'}"
+    common = [BASE, CONTINUAL, f"output={out}", *FAST]
+
+    def refused(*args: str) -> str:
+        assert run(*common, *args) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    err = refused(init, "training.encode=store")
+    assert "training.memories: training.encode: store reads" in err
+    err = refused(init, "training.encode=store", f"training.memories={warmup_run}")
+    assert f"training.memories: {warmup_run} is not a memory bank" in err
+    small = "data.knowledge=[{class_path: world, init_args: {split: kb, n_people: 12}}]"
+    err = refused(init, "training.encode=store", f"training.memories={warmup_bank}", small)
+    assert "references" in err and "data.knowledge cut by this recipe's chunker gives" in err
+    err = refused(init, "training.encode=store", f"training.memories={warmup_bank}",
+                  "model.memory_tokens=4")  # fmt: skip
+    assert "the model's kept tokens (k) is 4, the store holds 8" in err
+    err = refused("training.init_weights=random", "training.encode=store",
+                  f"training.memories={warmup_bank}")  # fmt: skip
+    assert f"training.memories: {warmup_bank} was written by weights" in err
+    err = refused(init, f"training.memories={warmup_bank}")
+    assert "training.memories: only a continual stage with training.encode: store" in err
+    assert not out.exists() or not (out / "done.json").exists()

@@ -141,3 +141,38 @@ def test_bad_settings_are_refused(tmp_path):
     torch.save(Memory3Module({**MODEL, "n_embd": 32}).model.state_dict(), tmp_path / "other.pt")
     with pytest.raises(UserError, match=r"weight embed_tokens.weight has shape \(260, 32\)"):
         Memory3Module(MODEL, init_weights=str(tmp_path / "other.pt"))
+
+
+def test_store_mode_reads_the_batch_memories_and_encodes_nothing(tmp_path):
+    """Memories of the same weights, precomputed, give the logits of forward-only encoding."""
+    from m3.encoding import MemoryEncoder
+    from m3.sparsify import TopKSparsifier
+
+    prefix = ByteTokenizer().reference_prefix()
+    data = data_module(tmp_path, continual=True)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    encoding = Memory3Module(MODEL, stage="continual", reference_prefix=prefix, encode="no_grad")
+    store = Memory3Module(MODEL, stage="continual", reference_prefix=prefix, encode="store")
+    store.load_state_dict(encoding.state_dict())
+    with torch.no_grad():
+        dense = MemoryEncoder()(
+            encoding.model,
+            batch["reference_tokens"],
+            batch["reference_lengths"],
+            prefix=encoding.prefix,
+        )
+        memory = TopKSparsifier(k=encoding.config.memory_tokens)(dense)
+    precomputed = {k: v for k, v in batch.items() if not k.startswith("reference_")} | {
+        "memory_keys": memory.keys, "memory_values": memory.values,
+        "memory_valid": memory.valid, "memory_positions": memory.positions,
+    }  # fmt: skip
+    logits = store(precomputed)
+    assert torch.allclose(logits, encoding(batch), atol=1e-5)
+    logits.sum().backward()  # the memories are data: the weights still get gradients
+    assert store.model.layers[0].self_attn.q_proj.weight.grad is not None
+    with pytest.raises(UserError, match="encode='store' reads memories from a store"):
+        store(batch)
+    with pytest.raises(UserError, match="'grad', 'no_grad' or 'store'"):
+        Memory3Module(MODEL, stage="continual", reference_prefix=prefix, encode="frozen")
