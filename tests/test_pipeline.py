@@ -23,6 +23,7 @@ TOY = [
     "data.seq_length=128", "data.batch_size=2", "trainer.val_check_interval=2",
     "trainer.limit_val_batches=1", "trainer.enable_progress_bar=false",
     "stages.warmup.trainer.max_steps=2", "stages.continual.trainer.max_steps=2",
+    "stages.continual.data.batch_size=2",
     "stages.evaluate.evaluation.n_questions=8", "stages.evaluate.evaluation.max_sequences=2",
     "stages.edit.evaluation.n_edits=3", "stages.generate.generation.max_new_tokens=4",
 ]  # fmt: skip
@@ -65,6 +66,36 @@ def test_quickstart_stages_run_then_skip_then_rerun_what_changed(tmp_path: Path)
     skipped = [line.split()[1] for line in lines if "skipped" in line]
     assert skipped == ["data", "warmup"]
     assert [line.split()[1] for line in lines if "finished in" in line] == names[2:]
+
+
+# The quickstart at the smallest size that learns to read its memories on this CPU (about two
+# minutes): the whole world (a smaller one is memorised, not read), width 64, 150 warmup and
+# 800 continual steps (600 stayed at chance). Measured on seed 0: memory 47.7%, none 27.0%,
+# shuffled 26.0% of 400 questions.
+LEARNS = [
+    "model.n_embd=64", "model.head_dim=16", "model.mlp_hidden=192", "model.vocab_size=1024",
+    "tokenizer.init_args.vocab_size=1024", "data.seq_length=128",
+    "trainer.val_check_interval=1000", "trainer.limit_val_batches=1",
+    "trainer.enable_progress_bar=false", "stages.warmup.trainer.max_steps=150",
+    "stages.continual.trainer.max_steps=800", "stages.evaluate.evaluation.n_questions=400",
+    "stages.evaluate.evaluation.max_sequences=4", "stages.edit.evaluation.n_edits=10",
+    "stages.generate.generation.max_new_tokens=8",
+]  # fmt: skip
+MARGIN = 0.10  # memory beats no memory by at least 10 points, intervals apart
+
+
+def test_a_small_quickstart_learns_to_read_its_memories(tmp_path: Path) -> None:
+    with registry.input_files_unchecked():
+        recipe = load_recipe(QUICKSTART, [f"output={tmp_path / 'run'}", *LEARNS])
+    run_pipeline(recipe, echo=lambda line: None)
+    evaluation = json.loads((tmp_path / "run" / "evaluate" / "evaluation.json").read_text())
+    cloze = evaluation["cloze"]
+    memory, none, shuffled = cloze["memory"], cloze["none"], cloze["shuffled"]
+    assert memory["questions"] == 400 and memory["chance"] == 0.25
+    assert memory["accuracy"] >= none["accuracy"] + MARGIN, cloze
+    assert memory["low"] > none["high"], cloze  # 95% intervals do not overlap
+    # the negative control: memories of other questions help no more than none at all
+    assert shuffled["accuracy"] <= none["high"] and shuffled["high"] < memory["low"], cloze
 
 
 def test_a_folder_of_another_recipe_is_refused(tmp_path: Path) -> None:
