@@ -544,6 +544,48 @@ def _class(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
+def open_bank_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
+    """Open only the store of a bank that `build_memory` wrote, with its manifest.
+
+    Its shards open read-only as one store; neither the index nor the embedder is loaded
+    (continual training in `training.encode: store` reads memories by id, searching
+    nothing).
+
+    Args:
+        folder: The bank folder.
+
+    Returns:
+        The store and the bank's `manifest.json`.
+
+    Raises:
+        UserError: For a folder without a finished bank, an incomplete shard, or a shard
+            whose quantizer is not the manifest's.
+    """
+    folder = Path(folder)
+    if (folder / EDIT_JOURNAL).is_dir():
+        raise UserError(
+            f"{folder} holds no finished memory bank: an edit was interrupted; finish it with "
+            f"m3 edit {folder} --resume"
+        )
+    if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
+        raise UserError(f"{folder} holds no finished memory bank (run m3 build-memory)")
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files = [folder / shard["file"] for shard in manifest["shards"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{folder / MANIFEST} is not a bank manifest ({error!r})") from None
+    shards = [HDF5Store(path) for path in files]
+    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
+    for shard in shards:
+        if (shard.info.quantizer or {}).get("fingerprint") != recorded:
+            raise UserError(
+                f"{shard.path}: its quantizer is not the one in {folder / MANIFEST} "
+                f"({str(recorded)[:16]}): rebuild the bank"
+            )
+    store: MemoryStore = shards[0] if len(shards) == 1 else ShardedStore(shards)
+    return store, manifest
+
+
 def open_bank(folder: str | Path) -> Bank:
     """Open a bank that `build_memory` wrote: its shards as one store, its index and embedder.
 
@@ -561,23 +603,7 @@ def open_bank(folder: str | Path) -> Bank:
             whose quantizer is not the manifest's.
     """
     folder = Path(folder)
-    if (folder / EDIT_JOURNAL).is_dir():
-        raise UserError(
-            f"{folder} holds no finished memory bank: an edit was interrupted; finish it with "
-            f"m3 edit {folder} --resume"
-        )
-    if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
-        raise UserError(f"{folder} holds no finished memory bank (run m3 build-memory)")
-    manifest = json.loads((folder / MANIFEST).read_text())
-    shards = [HDF5Store(folder / s["file"]) for s in manifest["shards"]]
-    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
-    for shard in shards:
-        if (shard.info.quantizer or {}).get("fingerprint") != recorded:
-            raise UserError(
-                f"{shard.path}: its quantizer is not the one in {folder / MANIFEST} "
-                f"({str(recorded)[:16]}): rebuild the bank"
-            )
-    store: MemoryStore = shards[0] if len(shards) == 1 else ShardedStore(shards)
+    store, manifest = open_bank_store(folder)
     index = _class(manifest["index"]["class"]).load(folder / "index")
     embedder_class = _class(manifest["embedder"]["class"])
     if (folder / "embedder").is_dir() and hasattr(embedder_class, "load"):

@@ -163,11 +163,9 @@ class SequenceDataset(Dataset):
 
 
 def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
-    """Open the store of a memory bank that `m3 build-memory` wrote, without its index.
+    """Open the store of a memory bank for `training.encode: store`, without its index.
 
-    The shards open read-only as one store, as `m3.bank.open_bank` opens them, but neither
-    the search index nor the embedder is loaded: the continual stage reads memories by
-    reference id and searches nothing.
+    `m3.bank.open_bank_store`, with problems reported under `training.memories`.
 
     Args:
         folder: The bank folder (`training.memories`).
@@ -179,45 +177,17 @@ def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
         UserError: Naming `training.memories` and the folder, when it holds no finished bank
             or a shard that does not open.
     """
-    from m3.backends.hdf5_store import HDF5Store
-    from m3.bank import EDIT_JOURNAL, MANIFEST, ShardedStore
+    from m3.bank import open_bank_store
 
-    folder = Path(folder)
-    if not folder.is_dir():
+    if not Path(folder).is_dir():
         raise UserError(
             f"training.memories: {folder} does not exist (expected the bank folder "
             "m3 build-memory wrote: build the bank first?)"
         )
-    if (folder / EDIT_JOURNAL).is_dir():
-        raise UserError(
-            f"training.memories: {folder} holds an interrupted edit, not a finished memory "
-            f"bank: finish it with m3 edit {folder} --resume"
-        )
-    if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
-        raise UserError(
-            f"training.memories: {folder} is not a memory bank (expected the folder "
-            "m3 build-memory wrote, with manifest.json and done.json)"
-        )
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = [folder / shard["file"] for shard in manifest["shards"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(
-            f"training.memories: {folder / MANIFEST} is not a bank manifest ({error!r})"
-        ) from None
-    try:
-        shards: list[MemoryStore] = [HDF5Store(path) for path in files]
-        store = shards[0] if len(shards) == 1 else ShardedStore(shards)
+        return open_bank_store(folder)
     except UserError as error:
-        raise UserError(f"training.memories: {folder}: {error}") from None
-    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
-    for shard in shards:
-        if (shard.info.quantizer or {}).get("fingerprint") != recorded:
-            raise UserError(
-                f"training.memories: {shard}: its quantizer is not the one in "
-                f"{folder / MANIFEST}: rebuild the bank"
-            )
-    return store, manifest
+        raise UserError(f"training.memories: {error}") from None
 
 
 class ContinualCollator:

@@ -247,7 +247,7 @@ def test_a_bank_that_does_not_fit_is_refused_naming_training_memories(tiny_bank,
     from m3.sources import WorldSource
 
     model = bank_model(tiny_bank)
-    with pytest.raises(UserError, match=r"training.memories: .* is not a memory bank"):
+    with pytest.raises(UserError, match=r"training.memories: .* holds no finished memory bank"):
         bank_data(tiny_bank, memories=tmp_path).check_memories(model)
     fewer = [WorldSource("kb", n_people=8, n_places=6, n_orgs=6)]
     with pytest.raises(UserError, match=r"training.memories: .* holds \d+ references"):

@@ -124,7 +124,7 @@ def test_bad_store_settings_stop_before_any_work(warmup_run, warmup_bank, tmp_pa
     err = refused(init, "training.encode=store")
     assert "training.memories: training.encode: store reads" in err
     err = refused(init, "training.encode=store", f"training.memories={warmup_run}")
-    assert f"training.memories: {warmup_run} is not a memory bank" in err
+    assert f"training.memories: {warmup_run} holds no finished memory bank" in err
     small = "data.knowledge=[{class_path: world, init_args: {split: kb, n_people: 12}}]"
     err = refused(init, "training.encode=store", f"training.memories={warmup_bank}", small)
     assert "references" in err and "data.knowledge cut by this recipe's chunker gives" in err
