@@ -60,7 +60,10 @@ def run_recipe(base: dict, *, warmup: bool, memory: bool, steps: tuple[int, int]
         run["warmup"] = {**stages["warmup"], "trainer": {"max_steps": steps[0]}}
     run["train"] = train
     run["bank"] = {**stages["bank"], "training": weights}
-    run["evaluate"] = {**stages["evaluate"], "training": weights}
+    evaluation = {**stages["evaluate"]["evaluation"]}
+    if not memory:  # read as it was trained: warmup mode, not memory mode with no memories
+        evaluation["without_memory"] = "warmup"
+    run["evaluate"] = {**stages["evaluate"], "training": weights, "evaluation": evaluation}
     return {**base, "stages": run}
 
 

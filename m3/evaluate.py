@@ -58,6 +58,12 @@ ClozeMode = Literal["memory", "none", "rag", "shuffled"]
 TextMode = Literal["memory", "none", "rag"]
 Protocol = Literal["paper", "causal"]
 
+#: How the `none` mode reads a model: "empty" — memory mode with no memories, the same
+#: model reading nothing (right for a model trained with memory); "warmup" — warmup mode, no
+#: reference prefix and positions from the context's `<s>` (right for a model trained
+#: without memory, e.g. a warmup stage or a no-memory baseline).
+WithoutMemory = Literal["empty", "warmup"]
+WITHOUT_MEMORY: tuple[WithoutMemory, ...] = ("empty", "warmup")
 CLOZE_MODES: tuple[ClozeMode, ...] = ("memory", "none", "rag", "shuffled")
 TEXT_MODES: tuple[TextMode, ...] = ("memory", "none", "rag")
 PROTOCOLS: tuple[Protocol, ...] = ("paper", "causal")
@@ -180,9 +186,9 @@ def _scored_tokens(
     rows: list[list[int]],
     scored_from: list[int],
     memories: Memories | None,
-    prefix: Tensor,
+    prefix: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Read right-padded rows in memory mode and score their tokens from `scored_from` on.
+    """Read right-padded rows and score their tokens from `scored_from` on.
 
     Args:
         model: The model.
@@ -190,23 +196,28 @@ def _scored_tokens(
         scored_from: Per row, the position of its first scored token (≥ 1).
         memories: The rows' memories (every chunk sees what chunk 0 sees when the pool has
             one chunk); None reads none.
-        prefix: The reference prefix ids.
+        prefix: The reference prefix ids (memory mode), or None to read the rows in warmup
+            mode (no prefix, no memories).
 
     Returns:
         `(R, T − 1)` log-probabilities of each next token, whether it was the argmax, and
         the mask of scored positions.
     """
-    device = prefix.device
+    device = next(model.parameters()).device
     idx, lengths = _right_pad(rows, 0)
     idx, lengths = idx.to(device), lengths.to(device)
     chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
-    if memories is None:
-        memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
-    elif memories.num_chunks == 1 and chunks > 1:
-        visible = memories.visible.expand(-1, chunks, -1)
-        memories = Memories(memories.keys, memories.values, memories.valid, visible)
-    memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
-    logits = model(idx, memories, prefix=prefix).float()[:, :-1]
+    if prefix is None:
+        assert memories is None, "warmup mode reads no memories"
+        logits = model(idx).float()[:, :-1]
+    else:
+        if memories is None:
+            memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
+        elif memories.num_chunks == 1 and chunks > 1:
+            visible = memories.visible.expand(-1, chunks, -1)
+            memories = Memories(memories.keys, memories.values, memories.valid, visible)
+        memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
+        logits = model(idx, memories, prefix=prefix).float()[:, :-1]
     targets = idx[:, 1:, None]
     token_logp = torch.log_softmax(logits, -1).gather(-1, targets)[..., 0]
     hits = (logits.argmax(-1, keepdim=True) == targets)[..., 0].float()
@@ -225,6 +236,7 @@ def evaluate_cloze(
     modes: Sequence[ClozeMode] = CLOZE_MODES,
     batch_size: int = 32,
     seed: int = 0,
+    without_memory: WithoutMemory = "empty",
     progress: bool = False,
 ) -> dict[str, ClozeScore]:
     """Multiple-choice cloze accuracy: the option with the highest log-likelihood wins.
@@ -240,6 +252,7 @@ def evaluate_cloze(
         modes: Which of `memory`, `none`, `rag`, `shuffled` to score.
         batch_size: Questions per forward pass (times their options).
         seed: Seed of the shuffled control's permutation.
+        without_memory: How the `none` mode reads the model (see `WITHOUT_MEMORY`).
         progress: Show a progress bar per mode.
 
     Returns:
@@ -288,7 +301,8 @@ def evaluate_cloze(
             if mode in ("memory", "shuffled"):
                 source = (order if mode == "memory" else shuffled)[torch.tensor(owner)]
                 memories = _rows_of(retrieved, source)  # type: ignore[arg-type]
-            token_logp, _, mask = _scored_tokens(model, lines, scored_from, memories, prefix)
+            reading = None if mode == "none" and without_memory == "warmup" else prefix
+            token_logp, _, mask = _scored_tokens(model, lines, scored_from, memories, reading)
             scores = (token_logp * mask).sum(-1).cpu()
             at = 0
             for q in batch:
@@ -345,6 +359,7 @@ def evaluate_heldout(
     seq_length: int = 256,
     batch_size: int = 8,
     max_sequences: int | None = 64,
+    without_memory: WithoutMemory = "empty",
     progress: bool = False,
 ) -> dict[str, dict[str, TextScore]]:
     """Loss, perplexity and next-token accuracy on held-out text.
@@ -360,6 +375,7 @@ def evaluate_heldout(
         seq_length: Tokens per scored window after its `<s>`.
         batch_size: Windows per forward pass.
         max_sequences: Most windows scored.
+        without_memory: How the `none` mode reads the model (see `WITHOUT_MEMORY`).
         progress: Show a progress bar per protocol and mode.
 
     Returns:
@@ -411,7 +427,8 @@ def evaluate_heldout(
                     before = rag_prefixes(retriever, tokenizer, queries)  # type: ignore[arg-type]
                     rows = [[w[0], *b, *w[1:]] for w, b in zip(batch, before, strict=True)]
                     scored_from = [1 + len(b) for b in before]
-                token_logp, hits, mask = _scored_tokens(model, rows, scored_from, memories, prefix)
+                reading = None if mode == "none" and without_memory == "warmup" else prefix
+                token_logp, hits, mask = _scored_tokens(model, rows, scored_from, memories, reading)
                 metrics[0].update(-token_logp[mask].cpu())
                 metrics[1].update(hits[mask].cpu())
             loss = float(metrics[0].compute())
@@ -579,6 +596,7 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
                 retriever=retriever,
                 batch_size=spec.batch_size,
                 seed=recipe.seed,
+                without_memory=spec.without_memory,
                 progress=True,
             )
             if questions
@@ -594,6 +612,7 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
                 seq_length=spec.seq_length,
                 batch_size=spec.batch_size,
                 max_sequences=spec.max_sequences,
+                without_memory=spec.without_memory,
                 progress=True,
             )
             if texts

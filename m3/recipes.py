@@ -275,6 +275,9 @@ class EvaluationSection:
             its own text), "causal" (with the text before it).
         edits: A JSONL file of knowledge edits (`World.write` writes `edits.jsonl`).
         n_edits: Edits tried (the first ones); null: all.
+        without_memory: How the `none` mode reads the model: "empty" (memory mode with no
+            memories: the same model reading nothing, for a model trained with memory) or
+            "warmup" (warmup mode: no reference prefix, for a model trained without memory).
     """
 
     cloze: str | None = None
@@ -286,6 +289,7 @@ class EvaluationSection:
     protocols: list[Literal["paper", "causal"]] = field(default_factory=lambda: ["paper", "causal"])
     edits: str | None = None
     n_edits: Annotated[int, Bounds(ge=1)] | None = None
+    without_memory: Literal["empty", "warmup"] = "empty"
 
 
 @dataclass(frozen=True, kw_only=True)

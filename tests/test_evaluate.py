@@ -142,6 +142,40 @@ def test_batched_cloze_equals_one_row_at_a_time(mode: str) -> None:
     assert fast[mode].questions == len(QUESTIONS) and fast[mode].chance == 0.25
 
 
+def test_without_memory_in_warmup_mode_reads_no_prefix() -> None:
+    """`without_memory="warmup"`: the `none` mode reads the model as a warmup stage does."""
+    model, _ = setup()
+    warmup = evaluate_cloze(
+        model, TOKENIZER, QUESTIONS, modes=["none"], batch_size=5, without_memory="warmup"
+    )["none"]
+    correct = 0
+    for question in QUESTIONS:
+        context = [TOKENIZER.bos_id, *TOKENIZER.encode(question.prompt)]
+        scores = []
+        for option in question.options:
+            ids = TOKENIZER.encode(option)
+            logp = torch.log_softmax(model(torch.tensor([context + ids])).double(), -1)[0]
+            scores.append(sum(float(logp[len(context) + t - 1, tok]) for t, tok in enumerate(ids)))
+        correct += int(max(range(4), key=scores.__getitem__) == question.answer)
+    assert warmup.accuracy == pytest.approx(correct / len(QUESTIONS))
+    ids = TOKENIZER.encode(TEXTS[0])
+    windows = [[TOKENIZER.bos_id, *ids[s : s + 150]] for s in range(0, len(ids), 150)]
+    heldout = evaluate_heldout(
+        model, TOKENIZER, TEXTS[:1], modes=["none"], protocols=["paper"], seq_length=150,
+        without_memory="warmup",
+    )["paper"]["none"]  # fmt: skip
+    total = count = 0
+    for w in windows:
+        logp = torch.log_softmax(model(torch.tensor([w])).double(), -1)[0]
+        total -= sum(float(logp[t - 1, w[t]]) for t in range(1, len(w)))
+        count += len(w) - 1
+    assert heldout.loss == pytest.approx(total / count, rel=1e-5)
+    empty = evaluate_heldout(
+        model, TOKENIZER, TEXTS[:1], modes=["none"], protocols=["paper"], seq_length=150
+    )["paper"]["none"]
+    assert empty.loss != pytest.approx(heldout.loss)  # the prefix and positions differ
+
+
 def test_shuffled_control_reads_another_questions_memories() -> None:
     model, retriever = setup()
     fast = evaluate_cloze(
