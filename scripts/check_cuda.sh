@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the model equivalence tests on a CUDA device in bf16 (the same tests CI runs on the CPU
-# in fp32), plus the prompt-pass benchmark. Needs a GPU; CI never runs this.
+# in fp32: one-pass prompts, cached decoding through the memory region, gradients). Needs a
+# GPU; CI never runs this.
 #   scripts/check_cuda.sh [--dtype bfloat16|float16|float32]
 set -euo pipefail
 cd "$(dirname "$0")/.."
