@@ -154,9 +154,13 @@ def _max_window_lcs(
         return _lcs_bits(_masks(text), len(text), reference)
     if text_np is None:
         text_np = np.asarray(text, dtype=np.int64)
-    bounds = _window_bounds(text_np, reference, width)
-    last = bounds.size - 1
     masks = _masks(reference)
+    # Every window is a subsequence of the text: one pass over the whole text bounds them all.
+    whole = _lcs_bits(masks, length, text)
+    if need is not None and whole < need:
+        return whole
+    bounds = np.minimum(_window_bounds(text_np, reference, width), whole)
+    last = bounds.size - 1
     # Candidate starts: on a token of the reference, plus the last full window.
     on_token = np.fromiter((t in masks for t in text[:last]), dtype=bool, count=last)
     candidates = np.append(np.nonzero(on_token)[0], last)
