@@ -9,7 +9,8 @@ inherits the last prompt chunk's memories). The memory bank is written by
 references of ≤ 128 bytes), the fitted `HashedNgramEmbedder` and an exact index; k = 5,
 leakage threshold 2/3 against each row's context.
 
-Scenarios (median of `--repeats` timed runs after one warm-up run):
+Scenarios (median of `--repeats` timed runs after one warm-up run; the scenarios take turns,
+so that the machine's drift hits all of them alike):
 
 - **none**: the same model reading no memories;
 - **memory, RAM cache**: the retriever's LRU cache (4096 references) kept across runs;
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from timing import median_seconds
+from timing import interleaved_medians
 
 from m3.bank import build_memory
 from m3.generate import Generation, Inference, generate, load_inference
@@ -91,32 +92,37 @@ def drop_page_cache(folder: Path) -> None:
             os.close(fd)
 
 
-def run(
-    inference: Inference, texts: list[str], mode: str, repeats: int, *, cold: Path | None = None
-) -> tuple[float, dict[str, float], Generation]:
-    """Tokens/s of the median run (after a warm-up run), with the median phase times (ms).
+class Scenario:
+    """One way of generating the prompts' continuations, timed with the others in turns.
 
-    With `cold`, every run starts with an empty RAM cache and the store files' pages dropped
-    (both take a few ms, counted in the run's time).
+    With `cold`, every call starts with an empty RAM cache and the store files' pages
+    dropped (both take a few ms, counted in the call's time).
     """
-    phases: list[dict[str, float]] = []
-    outputs: list[Generation] = []
 
-    def once() -> None:
-        retriever = inference.retriever
-        if cold is not None:
+    def __init__(
+        self, inference: Inference, texts: list[str], mode: str, *, cold: Path | None = None
+    ) -> None:
+        self.inference, self.texts, self.mode, self.cold = inference, texts, mode, cold
+        self.phases: list[dict[str, float]] = []
+        self.output: Generation | None = None
+
+    def __call__(self) -> None:
+        retriever = self.inference.retriever
+        if self.cold is not None:
             retriever.reset_cache()
-            drop_page_cache(cold)
+            drop_page_cache(self.cold)
         retriever.reset_stats()
-        out = generate(inference, texts, max_new_tokens=NEW, mode=mode, ignore_eos=True)
+        out = generate(
+            self.inference, self.texts, max_new_tokens=NEW, mode=self.mode, ignore_eos=True
+        )
         assert out.new_tokens == BATCH * NEW
-        phases.append({**out.times, **retriever.phase_times()})
-        outputs.append(out)
+        self.phases.append({**out.times, **retriever.phase_times()})
+        self.output = out
 
-    seconds = median_seconds(once, repeats)
-    timed = phases[1:]  # the first call warmed up
-    median = {k: statistics.median(p[k] for p in timed) * 1e3 for k in timed[0]}
-    return BATCH * NEW / seconds, median, outputs[-1]
+    def median_phases(self) -> dict[str, float]:
+        """Median time of each phase (ms) over the timed calls (the first one warmed up)."""
+        timed = self.phases[1:]
+        return {k: statistics.median(p[k] for p in timed) * 1e3 for k in timed[0]}
 
 
 def main() -> None:
@@ -145,11 +151,17 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}"
         )
         print(f"batch {BATCH}, {PROMPT} prompt + {NEW} generated tokens per row, greedy\n")
+        scenarios = {
+            "none": Scenario(warm, texts, "none"),
+            "memory, RAM cache": Scenario(warm, texts, "memory"),
+            "memory, worst case": Scenario(cold, texts, "memory", cold=folder),
+            "RAG, 5 references": Scenario(warm, texts, "rag"),
+        }
+        # in turns, so that the machine's drift hits every scenario alike
+        seconds = interleaved_medians(scenarios, args.repeats)  # type: ignore[arg-type]
         results = {
-            "none": run(warm, texts, "none", args.repeats),
-            "memory, RAM cache": run(warm, texts, "memory", args.repeats),
-            "memory, worst case": run(cold, texts, "memory", args.repeats, cold=folder),
-            "RAG, 5 references": run(warm, texts, "rag", args.repeats),
+            name: (BATCH * NEW / seconds[name], scenario.median_phases(), scenario.output)
+            for name, scenario in scenarios.items()
         }
         rag_prompt = statistics.mean(len(c) for c in results["RAG, 5 references"][2].contexts)
         columns = ["prefill", "decode", "sample", "retrieve", *PHASES]

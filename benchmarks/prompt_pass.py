@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 import torch
-from timing import median_seconds
+from timing import interleaved_medians
 
 from m3.config import Config
 from m3.memory import Memories
@@ -63,9 +63,10 @@ def main() -> None:
 
     with torch.inference_mode():
         error = (one_pass() - per_chunk_loop()).abs().max().item()
-        t_one = median_seconds(one_pass, args.repeats)
-        t_loop = median_seconds(per_chunk_loop, args.repeats)
-        t_warm = median_seconds(warmup, args.repeats)
+        timed = interleaved_medians(
+            {"one": one_pass, "loop": per_chunk_loop, "warm": warmup}, args.repeats
+        )
+        t_one, t_loop, t_warm = timed["one"], timed["loop"], timed["warm"]
 
     tokens_total = batch * length
     print(
