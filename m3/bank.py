@@ -815,14 +815,14 @@ def build_memory(
         raise UserError(f"training.init_weights: {init} does not exist (train the model first?)")
     from m3 import registry
     from m3.module import Memory3Module
-    from m3.recipes import BankSection, build
+    from m3.recipes import BankSection, build, build_tokenizer
     from m3.runs import RunFolder
 
     settings = recipe.bank or BankSection()
     batch_size = settings.batch_size if batch_size is None else batch_size
     dtype = settings.dtype if dtype is None else dtype
     config = recipe.model.config()
-    tokenizer = build(recipe, "tokenizer")
+    tokenizer = build_tokenizer(recipe)
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
     if run.complete and not overwrite:
         print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")

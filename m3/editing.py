@@ -607,7 +607,7 @@ def edit_from_recipe(
     """
     from m3.checkpoints import load_weights
     from m3.model import Memory3
-    from m3.recipes import build
+    from m3.recipes import build, build_tokenizer
 
     recipe, bank = _resolve(source, overrides)
     if recipe.tokenizer is None:
@@ -629,7 +629,7 @@ def edit_from_recipe(
     config = recipe.model.config()
     model = Memory3(config)
     load_weights(model, weights_path)
-    tokenizer = build(recipe, "tokenizer")
+    tokenizer = build_tokenizer(recipe)
     chunker = build(recipe, "chunker") if recipe.chunker else None
     encoder = build(recipe, "encoder") if recipe.encoder else None
     sparsifier = build(recipe, "sparsifier") if recipe.sparsifier else None

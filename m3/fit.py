@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from m3.errors import UserError
-from m3.recipes import Recipe, build
+from m3.recipes import Recipe, build, build_tokenizer
 from m3.runs import RunFolder
 
 
@@ -89,12 +89,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from m3.plots import plot_training_curves
 
     config = recipe.model.config()
-    tokenizer = build(recipe, "tokenizer")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"model.vocab_size is {config.vocab_size}, but the tokenizer has "
-            f"{tokenizer.vocab_size} ids: raise model.vocab_size"
-        )
+    tokenizer = build_tokenizer(recipe)
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
     if run.complete and not overwrite:
         print(f"m3 fit: {run.path} is complete for this recipe; nothing to do")

@@ -195,7 +195,7 @@ def load_inference(
     from m3.bank import open_bank
     from m3.checkpoints import load_weights
     from m3.model import Memory3
-    from m3.recipes import RetrievalSection, build, load_recipe
+    from m3.recipes import RetrievalSection, build_tokenizer, load_recipe
     from m3.retrieval import Retriever
 
     recipe, folder_bank, folder_weights = _resolve_source(source, overrides)
@@ -231,12 +231,7 @@ def load_inference(
         raise UserError("tokenizer: inference needs the tokenizer the bank was written with")
 
     config = recipe.model.config()
-    tokenizer = build(recipe, "tokenizer")
-    if tokenizer.vocab_size > config.vocab_size:
-        raise UserError(
-            f"model.vocab_size is {config.vocab_size}, but the tokenizer has "
-            f"{tokenizer.vocab_size} ids: this tokenizer does not belong to this model"
-        )
+    tokenizer = build_tokenizer(recipe)
     try:
         opened = open_bank(bank_path)
     except UserError as error:

@@ -491,6 +491,29 @@ def build(recipe: Recipe, section: str, /, **extra: Any) -> Any:
     return registry.instantiate(kind, spec, **extra)
 
 
+def build_tokenizer(recipe: Recipe) -> Any:
+    """Build the recipe's tokenizer and check that its ids fit the recipe's model.
+
+    Args:
+        recipe: A checked recipe with `tokenizer` and `model` sections.
+
+    Returns:
+        The tokenizer (an `m3.tokenizer.Tokenizer`).
+
+    Raises:
+        RecipeError: When the recipe has no tokenizer.
+        UserError: When the tokenizer has more ids than `model.vocab_size`.
+    """
+    tokenizer = build(recipe, "tokenizer")
+    vocab_size = recipe.model.config().vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise UserError(
+            f"model.vocab_size is {vocab_size}, but the tokenizer has {tokenizer.vocab_size} "
+            "ids: raise model.vocab_size, or use the tokenizer this model was trained with"
+        )
+    return tokenizer
+
+
 # ---------------------------------------------------------------------------------------
 # Loading and merging
 

@@ -238,6 +238,8 @@ def test_bad_inputs_stop_with_clear_errors(world, tmp_path, capsys):
     assert "training.init_weights:" in capsys.readouterr().err
     assert main(["build-memory", *args(world, out), "training.init_weights=null"]) == 2
     assert "training.init_weights: name the weights" in capsys.readouterr().err
+    assert main(["build-memory", *args(world, out), "model.vocab_size=100"]) == 2
+    assert "model.vocab_size is 100, but the tokenizer has 259 ids" in capsys.readouterr().err
     assert not out.exists()
 
 
