@@ -1,11 +1,11 @@
-"""Decoding throughput with and without explicit memory, and against RAG (SPEC §6).
+"""Decoding throughput with and without explicit memory, and against RAG (paper §7.5).
 
 The paper's setting, scaled down: the "small" preset (random weights: throughput does not
 depend on what the weights say), bytes as tokens, batch 32, prompts of 128 tokens (with
 `<s>`), 128 generated tokens per row (EOS ignored, so every row makes 128), greedy. Each row
 retrieves 3 times: its two prompt chunks, then at token 192 (the first decoded chunk
 inherits the last prompt chunk's memories). The memory bank is written by
-`m3.bank.build_memory` into HDF5: the synthetic world's knowledge base (a few thousand
+`m3.bank.build.build_memory` into HDF5: the synthetic world's knowledge base (a few thousand
 references of ≤ 128 bytes), the fitted `HashedNgramEmbedder` and an exact index; k = 5,
 leakage threshold 2/3 against each row's context.
 
@@ -41,13 +41,13 @@ from pathlib import Path
 import torch
 from timing import interleaved_medians
 
-from m3.bank import build_memory
-from m3.generate import Generation, Inference, generate, load_inference
-from m3.model import Memory3
+from m3.bank.build import build_memory
+from m3.data.sources import WorldSource
+from m3.data.tokenizer import ByteTokenizer
+from m3.inference.generate import Generation, Inference, generate, load_inference
+from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe
-from m3.retrieval import PHASES
-from m3.sources import WorldSource
-from m3.tokenizer import ByteTokenizer
+from m3.retrieval.retriever import PHASES
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, PROMPT, NEW = 32, 128, 128

@@ -1,7 +1,7 @@
 """Write-path throughput: references encoded and sparsified per second, per preset.
 
 Each reference has 128 tokens after a 3-token prefix and runs through the memory layers
-only (SPEC §3), then the top-k tokens per layer and head are kept.
+only (paper §3.3), then the top-k tokens per layer and head are kept.
 
     python benchmarks/encoding.py [--presets tiny small] [--references 512] [--batch 64]
 """
@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from m3.config import Config
-from m3.encoding import encode_references
-from m3.model import Memory3
+from m3.memory.encoder import encode_references
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 
 def main() -> None:

@@ -27,9 +27,9 @@ from pathlib import Path
 
 import yaml
 
-from m3 import registry
+from m3.core import registry
+from m3.core.plots import _pyplot
 from m3.pipeline import run_pipeline
-from m3.plots import _pyplot
 from m3.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,9 @@ import argparse
 import torch
 from timing import interleaved_medians
 
-from m3.config import Config
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.core.memories import Memories
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 
 def main() -> None:

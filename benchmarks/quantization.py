@@ -29,11 +29,9 @@ from typing import Any
 
 import torch
 
-from m3.config import Config
-from m3.encoding import encode_references
-from m3.memory import Memories, SparseMemory
-from m3.model import Memory3
-from m3.quantize import (
+from m3.core.memories import Memories, SparseMemory
+from m3.memory.encoder import encode_references
+from m3.memory.quantize import (
     CompositeQuantizer,
     Int8Quantizer,
     MemoryQuantizer,
@@ -43,6 +41,8 @@ from m3.quantize import (
     memory_vectors,
     relative_error,
 )
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 PREFIX = [0, 1, 2]
 #: K/V vectors of one paper memory (22 layers × 8 heads × 8 tokens, keys and values)

@@ -6,7 +6,7 @@ Everything is measured side by side in one run and printed as one table:
   in batches of 1024 (goal ≥ 0.9: the wrapper's id mapping and checks must cost little);
 - recall@5 of both against ExactIndex on a sample of queries (goal ≥ 0.95);
 - ExactIndex queries/s;
-- the leakage filter (m3.overlap) in pairs/s: 64-token query chunks against 128-token
+- the leakage filter (m3.retrieval.overlap) in pairs/s: 64-token query chunks against 128-token
   references (evaluation), and a 2048-token training sequence against its 32 references.
 
 Data: clustered vectors (Gaussian clusters around random centres, then L2-normalised);
@@ -29,8 +29,8 @@ import torch
 
 from m3.backends.exact_index import ExactIndex
 from m3.backends.scann_index import ScannIndex, native_stderr_to_log
-from m3.overlap import exceeds, leak_mask, overlap
-from m3.tokenizer import HFTokenizer
+from m3.data.tokenizer import HFTokenizer
+from m3.retrieval.overlap import exceeds, leak_mask, overlap
 
 
 def clustered(n: int, dim: int, clusters: int, noise: float, seed: int) -> torch.Tensor:

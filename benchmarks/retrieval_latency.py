@@ -45,12 +45,12 @@ import torch
 from m3.backends.base import StoreInfo
 from m3.backends.exact_index import ExactIndex
 from m3.backends.hdf5_store import HDF5Store
-from m3.chunking import Reference
-from m3.config import Config
-from m3.embedders import HashedNgramEmbedder
-from m3.memory import SparseMemory
-from m3.retrieval import PHASES, Retriever
-from m3.tokenizer import ByteTokenizer
+from m3.core.memories import SparseMemory
+from m3.data.chunking import Reference
+from m3.data.tokenizer import ByteTokenizer
+from m3.model.config import Config
+from m3.retrieval.embedders import HashedNgramEmbedder
+from m3.retrieval.retriever import PHASES, Retriever
 
 CHUNKS = 32
 

@@ -38,9 +38,9 @@ import torch
 from m3.backends.base import StoreInfo
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.in_memory import InMemoryStore
-from m3.chunking import Reference
-from m3.config import Config
-from m3.memory import SparseMemory
+from m3.core.memories import SparseMemory
+from m3.data.chunking import Reference
+from m3.model.config import Config
 
 BATCH = 5 * 64
 PAPER_SHAPE = (22, 2, 8, 8, 80)

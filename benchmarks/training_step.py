@@ -1,4 +1,4 @@
-"""Step time of a continual step ÷ a warmup step, next to what the FLOP count predicts (SPEC §5).
+"""Step time of a continual step ÷ a warmup step, next to what the FLOPs predict (paper §5.3).
 
 A continual step also encodes every chunk's reference through the memory layers: 32 chunks
 x 128 tokens = 4096 reference tokens per 2048-token sequence, the same layer compute as the
@@ -16,8 +16,8 @@ import argparse
 import torch
 from timing import median_seconds
 
-from m3.config import Config
-from m3.module import Memory3Module
+from m3.model.config import Config
+from m3.training.module import Memory3Module
 
 
 def linear_flops_per_token(config: Config, layers: int, *, last_qkv_only: bool = False) -> float:

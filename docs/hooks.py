@@ -88,8 +88,8 @@ def recipes_table() -> str:
     """The Markdown table of the shipped recipes: file, stage, model, components, command."""
     _import_m3()
     from m3.cli import split_recipe_arguments
+    from m3.core.registry import input_files_unchecked
     from m3.recipes import load_recipe, shipped_recipes
-    from m3.registry import input_files_unchecked
 
     rows = [
         "| recipe | stage | model | components | command |",

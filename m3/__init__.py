@@ -1,35 +1,69 @@
 """m3: Memory³ (language modeling with explicit memory) as modular PyTorch Lightning components.
 
 Importing `m3` is cheap: the heavy parts (torch, Lightning) load only when a name that needs
-them is first used, so `m3 --help` and `m3 check` answer quickly.
+them is first used, so `m3 --help` and `m3 check` answer quickly. The subpackages, from the
+bottom layer up, are described on the docs' Architecture page.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+import sys
+from typing import TYPE_CHECKING
+
+from m3.core.lazy import MovedModules, lazy_exports
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it, imported on first use
-_LAZY = {
-    "Config": "m3.config",
-    "Memory3": "m3.model",
-    "KVCache": "m3.model",
-    "Memories": "m3.memory",
-    "UserError": "m3.errors",
-}
-
 if TYPE_CHECKING:
-    from m3.config import Config
-    from m3.errors import UserError
-    from m3.memory import Memories
-    from m3.model import KVCache, Memory3
+    from m3.core.errors import UserError
+    from m3.core.memories import Memories
+    from m3.model.config import Config
+    from m3.model.memory3 import KVCache, Memory3
 
 __all__ = ["Config", "KVCache", "Memories", "Memory3", "UserError", "__version__"]
 
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Config": "m3.model.config",
+        "Memory3": "m3.model.memory3",
+        "KVCache": "m3.model.memory3",
+        "Memories": "m3.core.memories",
+        "UserError": "m3.core.errors",
+    },
+)
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'm3' has no attribute {name!r}")
+#: Modules of m3 0.1's flat layout -> where they live now. Their old paths import for one
+#: more release, with a DeprecationWarning.
+MOVED = {
+    f"m3.{old}": f"m3.{new}"
+    for old, new in {
+        "errors": "core.errors",
+        "registry": "core.registry",
+        "runs": "core.runs",
+        "plots": "core.plots",
+        "config": "model.config",
+        "checkpoints": "model.checkpoints",
+        "tokenizer": "data.tokenizer",
+        "chunking": "data.chunking",
+        "documents": "data.documents",
+        "sources": "data.sources",
+        "stdlib_text": "data.stdlib_text",
+        "world": "data.world",
+        "encoding": "memory.encoder",
+        "sparsify": "memory.sparsifier",
+        "quantize": "memory.quantize",
+        "embedders": "retrieval.embedders",
+        "overlap": "retrieval.overlap",
+        "editing": "bank.edit",
+        "module": "training.module",
+        "fit": "training.fit",
+        "generate": "inference.generate",
+        "evaluate": "inference.evaluate",
+        "diagnostics": "inference.diagnostics",
+    }.items()
+}
+
+if not any(isinstance(finder, MovedModules) for finder in sys.meta_path):
+    # first, so that an old path never finds a stale file of an earlier install
+    sys.meta_path.insert(0, MovedModules(MOVED))

@@ -1,7 +1,7 @@
 """The `m3` command.
 
 Each verb is a small function that imports what it needs only when it runs, so that
-`m3 --help` answers without loading torch or Lightning. User errors (`m3.errors.UserError`)
+`m3 --help` answers without loading torch or Lightning. User errors (`m3.core.errors.UserError`)
 are printed as one message, without a traceback, and exit with status 2.
 
 A verb that runs a recipe takes `RECIPE… [KEY=VALUE…]` through `add_recipe_arguments` and
@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from m3.errors import UserError
+from m3.core.errors import UserError
 
 if TYPE_CHECKING:
     from m3.recipes import Recipe
@@ -122,7 +122,7 @@ def _count(n: int) -> str:
 def _check(args: argparse.Namespace) -> int:
     import contextlib
 
-    from m3.registry import input_files_unchecked
+    from m3.core.registry import input_files_unchecked
 
     with input_files_unchecked() if args.no_file_checks else contextlib.nullcontext():
         recipe = recipe_from_args(args)
@@ -193,7 +193,7 @@ def _add_recipes(verbs: Subparsers) -> None:
 
 
 def _components(args: argparse.Namespace) -> int:
-    from m3 import registry
+    from m3.core import registry
 
     for module in args.modules or ():
         registry.load_module(module)
@@ -215,7 +215,7 @@ def _components(args: argparse.Namespace) -> int:
 
 
 def _add_components(verbs: Subparsers) -> None:
-    from m3.registry import KINDS
+    from m3.core.registry import KINDS
 
     components = verbs.add_parser(
         "components",
@@ -283,8 +283,8 @@ def _add_size(verbs: Subparsers) -> None:
         description=(
             "Print the bytes of one reference's memory (sparse, vector-quantized, and the "
             "MHA-equivalent dense key/values the paper compares with), their totals for N "
-            "references in binary (TiB) and decimal (TB) units, and the cost model of SPEC "
-            "section 6 in TFLOPs, from the recipe's model. N is a bare number among the "
+            "references in binary (TiB) and decimal (TB) units, and the paper's cost model in "
+            "TFLOPs, from the recipe's model. N is a bare number among the "
             "recipe arguments (e.g. 1.12e8 or 112000000; default: the paper's 1.12e8). "
             "A recipe's bank section sets the stored dtype and the quantizer's code size. "
             "Loads no torch unless the recipe names a quantizer."
@@ -319,7 +319,7 @@ def _add_size(verbs: Subparsers) -> None:
 
 # Each adds one verb; later verbs (fit, build-memory, generate, evaluate, size, run) too.
 def _fit(args: argparse.Namespace) -> int:
-    from m3.fit import fit
+    from m3.training.fit import fit
 
     fit(recipe_from_args(args), overwrite=args.overwrite)
     return 0
@@ -344,7 +344,7 @@ def _add_fit(verbs: Subparsers) -> None:
 
 
 def _build_memory(args: argparse.Namespace) -> int:
-    from m3.bank import build_memory
+    from m3.bank.build import build_memory
 
     shard = None
     if args.shard is not None:
@@ -398,7 +398,7 @@ def _add_build_memory(verbs: Subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from m3.generate import generate, load_inference
+    from m3.inference.generate import generate, load_inference
     from m3.recipes import GenerationSection, load_recipe
 
     files, overrides = split_recipe_arguments(args.recipe_items)
@@ -468,7 +468,7 @@ def _add_generate(verbs: Subparsers) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from m3.evaluate import evaluate_recipe
+    from m3.inference.evaluate import evaluate_recipe
 
     recipe = recipe_from_args(args)
     if recipe.stage != "evaluate":
@@ -497,7 +497,7 @@ def _add_evaluate(verbs: Subparsers) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from m3 import registry
+    from m3.core import registry
     from m3.pipeline import run_pipeline
 
     with registry.input_files_unchecked():  # earlier stages write the later stages' inputs
@@ -532,7 +532,7 @@ def _add_run(verbs: Subparsers) -> None:
 
 
 def _edit(args: argparse.Namespace) -> int:
-    from m3.editing import edit_from_recipe, read_replacements, resolve_bank, resume_edit
+    from m3.bank.edit import edit_from_recipe, read_replacements, resolve_bank, resume_edit
 
     files, overrides = split_recipe_arguments(args.recipe_items)
     if len(files) == 1 and os.path.isdir(files[0]):  # a bank folder

@@ -7,9 +7,9 @@ that make it one stage (`m3.recipes.stage_recipes`). Each stage writes to its ow
 | stage | runs |
 |---|---|
 | `world` | `write_world`: the synthetic world's files, general text, the tokenizer |
-| `warmup`, `continual` | `m3.fit.fit` |
-| `build_memory` | `m3.bank.build_memory` |
-| `evaluate` | `m3.evaluate.evaluate_recipe` |
+| `warmup`, `continual` | `m3.training.fit.fit` |
+| `build_memory` | `m3.bank.build.build_memory` |
+| `evaluate` | `m3.inference.evaluate.evaluate_recipe` |
 | `generate` | `generate_sample`: a generation sample with its references, decode speed |
 | `edit` | `measure_edits_stage`: knowledge edits on a copy of the bank |
 
@@ -41,11 +41,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from m3 import registry
-from m3.errors import UserError
+from m3.core import registry
+from m3.core.errors import UserError
+from m3.core.registry import Problem
+from m3.core.runs import RunFolder, recipe_fingerprint
 from m3.recipes import Recipe, RecipeError, WorldSection, build, stage_recipes, validate
-from m3.registry import Problem
-from m3.runs import RunFolder, recipe_fingerprint
 
 #: The file in a pipeline's output folder that records what finished.
 STATE = "pipeline.json"
@@ -69,8 +69,8 @@ def write_world(recipe: Recipe, *, overwrite: bool = False) -> Path:
     Returns:
         The output folder.
     """
-    from m3.sources import StdlibSource
-    from m3.world import World
+    from m3.data.sources import StdlibSource
+    from m3.data.world import World
 
     spec = recipe.world or WorldSection()
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
@@ -104,7 +104,7 @@ def write_world(recipe: Recipe, *, overwrite: bool = False) -> Path:
 
 
 def _evaluation_file(recipe: Recipe, key: str) -> list:
-    from m3.world import read_cloze, read_edits
+    from m3.data.world import read_cloze, read_edits
 
     spec = recipe.evaluation
     path = None if spec is None else getattr(spec, key)
@@ -129,8 +129,8 @@ def measure_edits_stage(recipe: Recipe, *, overwrite: bool = False) -> Path:
     Returns:
         The output folder.
     """
-    from m3.editing import measure_edits
-    from m3.generate import load_inference
+    from m3.bank.edit import measure_edits
+    from m3.inference.generate import load_inference
 
     edits = _evaluation_file(recipe, "edits")
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
@@ -187,8 +187,8 @@ def generate_sample(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """
     import time as clock
 
-    from m3.generate import generate, load_inference
-    from m3.plots import plot_bars
+    from m3.core.plots import plot_bars
+    from m3.inference.generate import generate, load_inference
     from m3.recipes import GenerationSection
 
     prompts = [q.prompt for q in _evaluation_file(recipe, "cloze")[:3]]
@@ -241,15 +241,15 @@ def _runner(stage: str) -> Callable[..., Path]:
     if stage == "world":
         return write_world
     if stage in ("warmup", "continual"):
-        from m3.fit import fit
+        from m3.training.fit import fit
 
         return fit
     if stage == "build_memory":
-        from m3.bank import build_memory
+        from m3.bank.build import build_memory
 
         return build_memory
     if stage == "evaluate":
-        from m3.evaluate import evaluate_recipe
+        from m3.inference.evaluate import evaluate_recipe
 
         return evaluate_recipe
     if stage == "generate":

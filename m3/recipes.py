@@ -10,8 +10,8 @@ of range, missing files) is reported at once, each with its key path, before any
 from m3.recipes import build, load_recipe
 
 recipe = load_recipe(["recipes/tiny/base.yaml"], ["model.n_layer=6"])
-config = recipe.model.config()          # an m3.config.Config
-tokenizer = build(recipe, "tokenizer")  # an m3.tokenizer.Tokenizer
+config = recipe.model.config()          # an m3.model.config.Config
+tokenizer = build(recipe, "tokenizer")  # an m3.data.tokenizer.Tokenizer
 ```
 
 Adding a section is local: add a field to `Recipe`, either a nested dataclass for a group
@@ -46,10 +46,10 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from m3 import registry
-from m3.config import PRESETS, Config
-from m3.errors import UserError
-from m3.registry import Bounds, ComponentSpec, Problem
+from m3.core import registry
+from m3.core.errors import UserError
+from m3.core.registry import Bounds, ComponentSpec, Problem
+from m3.model.config import PRESETS, Config
 
 T = TypeVar("T")
 
@@ -91,7 +91,7 @@ class RecipeError(UserError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """The model section: a preset of `m3.config.Config` plus the fields it changes.
+    """The model section: a preset of `m3.model.config.Config` plus the fields it changes.
 
     In YAML the fields sit next to the preset (`model: {preset: tiny, n_layer: 6}`), and
     `${model.<field>}` interpolations see the preset's values.
@@ -115,7 +115,7 @@ class ModelSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class DataSection:
-    """Where the text comes from and how it becomes training sequences (`m3.data`).
+    """Where the text comes from and how it becomes training sequences (`m3.training.datamodule`).
 
     Attributes:
         train: Sources of training text (kind `source`), concatenated; training stages
@@ -147,7 +147,7 @@ class DataSection:
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingSection:
-    """Optimisation settings of a training stage (`m3.module.Memory3Module`).
+    """Optimisation settings of a training stage (`m3.training.module.Memory3Module`).
 
     Attributes:
         lr: Peak learning rate (the paper: ≈ 8e-4 warmup, ≈ 5e-5 continual).
@@ -233,7 +233,7 @@ class TrainerSection:
 
 @dataclass(frozen=True, kw_only=True)
 class WorldSection:
-    """The synthetic world that a `world` stage writes (`m3.world.World`, `m3.pipeline`).
+    """The synthetic world that a `world` stage writes (`m3.data.world.World`, `m3.pipeline`).
 
     Attributes:
         seed: Seed of the world whose facts the knowledge base holds.
@@ -261,7 +261,7 @@ class WorldSection:
 
 @dataclass(frozen=True, kw_only=True)
 class EvaluationSection:
-    """What `m3 evaluate` scores (`m3.evaluate`), and the knowledge edits an `edit` stage tries.
+    """What `m3 evaluate` scores (`m3.inference.evaluate`), and the edits an `edit` stage tries.
 
     Attributes:
         cloze: A JSONL file of multiple-choice cloze questions (`prompt`, `options`,
@@ -294,7 +294,7 @@ class EvaluationSection:
 
 @dataclass(frozen=True, kw_only=True)
 class RetrievalSection:
-    """How inference reads a memory bank (`m3.retrieval.Retriever`, `m3.generate`).
+    """How inference reads a memory bank (`m3.retrieval.Retriever`, `m3.inference.generate`).
 
     Attributes:
         bank: The bank folder that `m3 build-memory` wrote; its model, tokenizer and
@@ -315,7 +315,7 @@ class RetrievalSection:
 
 @dataclass(frozen=True, kw_only=True)
 class BankSection:
-    """How `m3 build-memory` writes a memory bank (`m3.bank.build_memory`).
+    """How `m3 build-memory` writes a memory bank (`m3.bank.build.build_memory`).
 
     Attributes:
         dtype: Dtype of the stored keys and values; of the decoded ones when quantized.
@@ -352,7 +352,7 @@ def bank_quantizer(recipe: Recipe) -> Any:
         recipe: A checked recipe.
 
     Returns:
-        A `m3.quantize.VectorQuantizer` of the model's head dimension built from
+        A `m3.memory.quantize.VectorQuantizer` of the model's head dimension built from
         `bank.quantizer`; None when the recipe names none (or only `bank.quantizer_file`).
     """
     if recipe.bank is None or recipe.bank.quantizer is None:
@@ -382,7 +382,7 @@ def _check_bank(recipe: Recipe) -> list[Problem]:
 
 @dataclass(frozen=True, kw_only=True)
 class GenerationSection:
-    """Decoding settings of `m3 generate` (`m3.generate.generate`).
+    """Decoding settings of `m3 generate` (`m3.inference.generate.generate`).
 
     Attributes:
         max_new_tokens: Most tokens generated per prompt.
@@ -498,7 +498,7 @@ def build_tokenizer(recipe: Recipe) -> Any:
         recipe: A checked recipe with `tokenizer` and `model` sections.
 
     Returns:
-        The tokenizer (an `m3.tokenizer.Tokenizer`).
+        The tokenizer (an `m3.data.tokenizer.Tokenizer`).
 
     Raises:
         RecipeError: When the recipe has no tokenizer.

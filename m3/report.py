@@ -57,7 +57,7 @@ def memory_verdict(cloze: dict[str, dict[str, float]]) -> list[str]:
 
 def _storage(stage: Recipe, folder: Path) -> tuple[list[str], Path]:
     """Storage per reference of a bank: measured on disk, and the sizing model's figures."""
-    from m3.plots import plot_bars
+    from m3.core.plots import plot_bars
     from m3.sizing import dense_bytes, sparse_bytes
 
     manifest = _read_json(folder / "manifest.json") or {}

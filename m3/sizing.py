@@ -1,12 +1,12 @@
 """Storage sizes of explicit memories and the paper's cost model, from a model configuration.
 
 Pure Python (no torch), so that `m3 size` answers at once. Everything is computed from a
-`m3.config.Config` plus the few settings that are not part of it: bytes per stored number
+`m3.model.config.Config` plus the few settings that are not part of it: bytes per stored number
 (bf16: 2), bytes per vector once vector-quantized (the paper: 14 per 80-dim vector), the
 training context (the config's `block_size` unless given) and the number of references.
 
 ```python
-from m3.config import Config
+from m3.model.config import Config
 from m3.sizing import format_report, size_report
 
 report = size_report(Config.from_name("paper-2.4b"), 112_000_000)
@@ -15,15 +15,15 @@ report.costs.memory_write    # FLOPs to write one 128-token reference as explici
 print(format_report(report))
 ```
 
-Storage per reference (SPEC §3):
+Storage per reference (paper §3.3):
 
 - sparse: `L_mem · 2 · H_kv · k · d_h · bytes` (the stored memory, `Config.memory_shape`);
 - quantized: `L_mem · 2 · H_kv · k · code_bytes` (every key/value vector becomes one code);
 - dense, MHA-equivalent ("full"): `L · 2 · H · l_ref · d_h · bytes`, as if all query heads
   of all layers kept all tokens of the reference.
 
-The cost model is SPEC §6's, in FLOPs per `l_ref`-token piece of knowledge. Two
-generalisations leave the paper's numbers unchanged: where the SPEC writes `d` for the width
+The cost model is the paper's, in FLOPs per `l_ref`-token piece of knowledge. Two
+generalisations leave the paper's numbers unchanged: where the paper writes `d` for the width
 of the query heads (`2d²` for the query and output projections, `d` in the attention terms),
 m3 uses `q = H · d_h`, which equals `d` in the paper; and the memory-encoding pass runs
 through every layer up to the last memory layer (`L_enc = max(memory_layers) + 1`, which is
@@ -45,10 +45,10 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from m3.config import Config
-from m3.errors import UserError
+from m3.core.errors import UserError
+from m3.model.config import Config
 
-#: References in the paper's knowledge base, as its storage totals count them (SPEC §3).
+#: References in the paper's knowledge base, as its storage totals count them (paper §3.3).
 PAPER_REFERENCES = 112_000_000
 #: Bytes per stored number in bf16.
 BF16_BYTES = 2
@@ -110,7 +110,7 @@ def dense_bytes(config: Config, bytes_per_number: int = BF16_BYTES) -> int:
 
 @dataclass(frozen=True)
 class CostModel:
-    """SPEC §6's cost model: FLOPs to write and to read one piece of knowledge.
+    """The paper's cost model: FLOPs to write and to read one piece of knowledge.
 
     A piece of knowledge is one reference of `l_ref` tokens; a read is one context chunk of
     `l_chunk` tokens using it. Using it `u` times costs `write + u · read`.
@@ -156,7 +156,7 @@ class CostModel:
 
 
 def cost_model(config: Config, train_length: int | None = None) -> CostModel:
-    """SPEC §6's cost model for a configuration, in FLOPs.
+    """The paper's cost model for a configuration, in FLOPs.
 
     With `d` = `n_embd`, `W` = `mlp_hidden`, `H_kv`, `d_h`, `L`, `L_mem` = number of memory
     layers, `l_ref` = `reference_length`, `l_mem` = `memory_tokens`, `l_chunk` =
@@ -293,7 +293,7 @@ def bank_sizes(recipe: Any) -> tuple[int, int | None]:
         size = bank_quantizer(recipe).code_bytes
         return number, size
     if bank.quantizer_file is not None:
-        from m3.quantize import MemoryQuantizer
+        from m3.memory.quantize import MemoryQuantizer
 
         saved = MemoryQuantizer.load(bank.quantizer_file)
         return number, -(-(saved.keys.code_bytes + saved.values.code_bytes) // 2)
@@ -463,7 +463,7 @@ def format_report(report: SizeReport, *, source: str | None = None) -> str:
         f"sparse + VQ {significant(report.quantized_ratio)}× "
         f"(VQ alone {significant(report.quantization_ratio)}×).",
         "",
-        f"Cost model (SPEC §6), TFLOPs per {config.reference_length}-token piece of knowledge "
+        f"Cost model (the paper's), TFLOPs per {config.reference_length}-token piece of knowledge "
         f"(read by one {config.chunk_length}-token chunk)",
         *_table(cost_rows),
         verdict,

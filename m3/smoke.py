@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from m3.config import Config
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.core.memories import Memories
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 
 def smoke(*, preset: str = "tiny", seed: int = 0, batch: int = 2) -> float:

@@ -75,10 +75,10 @@ def tiny_bank(tmp_path_factory: pytest.TempPathFactory) -> TinyBank:
     references fit; the world's files are written next to it. Tests that change a bank copy
     `folder` first.
     """
-    from m3.bank import build_memory
-    from m3.model import Memory3
+    from m3.bank.build import build_memory
+    from m3.data.world import World
+    from m3.model.memory3 import Memory3
     from m3.recipes import RECIPES_DIR, load_recipe
-    from m3.world import World
 
     root = tmp_path_factory.mktemp("tiny_bank")
     sizes = ", ".join(f"{key}: {value}" for key, value in TINY_WORLD.items())

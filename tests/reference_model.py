@@ -1,9 +1,9 @@
-"""A slow, obviously-correct Memory³ forward pass, written independently of `m3.model`.
+"""A slow, obviously-correct Memory³ forward pass, written independently of `m3.model.memory3`.
 
 It reads the model's weights by name and recomputes everything in float64, one sequence at a
 time and one chunk at a time: each chunk's keys are built by plain concatenation (prefix and
 context so far, plus the memory tokens that chunk may see) and attention is an explicit
-softmax. The tests pin `m3.model` against it.
+softmax. The tests pin `m3.model.memory3` against it.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.core.memories import Memories
+from m3.model.memory3 import Memory3
 
 
 def _norm(x: Tensor, weight: Tensor, kind: str, eps: float) -> Tensor:

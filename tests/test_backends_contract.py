@@ -67,10 +67,10 @@ from m3.backends.base import (
 )
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.in_memory import InMemoryStore
-from m3.chunking import Reference
-from m3.errors import UserError
-from m3.memory import SparseMemory
-from m3.quantize import Int8Quantizer, MemoryQuantizer, ProductQuantizer, relative_error
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.data.chunking import Reference
+from m3.memory.quantize import Int8Quantizer, MemoryQuantizer, ProductQuantizer, relative_error
 
 ROOT = Path(__file__).resolve().parents[1]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
@@ -769,7 +769,7 @@ def fitted(quantizer: MemoryQuantizer, info: StoreInfo) -> MemoryQuantizer:
 def test_a_quantized_store_errs_exactly_as_its_quantizer(
     tmp_path: Path, kind: str, codec: str
 ) -> None:
-    from m3.quantize import CompositeQuantizer
+    from m3.memory.quantize import CompositeQuantizer
 
     info = info_for((2, 2, 2, 4, 8), "float32")
     vectors = {

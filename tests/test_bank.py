@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from m3.backends import ExactIndex, HDF5Store, StoreInfo
-from m3.bank import ColdStartStore, ShardedStore, build_memory, open_bank, read_knowledge
-from m3.chunking import FixedChunker
+from m3.bank.build import ColdStartStore, ShardedStore, build_memory, open_bank, read_knowledge
 from m3.cli import main
-from m3.encoding import encode_references
-from m3.errors import UserError
-from m3.model import Memory3
+from m3.core.errors import UserError
+from m3.data.chunking import FixedChunker
+from m3.data.sources import FilesSource
+from m3.data.tokenizer import ByteTokenizer
+from m3.memory.encoder import encode_references
+from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe
-from m3.sources import FilesSource
-from m3.tokenizer import ByteTokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "recipes/tiny/base.yaml")
@@ -265,7 +265,7 @@ QUANTIZED = [
 
 
 def test_a_quantized_bank_round_trips_through_the_command(world, built, tmp_path, capsys):
-    from m3.quantize import MemoryQuantizer, relative_error
+    from m3.memory.quantize import MemoryQuantizer, relative_error
 
     _, _, knowledge, memory = expected(world)
     out = tmp_path / "bank"
@@ -309,7 +309,7 @@ def test_a_quantized_bank_round_trips_through_the_command(world, built, tmp_path
 
 
 def test_an_interrupted_quantized_build_never_looks_complete(world, tmp_path, capsys):
-    from m3.quantize import MemoryQuantizer
+    from m3.memory.quantize import MemoryQuantizer
 
     _, _, knowledge, _ = expected(world)
     out = tmp_path / "bank"

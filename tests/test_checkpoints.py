@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
-from m3.checkpoints import (
+from m3.core.errors import UserError
+from m3.model.checkpoints import (
     config_from_hf,
     config_to_hf,
     load_hf_checkpoint,
@@ -24,9 +25,8 @@ from m3.checkpoints import (
     load_hf_weights,
     save_hf_checkpoint,
 )
-from m3.config import Config
-from m3.errors import UserError
-from m3.model import Memory3
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 VOCAB = 101
 SMALL: dict[str, Any] = dict(

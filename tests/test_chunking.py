@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from m3.chunking import (
+from m3.core.errors import UserError
+from m3.data.chunking import (
     BoundaryChunker,
     Chunker,
     FixedChunker,
@@ -23,8 +24,7 @@ from m3.chunking import (
     iter_references,
     query_chunks,
 )
-from m3.errors import UserError
-from m3.tokenizer import ByteTokenizer, Tokenizer
+from m3.data.tokenizer import ByteTokenizer, Tokenizer
 
 # Small id alphabets make boundaries frequent enough to matter.
 ids_lists = st.lists(st.integers(min_value=0, max_value=9), max_size=300)

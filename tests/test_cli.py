@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from m3.chunking import FixedChunker
 from m3.cli import build_parser, main, split_recipe_arguments
+from m3.data.chunking import FixedChunker
 from m3.recipes import RECIPES_DIR, load_recipe, shipped_recipes
 
 ROOT = RECIPES_DIR.parent
@@ -111,13 +111,13 @@ def test_recipes_lists_each_with_description_and_command(
 def test_components_lists_built_ins_by_kind(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["components"]) == 0
     out = capsys.readouterr().out
-    assert "tokenizer: subclasses of m3.tokenizer.Tokenizer" in out
-    assert "chunker: subclasses of m3.chunking.Chunker" in out
+    assert "tokenizer: subclasses of m3.data.tokenizer.Tokenizer" in out
+    assert "chunker: subclasses of m3.data.chunking.Chunker" in out
     rows = table(out)
-    assert rows["byte"][0] == "m3.tokenizer.ByteTokenizer"
-    assert rows["hf"][0] == "m3.tokenizer.HFTokenizer"
-    assert rows["fixed"] == ["m3.chunking.FixedChunker", FixedChunker.__doc__.splitlines()[0]]
-    assert rows["boundary"][0] == "m3.chunking.BoundaryChunker"
+    assert rows["byte"][0] == "m3.data.tokenizer.ByteTokenizer"
+    assert rows["hf"][0] == "m3.data.tokenizer.HFTokenizer"
+    assert rows["fixed"] == ["m3.data.chunking.FixedChunker", FixedChunker.__doc__.splitlines()[0]]
+    assert rows["boundary"][0] == "m3.data.chunking.BoundaryChunker"
 
 
 def test_components_of_one_kind(capsys: pytest.CaptureFixture[str]) -> None:
@@ -135,7 +135,7 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     (tmp_path / f"{name}.py").write_text(
         textwrap.dedent(
             '''
-            from m3.chunking import FixedChunker
+            from m3.data.chunking import FixedChunker
 
 
             class StrideChunker(FixedChunker):

@@ -9,14 +9,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3.chunking import FixedChunker, Reference
-from m3.data import ContinualCollator, EpochSampler, TextDataModule, pack, pair_references
-from m3.documents import read_corpus
-from m3.embedders import HashedNgramEmbedder
-from m3.errors import UserError
-from m3.overlap import overlap
-from m3.sources import FilesSource
-from m3.tokenizer import ByteTokenizer
+from m3.core.errors import UserError
+from m3.data.chunking import FixedChunker, Reference
+from m3.data.documents import read_corpus
+from m3.data.sources import FilesSource
+from m3.data.tokenizer import ByteTokenizer
+from m3.retrieval.embedders import HashedNgramEmbedder
+from m3.retrieval.overlap import overlap
+from m3.training.datamodule import (
+    ContinualCollator,
+    EpochSampler,
+    TextDataModule,
+    pack,
+    pair_references,
+)
 
 FACTS = [
     "Velmora Quist was born in Tarnhollow.",
@@ -174,7 +180,7 @@ def bank_data(tiny_bank, **kwargs):
     """The continual data of `tiny_bank`'s world, reading memories from the bank."""
     from conftest import TINY_WORLD
 
-    from m3.sources import WorldSource
+    from m3.data.sources import WorldSource
 
     config = tiny_bank.recipe.model.config()
     options = dict(
@@ -187,8 +193,8 @@ def bank_data(tiny_bank, **kwargs):
 
 
 def bank_model(tiny_bank):
-    from m3.checkpoints import load_weights
-    from m3.model import Memory3
+    from m3.model.checkpoints import load_weights
+    from m3.model.memory3 import Memory3
 
     model = Memory3(tiny_bank.recipe.model.config())
     load_weights(model, tiny_bank.weights)
@@ -199,8 +205,8 @@ def test_store_batches_carry_what_the_bank_holds_for_their_references(tiny_bank)
     """Reference ids are the bank's ids; each worker opens the store itself."""
     import pickle
 
-    from m3.bank import open_bank
-    from m3.data import open_memory_store
+    from m3.bank.build import open_bank
+    from m3.training.datamodule import open_memory_store
 
     data = bank_data(tiny_bank, num_workers=2)
     data.check_memories(bank_model(tiny_bank))
@@ -244,7 +250,7 @@ def test_store_batches_carry_what_the_bank_holds_for_their_references(tiny_bank)
 def test_a_bank_that_does_not_fit_is_refused_naming_training_memories(tiny_bank, tmp_path):
     from conftest import TINY_WORLD
 
-    from m3.sources import WorldSource
+    from m3.data.sources import WorldSource
 
     model = bank_model(tiny_bank)
     with pytest.raises(UserError, match=r"training.memories: .* holds no finished memory bank"):
@@ -268,6 +274,6 @@ def test_a_bank_that_does_not_fit_is_refused_naming_training_memories(tiny_bank,
 
 
 def open_bank_store(tiny_bank):
-    from m3.data import open_memory_store
+    from m3.training.datamodule import open_memory_store
 
     return open_memory_store(tiny_bank.folder)[0]

@@ -8,11 +8,11 @@ import torch
 from reference_model import reference_forward
 from test_model import BASE, PREFIX, make_model, random_bank
 
-from m3.diagnostics import kept_tokens, memory_attention
-from m3.encoding import encode_references
-from m3.memory import Memories
-from m3.sparsify import TopKSparsifier
-from m3.tokenizer import ByteTokenizer
+from m3.core.memories import Memories
+from m3.data.tokenizer import ByteTokenizer
+from m3.inference.diagnostics import kept_tokens, memory_attention
+from m3.memory.encoder import encode_references
+from m3.memory.sparsifier import TopKSparsifier
 
 
 def test_memory_share_equals_the_reference_softmax_mass() -> None:

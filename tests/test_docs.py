@@ -193,3 +193,20 @@ def test_python_in_the_docs_comes_from_files_the_tests_run():
         if not re.search(rf"\b{path.stem}\b", tests)
     ]
     assert not unrun, f"docs/examples scripts no test runs: {unrun}"
+
+
+def test_nothing_cites_the_team_notes():
+    # The team's notes are not part of the repository: cite the paper or the docs' pages.
+    import subprocess
+
+    files = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    needle = "SPEC" + " §"
+    found = [
+        name
+        for name in files
+        if (ROOT / name).is_file()
+        and needle in (ROOT / name).read_text(encoding="utf-8", errors="ignore")
+    ]
+    assert not found, f"{needle!r} appears in: {', '.join(found)}"

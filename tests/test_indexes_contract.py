@@ -33,7 +33,7 @@ import torch
 from m3.backends.base import MemoryIndex
 from m3.backends.exact_index import ExactIndex
 from m3.backends.scann_index import ScannIndex, native_stderr_to_log
-from m3.errors import UserError
+from m3.core.errors import UserError
 
 __all__ = [
     "IndexCase",

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3.memory import Memories
+from m3.core.memories import Memories
 
 SHAPE = (2, 1, 3, 2)  # L_mem, H_kv, k, d_h
 

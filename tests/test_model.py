@@ -13,10 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference_model import reference_forward
 
-from m3.config import Config
-from m3.errors import UserError
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.core.errors import UserError
+from m3.core.memories import Memories
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 PREFIX = [1, 2, 3]
 
@@ -398,7 +398,7 @@ def test_config_reports_every_problem_at_once():
 def test_paper_preset_has_the_papers_memory_shape():
     config = Config.from_name("paper-2.4b")
     assert config.memory_shape == (22, 2, 8, 8, 80)
-    assert config.memory_numel * 2 == 450_560  # bytes per reference in bf16 (SPEC §3)
+    assert config.memory_numel * 2 == 450_560  # bytes per reference in bf16 (paper §3.3)
     assert config.memory_layers == tuple(range(22))
     assert config.n_query_groups == 5
     assert 2.4e9 < config.num_parameters - 2 * config.vocab_size * config.n_embd < 2.5e9

@@ -9,13 +9,13 @@ import pytest
 import torch
 from test_data import write_corpus
 
-from m3.chunking import FixedChunker
-from m3.data import TextDataModule
-from m3.embedders import HashedNgramEmbedder
-from m3.errors import UserError
-from m3.module import Memory3Module, lr_multiplier
-from m3.sources import FilesSource
-from m3.tokenizer import ByteTokenizer
+from m3.core.errors import UserError
+from m3.data.chunking import FixedChunker
+from m3.data.sources import FilesSource
+from m3.data.tokenizer import ByteTokenizer
+from m3.retrieval.embedders import HashedNgramEmbedder
+from m3.training.datamodule import TextDataModule
+from m3.training.module import Memory3Module, lr_multiplier
 
 MODEL = {
     "preset": "tiny",
@@ -145,8 +145,8 @@ def test_bad_settings_are_refused(tmp_path):
 
 def test_store_mode_reads_the_batch_memories_and_encodes_nothing(tmp_path):
     """Memories of the same weights, precomputed, give the logits of forward-only encoding."""
-    from m3.encoding import MemoryEncoder
-    from m3.sparsify import TopKSparsifier
+    from m3.memory.encoder import MemoryEncoder
+    from m3.memory.sparsifier import TopKSparsifier
 
     prefix = ByteTokenizer().reference_prefix()
     data = data_module(tmp_path, continual=True)

@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3.errors import UserError
-from m3.overlap import exceeds, lcs_length, leak_mask, overlap
+from m3.core.errors import UserError
+from m3.retrieval.overlap import exceeds, lcs_length, leak_mask, overlap
 
 
 def dp_lcs(a: list[int], b: list[int]) -> int:

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from m3 import registry
 from m3.cli import main
-from m3.errors import UserError
+from m3.core import registry
+from m3.core.errors import UserError
 from m3.pipeline import run_pipeline
 from m3.recipes import RecipeError, load_recipe, stage_recipes
 

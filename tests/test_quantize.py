@@ -15,9 +15,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3.errors import UserError
-from m3.memory import SparseMemory
-from m3.quantize import (
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.core.registry import short_name
+from m3.memory.quantize import (
     CompositeQuantizer,
     Int8Quantizer,
     MemoryQuantizer,
@@ -31,7 +32,6 @@ from m3.quantize import (
     relative_error,
     unpack_codes,
 )
-from m3.registry import short_name
 
 DIM = 16
 
@@ -109,7 +109,7 @@ def test_code_bytes_as_specified():
     assert paper.factory_string == "OPQ20_80,Residual2x14,PQ8x10"
     assert CompositeQuantizer(80, coarse="residual").code_bytes == 14
     assert CompositeQuantizer(80, coarse="residual").factory_string is None
-    # SPEC §3: a paper memory (22, 2, 8, 8, 80) takes 39,424 bytes with VQ, 450,560 in bf16
+    # paper §3.3: a paper memory (22, 2, 8, 8, 80) takes 39,424 bytes with VQ, 450,560 in bf16
     assert MemoryQuantizer(paper).memory_bytes((22, 2, 8, 8, 80)) == 39_424
     assert MemoryQuantizer(RawQuantizer(80)).memory_bytes((22, 2, 8, 8, 80)) == 450_560
 
@@ -294,7 +294,7 @@ def test_describe_is_json_and_rebuilds_the_settings():
         assert description["code_bytes"] == quantizer.code_bytes
     assert small_composite().describe()["factory"] == "OPQ4_16,Residual2x6,PQ4x4"
     with pytest.raises(UserError, match="VectorQuantizer"):
-        VectorQuantizer.from_description({"class_path": "m3.errors.UserError"})
+        VectorQuantizer.from_description({"class_path": "m3.core.errors.UserError"})
 
 
 def test_load_refuses_other_files_and_classes(tmp_path):

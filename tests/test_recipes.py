@@ -19,11 +19,12 @@ import yaml
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from m3 import registry
-from m3.chunking import BoundaryChunker, FixedChunker
 from m3.cli import main
-from m3.config import Config
-from m3.errors import UserError
+from m3.core import registry
+from m3.core.errors import UserError
+from m3.data.chunking import BoundaryChunker, FixedChunker
+from m3.data.tokenizer import ByteTokenizer
+from m3.model.config import Config
 from m3.recipes import (
     RECIPES_DIR,
     ComponentSpec,
@@ -35,7 +36,6 @@ from m3.recipes import (
     shipped_recipes,
     validate,
 )
-from m3.tokenizer import ByteTokenizer
 
 ROOT = RECIPES_DIR.parent
 TINY = str(RECIPES_DIR / "tiny" / "base.yaml")
@@ -65,9 +65,9 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
 
             from typing import Annotated
 
-            from m3.chunking import Chunker, Span
-            from m3.registry import Bounds, InputPath
-            from m3.tokenizer import ByteTokenizer
+            from m3.data.chunking import Chunker, Span
+            from m3.core.registry import Bounds, InputPath
+            from m3.data.tokenizer import ByteTokenizer
 
 
             class ShoutTokenizer(ByteTokenizer):
@@ -382,10 +382,10 @@ def test_users_annotations_check_files_and_ranges(tmp_path: Path, user_module: s
 @pytest.mark.parametrize(
     ("class_path", "expected"),
     [
-        ("{m}.NotAComponent", "is not a subclass of m3.tokenizer.Tokenizer"),
+        ("{m}.NotAComponent", "is not a subclass of m3.data.tokenizer.Tokenizer"),
         ("{m}.Missing", "has no attribute 'Missing'"),
         ("no_such_module_xyz.Tok", "no module named 'no_such_module_xyz'"),
-        ("m3.tokenizer.Tokenizer", "is abstract"),
+        ("m3.data.tokenizer.Tokenizer", "is abstract"),
     ],
 )
 def test_bad_dotted_paths(user_module: str, class_path: str, expected: str) -> None:
@@ -408,7 +408,7 @@ def test_short_names_and_class_names() -> None:
     assert registry.short_name(ByteTokenizer, registry.base_class("tokenizer")) == "byte"
     assert registry.resolve("chunker", "fixed") is FixedChunker
     assert registry.resolve("chunker", "FixedChunker") is FixedChunker
-    assert registry.resolve("chunker", "m3.chunking.FixedChunker") is FixedChunker
+    assert registry.resolve("chunker", "m3.data.chunking.FixedChunker") is FixedChunker
     with pytest.raises(UserError, match="unknown component kind 'widget'"):
         registry.resolve("widget", "x")
 

@@ -1,7 +1,7 @@
 """m3.sizing and `m3 size`: the paper's storage figures and cost model, and other configs.
 
-The formulas are written out again here, from SPEC §3 and §6, rather than by calling the
-helpers under test.
+The formulas are written out again here, from the paper (§3.3 and its cost model), rather
+than by calling the helpers under test.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3.cli import main
-from m3.config import Config
-from m3.errors import UserError
+from m3.core.errors import UserError
+from m3.model.config import Config
 from m3.recipes import RECIPES_DIR, load_recipe
 from m3.sizing import (
     PAPER_REFERENCES,
@@ -69,8 +69,8 @@ def test_paper_totals_in_binary_and_decimal_units() -> None:
     assert report.sparse_ratio == 160  # 2× layers, 5× heads, 16× tokens
     assert report.quantized_ratio == pytest.approx(1828.57, abs=0.01)
     assert significant(report.quantized_ratio) == "1,830"
-    # SPEC's "50.3 TB in decimal units" counts 14.3B tokens / 128 = 111,718,750 references,
-    # which gives 45.8 TiB rather than the paper's 45.9.
+    # the paper's sparse bank in decimal units, 50.3 TB, counts 14.3B tokens / 128 =
+    # 111,718,750 references, which gives 45.8 TiB rather than the paper's 45.9.
     spec_count = size_report(paper_config(), 14_300_000_000 // 128)
     assert format_bytes(spec_count.sparse_total, binary=False) == "50.3 TB"
     assert format_bytes(spec_count.sparse_total, binary=True) == "45.8 TiB"
@@ -100,7 +100,10 @@ def test_paper_break_even_is_about_half_a_use_and_13400_uses() -> None:
 
 
 def spec_costs(c: Config, l_train: int) -> tuple[Fraction, Fraction, Fraction, Fraction]:
-    """SPEC §6 as written (valid when n_head·head_dim = n_embd and memory layers come first)."""
+    """The paper's cost model as written.
+
+    Valid when n_head·head_dim = n_embd and memory layers come first.
+    """
     d, w, h_kv, d_h = c.n_embd, c.mlp_hidden, c.n_kv_head, c.head_dim
     big_l, l_mem_layers = c.n_layer, len(c.memory_layers or ())
     l_ref, l_mem, l_chunk, n_vocab = (

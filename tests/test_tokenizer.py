@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from m3.errors import UserError
-from m3.tokenizer import MANIFEST, REFERENCE_TEXT, ByteTokenizer, HFTokenizer, Tokenizer
+from m3.core.errors import UserError
+from m3.data.tokenizer import MANIFEST, REFERENCE_TEXT, ByteTokenizer, HFTokenizer, Tokenizer
 
 # About 200 KB of English prose and Python snippets shipped with every Python installation.
 CORPUS = "\n".join(pydoc_data.topics.topics.values())[:200_000]
@@ -303,7 +303,7 @@ def test_special_token_names(bpe: HFTokenizer, tmp_path: Path) -> None:
 def test_train_files_with_cache(
     small_corpus_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import m3.tokenizer as module
+    import m3.data.tokenizer as module
 
     trainings = []
     untrained_bpe = module._untrained_bpe

@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from m3.documents import Document, read_corpus
-from m3.errors import UserError
-from m3.stdlib_text import module_docstrings, pydoc_topics, stdlib_documents
-from m3.world import (
+from m3.core.errors import UserError
+from m3.data.documents import Document, read_corpus
+from m3.data.stdlib_text import module_docstrings, pydoc_topics, stdlib_documents
+from m3.data.world import (
     DEFAULT_OPTIONS,
     KINDS,
     ClozeQuestion,
@@ -81,7 +81,7 @@ def test_output_does_not_depend_on_the_process(tmp_path: Path):
     """Two interpreters with different string-hash seeds write the same bytes."""
     script = (
         "import hashlib, sys, pathlib\n"
-        "from m3.world import World\n"
+        "from m3.data.world import World\n"
         f"World.generate(7, **{SMALL!r}).write(sys.argv[1])\n"
         "for p in sorted(pathlib.Path(sys.argv[1]).iterdir()):\n"
         "    print(p.name, hashlib.sha256(p.read_bytes()).hexdigest())\n"

@@ -1,4 +1,4 @@
-"""Cold start (SPEC §3): a reference is encoded the first time it is read, then kept.
+"""Cold start (paper §3.3): a reference is encoded the first time it is read, then kept.
 
 Takes what `m3 build-memory` would from a build-memory recipe (its knowledge base, tokenizer,
 chunker and `training.init_weights`), but encodes nothing ahead of time:
@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import sys
 
-from m3 import registry
 from m3.backends import HDF5Store, StoreInfo
-from m3.bank import ColdStartStore, read_knowledge
-from m3.module import Memory3Module
+from m3.bank.build import ColdStartStore, read_knowledge
+from m3.core import registry
 from m3.recipes import Recipe, build, load_recipe
+from m3.training.module import Memory3Module
 
 
 def cold_start(recipe: Recipe, path: str) -> ColdStartStore:

@@ -9,8 +9,8 @@ import sys
 
 import torch
 
-from m3.diagnostics import kept_tokens, memory_attention
-from m3.generate import load_inference
+from m3.inference.diagnostics import kept_tokens, memory_attention
+from m3.inference.generate import load_inference
 
 
 def diagnose(bank: str, prompt: str) -> torch.Tensor:

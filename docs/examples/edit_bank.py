@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from m3.editing import EditSummary, edit_bank
-from m3.generate import load_inference
+from m3.bank.edit import EditSummary, edit_bank
+from m3.inference.generate import load_inference
 
 
 def edit(bank: str) -> EditSummary:

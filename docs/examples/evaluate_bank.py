@@ -9,10 +9,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from m3.documents import read_corpus
-from m3.evaluate import evaluate_cloze, evaluate_heldout, markdown_table
-from m3.generate import load_inference
-from m3.world import read_cloze
+from m3.data.documents import read_corpus
+from m3.data.world import read_cloze
+from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, markdown_table
+from m3.inference.generate import load_inference
 
 
 def evaluate(bank: str, data: str, *, seq_length: int = 256) -> str:

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from m3.config import Config
-from m3.memory import Memories
-from m3.model import Memory3
+from m3.core.memories import Memories
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 
 def first_forward(preset: str = "tiny") -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from m3.generate import Generation, generate, load_inference
+from m3.inference.generate import Generation, generate, load_inference
 
 
 def continue_prompts(bank: str, prompts: list[str], max_new_tokens: int = 64) -> Generation:

@@ -1,4 +1,4 @@
-"""The leakage filter (SPEC §4, Eq. 6): does a reference overlap the text it would serve?
+"""The leakage filter (the paper's Eq. 6): does a reference overlap the text it would serve?
 
 `python docs/examples/leakage_filter.py` (bytes as tokens).
 """
@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from m3.overlap import exceeds, leak_mask, overlap
-from m3.tokenizer import ByteTokenizer
+from m3.data.tokenizer import ByteTokenizer
+from m3.retrieval.overlap import exceeds, leak_mask, overlap
 
 
 def leakage_filter() -> torch.Tensor:

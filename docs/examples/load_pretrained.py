@@ -11,9 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
-from m3.checkpoints import config_from_hf, load_hf_checkpoint, load_hf_weights
-from m3.module import Memory3Module
-from m3.tokenizer import HFTokenizer
+from m3.data.tokenizer import HFTokenizer
+from m3.model.checkpoints import config_from_hf, load_hf_checkpoint, load_hf_weights
+from m3.training.module import Memory3Module
 
 
 def load_pretrained(folder: str, memory_layers: Sequence[int] = range(8)) -> Memory3Module:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from m3.chunking import FixedChunker
-from m3.registry import Bounds, InputPath
+from m3.core.registry import Bounds, InputPath
+from m3.data.chunking import FixedChunker
 
 
 class GlossaryChunker(FixedChunker):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from m3.encoding import DenseMemory
-from m3.sparsify import Sparsifier
+from m3.memory.encoder import DenseMemory
+from m3.memory.sparsifier import Sparsifier
 
 
 class FirstTokensSparsifier(Sparsifier):

@@ -24,9 +24,9 @@ from m3.backends.base import (
     StoreInfo,
 )
 from m3.backends.in_memory import as_reference_ids, check_write, normalise_reference
-from m3.chunking import Reference
-from m3.errors import UserError
-from m3.memory import SparseMemory
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.data.chunking import Reference
 
 
 class DirectoryStore(MemoryStore):

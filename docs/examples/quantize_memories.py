@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from m3.backends import HDF5Store, StoreInfo
-from m3.chunking import FixedChunker, chunk_documents
-from m3.config import Config
-from m3.encoding import encode_references
-from m3.memory import SparseMemory
-from m3.model import Memory3
-from m3.quantize import CompositeQuantizer, MemoryQuantizer, memory_vectors, relative_error
-from m3.tokenizer import ByteTokenizer
-from m3.world import World
+from m3.core.memories import SparseMemory
+from m3.data.chunking import FixedChunker, chunk_documents
+from m3.data.tokenizer import ByteTokenizer
+from m3.data.world import World
+from m3.memory.encoder import encode_references
+from m3.memory.quantize import CompositeQuantizer, MemoryQuantizer, memory_vectors, relative_error
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 #: the paper's codec is `CompositeQuantizer(80)` (OPQ20_80,Residual2x14,PQ8x10: 14 bytes per
 #: 80-dim vector); these widths suit the tiny model's 16-dim heads: 2 + 2 bytes per vector

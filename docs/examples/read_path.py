@@ -1,6 +1,6 @@
 """The read path by hand: a retriever over a bank's parts, one prompt pass, cached decoding.
 
-What `m3.generate.generate` does (SPEC §4), step by step, greedy and for one prompt:
+What `m3.inference.generate.generate` does (paper §3.1), step by step, greedy and for one prompt:
 `python docs/examples/read_path.py runs/tiny/bank "Ada Lovelace was born in"`.
 """
 
@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from m3.generate import allowed_logits, load_inference
-from m3.retrieval import Retriever
+from m3.inference.generate import allowed_logits, load_inference
+from m3.retrieval.retriever import Retriever
 
 
 def read_path(bank: str, prompt: str, steps: int = 96) -> list[int]:

@@ -13,9 +13,9 @@ from m3.recipes import Recipe, build, load_recipe
 def recipe_parts(files: list[str], overrides: list[str]) -> Recipe:
     """Load recipe files with `key=value` overrides; print the config and two parts."""
     recipe = load_recipe(files, overrides)  # raises RecipeError listing every problem
-    config = recipe.model.config()  # m3.config.Config
-    tokenizer = build(recipe, "tokenizer")  # m3.tokenizer.ByteTokenizer
-    chunker = build(recipe, "chunker")  # m3.chunking.FixedChunker(max_tokens=128)
+    config = recipe.model.config()  # m3.model.config.Config
+    tokenizer = build(recipe, "tokenizer")  # m3.data.tokenizer.ByteTokenizer
+    chunker = build(recipe, "chunker")  # m3.data.chunking.FixedChunker(max_tokens=128)
     print(config.n_layer, config.memory_shape, type(tokenizer).__name__, chunker.max_tokens)
     return recipe
 

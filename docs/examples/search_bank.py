@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from m3.bank import open_bank
-from m3.memory import SparseMemory
+from m3.bank.build import open_bank
+from m3.core.memories import SparseMemory
 
 
 def search(bank: str, question: str, k: int = 5) -> SparseMemory:

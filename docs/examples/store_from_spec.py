@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from m3.backends import MemoryStore, StoreInfo
-from m3.registry import instantiate
+from m3.core.registry import instantiate
 
 
 def store_from_spec(directory: str) -> MemoryStore:

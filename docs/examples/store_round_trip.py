@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from m3.backends import HDF5Store, InMemoryStore, StoreInfo
-from m3.chunking import FixedChunker, chunk_documents
-from m3.config import Config
-from m3.encoding import encode_references
-from m3.memory import SparseMemory
-from m3.model import Memory3
-from m3.tokenizer import ByteTokenizer
+from m3.core.memories import SparseMemory
+from m3.data.chunking import FixedChunker, chunk_documents
+from m3.data.tokenizer import ByteTokenizer
+from m3.memory.encoder import encode_references
+from m3.model.config import Config
+from m3.model.memory3 import Memory3
 
 TEXTS = [
     "Ada Lovelace wrote the first published program, for the Analytical Engine.",

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from m3.documents import read_corpus
-from m3.stdlib_text import stdlib_documents
-from m3.world import World, read_cloze
+from m3.data.documents import read_corpus
+from m3.data.stdlib_text import stdlib_documents
+from m3.data.world import World, read_cloze
 
 
 def tour(directory: str, sizes: dict[str, int] | None = None, max_chars: int = 200_000) -> World:

@@ -1,9 +1,10 @@
 """The two backend contracts: a store of encoded references and a search index over them.
 
-A store holds, per int64 reference id, the reference's sparse memory (`m3.memory.SparseMemory`),
-its token ids and its provenance (`m3.chunking.Reference`). An index maps query embeddings to
-reference ids. They are separate things joined by ids (−1 = no hit), as in FAISS and ScaNN,
-so either can be swapped without touching the other.
+A store holds, per int64 reference id, the reference's sparse memory
+(`m3.core.memories.SparseMemory`), its token ids and its provenance
+(`m3.core.references.Reference`). An index maps query embeddings to reference ids. They are
+separate things joined by ids (−1 = no hit), as in FAISS and ScaNN, so either can be swapped
+without touching the other.
 
 Both are picklable without open file handles (they reopen lazily in each process, e.g. in a
 DataLoader worker), and every shipped subclass passes the contract tests in
@@ -23,12 +24,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 from torch import Tensor
 
-from m3.chunking import Reference
-from m3.errors import UserError
-from m3.memory import SparseMemory
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.core.references import Reference
 
 if TYPE_CHECKING:
-    from m3.quantize import MemoryQuantizer
+    from m3.memory.quantize import MemoryQuantizer
 
 #: torch dtypes a store may hold keys and values in, by name
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

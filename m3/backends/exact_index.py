@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryIndex, MissingReferenceError, SearchResult
-from m3.errors import UserError
+from m3.core.errors import UserError
 
 #: Similarity metrics every shipped index supports.
 METRICS = ("cosine", "dot")

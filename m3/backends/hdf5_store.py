@@ -78,12 +78,12 @@ from m3.backends.in_memory import (
     missing_error,
     normalise_reference,
 )
-from m3.chunking import Reference
-from m3.errors import UserError
-from m3.memory import SparseMemory
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.core.references import Reference
 
 if TYPE_CHECKING:
-    from m3.quantize import MemoryQuantizer
+    from m3.memory.quantize import MemoryQuantizer
 
 FORMAT = "m3.HDF5Store"
 FORMAT_VERSION = 1
@@ -384,7 +384,7 @@ class HDF5Store(MemoryStore):
             if given is not None:
                 raise UserError(f"{self.path} holds raw memories: it takes no quantizer")
             return
-        from m3.quantize import MemoryQuantizer
+        from m3.memory.quantize import MemoryQuantizer
 
         fingerprint = recorded.get("fingerprint")
         if given is not None:
@@ -845,7 +845,7 @@ class HDF5Store(MemoryStore):
 
     def _decode_codes(self, rows: np.ndarray, valid: Tensor, positions: Tensor) -> SparseMemory:
         """Decode the key and value codes of `(N, row_bytes)` rows to `info.dtype`."""
-        from m3.quantize import QuantizedMemory
+        from m3.memory.quantize import QuantizedMemory
 
         assert self.quantizer is not None
         layout, count = self.layout, rows.shape[0]

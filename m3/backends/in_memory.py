@@ -13,7 +13,7 @@ store.write(ids, memory, references)        # memory: SparseMemory of len(ids) r
 memory = store.read(torch.tensor([3, 1, 3]))
 ```
 
-With `quantizer=` (a trained `m3.quantize.MemoryQuantizer`) the store keeps codes in RAM and
+With `quantizer=` (a trained `m3.memory.quantize.MemoryQuantizer`) the store keeps codes in RAM and
 decodes on read, e.g. 14 bytes instead of 160 per 80-dim bf16 vector at the paper's settings.
 
 The module also holds the two pieces both shipped stores use to turn reference ids into
@@ -31,12 +31,12 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryStore, MissingReferenceError, StoreInfo, with_quantizer
-from m3.chunking import Reference
-from m3.errors import UserError
-from m3.memory import SparseMemory
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.core.references import Reference
 
 if TYPE_CHECKING:
-    from m3.quantize import MemoryQuantizer
+    from m3.memory.quantize import MemoryQuantizer
 
 #: ids up to this bound always use the direct lookup table; beyond it, only while the table
 #: stays within `_LUT_SLACK` times the number of stored ids (else a dict is used).
@@ -235,7 +235,7 @@ def check_write(
     for reference_id, reference in zip(array.tolist(), references, strict=True):
         if not isinstance(reference, tuple) or len(reference) != 4:
             raise UserError(
-                f"{where}: reference {reference_id} must be an m3.chunking.Reference, "
+                f"{where}: reference {reference_id} must be an m3.core.references.Reference, "
                 f"got {type(reference).__name__}"
             )
         doc_id = reference[0]
@@ -407,7 +407,7 @@ class InMemoryStore(MemoryStore):
         positions = self._positions.index_select(0, index)
         if self.quantizer is None:
             return SparseMemory(keys=keys, values=values, valid=valid, positions=positions)
-        from m3.quantize import QuantizedMemory
+        from m3.memory.quantize import QuantizedMemory
 
         if len(slots) == 0:  # nothing to decode: empty tensors of the decoded shape
             empty = torch.zeros((0, *self.info.memory_shape[:1], *self.info.memory_shape[2:]),

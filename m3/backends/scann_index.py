@@ -62,7 +62,7 @@ from m3.backends.exact_index import (
     empty_result,
     read_manifest,
 )
-from m3.errors import UserError
+from m3.core.errors import UserError
 
 logger = logging.getLogger(__name__)
 

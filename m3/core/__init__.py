@@ -1,0 +1,9 @@
+"""The bottom layer: what every other part of m3 shares.
+
+`errors` (the `UserError` every user mistake raises), `registry` (components by kind, and
+checking a recipe's values against their signatures), the containers that cross layers
+(`references.Reference`, `memories.SparseMemory` and `memories.Memories`), small shared
+checks (`checks`), run folders (`runs`), plots (`plots`), and lazy exports (`lazy`).
+
+May import: nothing else of m3. Everything else may import it.
+"""

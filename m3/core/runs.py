@@ -1,0 +1,103 @@
+"""Run folders: where a stage writes its outputs, and how m3 knows they are complete.
+
+A stage claims its folder with the recipe that runs it: the folder keeps `recipe.yaml` and a
+fingerprint of the recipe. Running the same recipe again finds its outputs and continues or
+skips; a folder written by another recipe is never overwritten unless asked. A stage is
+complete only once `done.json` is written, after its last output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from m3.core.errors import UserError
+
+
+def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:
+    """A sha256 digest of a recipe's plain values (what its outputs depend on).
+
+    Args:
+        recipe_dict: `Recipe.to_dict()`.
+
+    Returns:
+        The hex digest.
+    """
+    # the description and the progress bar change no output
+    keep = {k: v for k, v in recipe_dict.items() if k != "description"}
+    # sections added after runs were fingerprinted count only when set
+    for section in ("retrieval", "generation", "bank", "world", "evaluation", "stages"):
+        if keep.get(section, "set") is None:
+            del keep[section]
+    trainer = dict(keep.get("trainer") or {})
+    trainer.pop("enable_progress_bar", None)
+    keep["trainer"] = trainer
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class RunFolder:
+    """The output folder of one stage.
+
+    Args:
+        path: The folder.
+        recipe_dict: The recipe that runs the stage, as plain values.
+        recipe_yaml: The same recipe as YAML, kept in the folder for people to read.
+    """
+
+    def __init__(self, path: str | Path, recipe_dict: dict[str, Any], recipe_yaml: str) -> None:
+        self.path = Path(path)
+        self.fingerprint = recipe_fingerprint(recipe_dict)
+        self.recipe_yaml = recipe_yaml
+
+    @property
+    def done_file(self) -> Path:
+        """The marker written last, when the stage completed."""
+        return self.path / "done.json"
+
+    @property
+    def complete(self) -> bool:
+        """Whether the stage completed with this recipe."""
+        if not self.done_file.is_file():
+            return False
+        return json.loads(self.done_file.read_text()).get("fingerprint") == self.fingerprint
+
+    def claim(self, *, overwrite: bool = False) -> None:
+        """Make the folder this recipe's, refusing one that another recipe wrote.
+
+        Args:
+            overwrite: Delete a folder written by another recipe instead of refusing.
+
+        Raises:
+            UserError: When the folder holds another recipe's outputs and `overwrite` is False.
+        """
+        marker = self.path / "fingerprint"
+        if marker.is_file() and marker.read_text().strip() != self.fingerprint:
+            if not overwrite:
+                raise UserError(
+                    f"{self.path} holds the outputs of another recipe (see its recipe.yaml); "
+                    "choose another output folder, or pass --overwrite to replace them"
+                )
+            shutil.rmtree(self.path)
+        elif not marker.is_file() and self.path.is_dir() and any(self.path.iterdir()):
+            if not overwrite:
+                raise UserError(
+                    f"{self.path} is not empty and was not written by m3; choose another "
+                    "output folder, or pass --overwrite to replace it"
+                )
+            shutil.rmtree(self.path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        (self.path / "recipe.yaml").write_text(self.recipe_yaml)
+        marker.write_text(self.fingerprint + "\n")
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        """Mark the stage complete (written after every other output).
+
+        Args:
+            summary: What the stage wants to record (JSON-serialisable).
+        """
+        self.done_file.write_text(
+            json.dumps({"fingerprint": self.fingerprint, **summary}, indent=2)
+        )

@@ -1,0 +1,628 @@
+"""Evaluation: held-out loss and multiple-choice cloze, with memory, without memory and with RAG.
+
+The same model is scored in several *modes*, so that the table isolates what explicit memory
+adds:
+
+- `memory`: every chunk reads the memories its retriever returns (the paper's setting);
+- `none`: memory mode with nothing to read (the reference prefix still acts as attention sink,
+  positions as with memory), the model's own no-memory baseline;
+- `rag`: no memories, but the texts of `k` references retrieved once with the query are
+  prepended to the context (the retrieval-augmented-generation baseline on the same model and
+  retriever);
+- `shuffled` (cloze only): each question reads the memories retrieved for *another* question,
+  a negative control that should fall back to the `none` level.
+
+Held-out text is scored under two retrieval protocols:
+
+- `paper`: each 64-token chunk retrieves with its own text, and references overlapping the
+  sequence by more than the threshold (Eq. 6, 2/3 at evaluation) are dropped;
+- `causal`: chunk `c` reads the memories retrieved with chunk `c − 1`'s text (chunk 0 reads
+  none), as during generation, where a chunk's memories must be known before it is written.
+
+A cloze question retrieves with its prompt (the text before the answer), so the two
+protocols coincide there. Accuracy comes with a 95% Wilson score interval.
+
+```python
+results = evaluate_cloze(model, tokenizer, questions, retriever=retriever)
+results["memory"].accuracy, results["memory"].interval
+heldout = evaluate_heldout(model, tokenizer, texts, retriever=retriever)
+heldout["paper"]["memory"].loss
+```
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric, SumMetric
+from tqdm.auto import tqdm
+
+from m3.core.errors import UserError
+from m3.core.memories import Memories
+from m3.data.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from m3.data.world import ClozeQuestion
+    from m3.model.memory3 import Memory3
+    from m3.recipes import Recipe
+    from m3.retrieval.retriever import Retriever
+
+ClozeMode = Literal["memory", "none", "rag", "shuffled"]
+TextMode = Literal["memory", "none", "rag"]
+Protocol = Literal["paper", "causal"]
+
+#: How the `none` mode reads a model: "empty" — memory mode with no memories, the same
+#: model reading nothing (right for a model trained with memory); "warmup" — warmup mode, no
+#: reference prefix and positions from the context's `<s>` (right for a model trained
+#: without memory, e.g. a warmup stage or a no-memory baseline).
+WithoutMemory = Literal["empty", "warmup"]
+WITHOUT_MEMORY: tuple[WithoutMemory, ...] = ("empty", "warmup")
+CLOZE_MODES: tuple[ClozeMode, ...] = ("memory", "none", "rag", "shuffled")
+TEXT_MODES: tuple[TextMode, ...] = ("memory", "none", "rag")
+PROTOCOLS: tuple[Protocol, ...] = ("paper", "causal")
+
+
+def wilson_interval(correct: int, total: int, *, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion.
+
+    Args:
+        correct: Successes.
+        total: Trials (> 0).
+        z: Standard-normal quantile (1.96: 95%).
+
+    Returns:
+        `(low, high)`, within [0, 1].
+    """
+    if total <= 0:
+        raise ValueError("an interval needs at least one trial")
+    p = correct / total
+    denominator = 1 + z * z / total
+    centre = (p + z * z / (2 * total)) / denominator
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / denominator
+    # at p = 0 or 1 an end is exactly 0 or 1; the formula would round just inside
+    low = 0.0 if correct == 0 else max(0.0, centre - half)
+    high = 1.0 if correct == total else min(1.0, centre + half)
+    return low, high
+
+
+@dataclass(frozen=True)
+class ClozeScore:
+    """Multiple-choice cloze accuracy of one mode.
+
+    Attributes:
+        accuracy: Share of questions whose correct option scored highest.
+        low: Lower end of the 95% Wilson interval.
+        high: Upper end of the 95% Wilson interval.
+        questions: Questions asked.
+        chance: Accuracy of a uniform guess.
+    """
+
+    accuracy: float
+    low: float
+    high: float
+    questions: int
+    chance: float
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """`(low, high)`."""
+        return self.low, self.high
+
+
+@dataclass(frozen=True)
+class TextScore:
+    """Next-token metrics on held-out text in one mode.
+
+    Attributes:
+        loss: Mean cross-entropy per predicted token (nats).
+        perplexity: `exp(loss)`.
+        accuracy: Share of tokens predicted right (argmax).
+        tokens: Tokens scored.
+    """
+
+    loss: float
+    perplexity: float
+    accuracy: float
+    tokens: int
+
+
+# ------------------------------------------------------------------------------- helpers
+
+
+def _prefix(tokenizer: Tokenizer, device: torch.device) -> Tensor:
+    return torch.tensor(tokenizer.reference_prefix(), dtype=torch.long, device=device)
+
+
+def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(r) for r in rows)
+    idx = torch.full((len(rows), width), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        idx[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
+    return idx, torch.tensor([len(r) for r in rows])
+
+
+def _rows_of(memories: Memories, rows: Tensor) -> Memories:
+    """The memories of chosen rows (a row may be taken several times)."""
+    return Memories(
+        memories.keys[rows], memories.values[rows], memories.valid[rows], memories.visible[rows]
+    )
+
+
+def rag_prefixes(
+    retriever: Retriever, tokenizer: Tokenizer, queries: Sequence[str]
+) -> list[list[int]]:
+    """Token ids of the RAG baseline's context before each query: `k` references as text.
+
+    One retrieval per query with the query's text (`m3.inference.generate.rag_references`, leakage
+    filter on), laid out by `m3.inference.generate.rag_context`.
+
+    Args:
+        retriever: The retriever over the bank.
+        tokenizer: Encodes the references' text.
+        queries: `B` query texts.
+
+    Returns:
+        Per query, the token ids that precede it.
+    """
+    from m3.inference.generate import rag_context, rag_references
+
+    found = rag_references(retriever, list(queries))
+    return [tokenizer.encode(rag_context("", [r.text for r in row])) for row in found]
+
+
+# --------------------------------------------------------------------------------- cloze
+
+
+@torch.no_grad()
+def _scored_tokens(
+    model: Memory3,
+    rows: list[list[int]],
+    scored_from: list[int],
+    memories: Memories | None,
+    prefix: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Read right-padded rows and score their tokens from `scored_from` on.
+
+    Args:
+        model: The model.
+        rows: `R` token-id rows, each starting with `<s>`.
+        scored_from: Per row, the position of its first scored token (≥ 1).
+        memories: The rows' memories (every chunk sees what chunk 0 sees when the pool has
+            one chunk); None reads none.
+        prefix: The reference prefix ids (memory mode), or None to read the rows in warmup
+            mode (no prefix, no memories).
+
+    Returns:
+        `(R, T − 1)` log-probabilities of each next token, whether it was the argmax, and
+        the mask of scored positions.
+    """
+    device = next(model.parameters()).device
+    idx, lengths = _right_pad(rows, 0)
+    idx, lengths = idx.to(device), lengths.to(device)
+    chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
+    if prefix is None:
+        assert memories is None, "warmup mode reads no memories"
+        logits = model(idx).float()[:, :-1]
+    else:
+        if memories is None:
+            memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
+        elif memories.num_chunks == 1 and chunks > 1:
+            visible = memories.visible.expand(-1, chunks, -1)
+            memories = Memories(memories.keys, memories.values, memories.valid, visible)
+        memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
+        logits = model(idx, memories, prefix=prefix).float()[:, :-1]
+    targets = idx[:, 1:, None]
+    token_logp = torch.log_softmax(logits, -1).gather(-1, targets)[..., 0]
+    hits = (logits.argmax(-1, keepdim=True) == targets)[..., 0].float()
+    position = torch.arange(idx.shape[1] - 1, device=device)[None]
+    start = torch.tensor(scored_from, device=device)[:, None]
+    mask = (position >= start - 1) & (position < lengths[:, None] - 1)
+    return token_logp, hits, mask
+
+
+def evaluate_cloze(
+    model: Memory3,
+    tokenizer: Tokenizer,
+    questions: Sequence[ClozeQuestion],
+    *,
+    retriever: Retriever | None = None,
+    modes: Sequence[ClozeMode] = CLOZE_MODES,
+    batch_size: int = 32,
+    seed: int = 0,
+    without_memory: WithoutMemory = "empty",
+    progress: bool = False,
+) -> dict[str, ClozeScore]:
+    """Multiple-choice cloze accuracy: the option with the highest log-likelihood wins.
+
+    Each question is read as `<s>` + prompt + option; the option's tokens are scored.
+
+    Args:
+        model: A model with memory layers (evaluated in memory mode).
+        tokenizer: The model's tokenizer.
+        questions: The questions (`m3.data.world.ClozeQuestion` fields: prompt, options, answer).
+        retriever: Retrieves `k` memories per question with its prompt; needed for every
+            mode but `none`.
+        modes: Which of `memory`, `none`, `rag`, `shuffled` to score.
+        batch_size: Questions per forward pass (times their options).
+        seed: Seed of the shuffled control's permutation.
+        without_memory: How the `none` mode reads the model (see `WITHOUT_MEMORY`).
+        progress: Show a progress bar per mode.
+
+    Returns:
+        Mode -> score.
+
+    Raises:
+        UserError: For no questions, an unknown mode, or a mode that needs a retriever
+            without one.
+    """
+    if not questions:
+        raise UserError("no cloze questions to evaluate")
+    unknown = sorted(set(modes) - set(CLOZE_MODES))
+    if unknown:
+        raise UserError(f"unknown cloze mode(s) {unknown}; expected some of {list(CLOZE_MODES)}")
+    if retriever is None and any(m != "none" for m in modes):
+        raise UserError("cloze modes other than 'none' need a retriever")
+    model.eval()
+    device = next(model.parameters()).device
+    prefix = _prefix(tokenizer, device)
+    contexts = [[tokenizer.bos_id, *tokenizer.encode(q.prompt)] for q in questions]
+    option_ids = [[tokenizer.encode(o) for o in q.options] for q in questions]
+    retrieved = None
+    if retriever is not None and {"memory", "shuffled"} & set(modes):
+        retrieved = retriever.retrieve(
+            [[q.prompt] for q in questions], leak_texts=[c[1:] for c in contexts]
+        ).memories
+    order = torch.arange(len(questions))
+    shuffled = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed))
+    results: dict[str, ClozeScore] = {}
+    for mode in modes:
+        rows = contexts
+        if mode == "rag":
+            before = rag_prefixes(retriever, tokenizer, [q.prompt for q in questions])  # type: ignore[arg-type]
+            rows = [[c[0], *b, *c[1:]] for c, b in zip(contexts, before, strict=True)]
+        correct = SumMetric()
+        starts = range(0, len(questions), batch_size)
+        for start in tqdm(starts, desc=f"cloze, {mode}", disable=not progress, leave=False):
+            batch = range(start, min(start + batch_size, len(questions)))
+            lines, scored_from, owner = [], [], []
+            for q in batch:
+                for option in option_ids[q]:
+                    lines.append(rows[q] + option)
+                    scored_from.append(len(rows[q]))
+                    owner.append(q)
+            memories = None
+            if mode in ("memory", "shuffled"):
+                source = (order if mode == "memory" else shuffled)[torch.tensor(owner)]
+                memories = _rows_of(retrieved, source)  # type: ignore[arg-type]
+            reading = None if mode == "none" and without_memory == "warmup" else prefix
+            token_logp, _, mask = _scored_tokens(model, lines, scored_from, memories, reading)
+            scores = (token_logp * mask).sum(-1).cpu()
+            at = 0
+            for q in batch:
+                n = len(questions[q].options)
+                correct.update(float(int(scores[at : at + n].argmax()) == questions[q].answer))
+                at += n
+        hits = round(float(correct.compute()))
+        low, high = wilson_interval(hits, len(questions))
+        results[mode] = ClozeScore(
+            hits / len(questions), low, high, len(questions), questions[0].chance
+        )
+    return results
+
+
+# --------------------------------------------------------------------------- held-out text
+
+
+def heldout_sequences(
+    tokenizer: Tokenizer, texts: Sequence[str], *, seq_length: int, max_sequences: int | None
+) -> list[list[int]]:
+    """Cut held-out documents into scoring windows: `<s>` + up to `seq_length` tokens each.
+
+    Args:
+        tokenizer: Encodes the texts.
+        texts: Held-out documents.
+        seq_length: Tokens per window after the `<s>`.
+        max_sequences: Most windows kept (the first ones); None keeps all.
+
+    Returns:
+        Token-id windows (each at least two tokens long).
+
+    Raises:
+        UserError: When no text has a token to predict.
+    """
+    windows = []
+    for text in texts:
+        ids = tokenizer.encode(text)
+        for start in range(0, len(ids), seq_length):
+            windows.append([tokenizer.bos_id, *ids[start : start + seq_length]])
+    windows = [w for w in windows if len(w) > 1][:max_sequences]
+    if not windows:
+        raise UserError("the held-out text is empty: nothing to score")
+    return windows
+
+
+def evaluate_heldout(
+    model: Memory3,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    retriever: Retriever | None = None,
+    modes: Sequence[TextMode] = TEXT_MODES,
+    protocols: Sequence[Protocol] = PROTOCOLS,
+    seq_length: int = 256,
+    batch_size: int = 8,
+    max_sequences: int | None = 64,
+    without_memory: WithoutMemory = "empty",
+    progress: bool = False,
+) -> dict[str, dict[str, TextScore]]:
+    """Loss, perplexity and next-token accuracy on held-out text.
+
+    Args:
+        model: A model with memory layers (evaluated in memory mode).
+        tokenizer: The model's tokenizer.
+        texts: Held-out documents (cut by `heldout_sequences`).
+        retriever: Needed for the `memory` and `rag` modes.
+        modes: Which of `memory`, `none`, `rag` to score.
+        protocols: Retrieval protocols of the `memory` mode: `paper`, `causal`. The `none`
+            and `rag` modes do not depend on them and are reported under each.
+        seq_length: Tokens per scored window after its `<s>`.
+        batch_size: Windows per forward pass.
+        max_sequences: Most windows scored.
+        without_memory: How the `none` mode reads the model (see `WITHOUT_MEMORY`).
+        progress: Show a progress bar per protocol and mode.
+
+    Returns:
+        Protocol -> mode -> score.
+
+    Raises:
+        UserError: For empty text, an unknown mode or protocol, or a missing retriever.
+    """
+    if set(modes) - set(TEXT_MODES) or set(protocols) - set(PROTOCOLS):
+        raise UserError(
+            f"modes must be among {list(TEXT_MODES)} and protocols among {list(PROTOCOLS)}; "
+            f"got {list(modes)} and {list(protocols)}"
+        )
+    if retriever is None and any(m != "none" for m in modes):
+        raise UserError("held-out modes other than 'none' need a retriever")
+    model.eval()
+    device = next(model.parameters()).device
+    prefix = _prefix(tokenizer, device)
+    windows = heldout_sequences(
+        tokenizer, texts, seq_length=seq_length, max_sequences=max_sequences
+    )
+    chunk = model.config.chunk_length
+    shared: dict[str, TextScore] = {}
+    results: dict[str, dict[str, TextScore]] = {}
+    for protocol in protocols:
+        results[protocol] = {}
+        for mode in modes:
+            if mode != "memory" and mode in shared:
+                results[protocol][mode] = shared[mode]
+                continue
+            metrics = (MeanMetric(), MeanMetric())
+            starts = range(0, len(windows), batch_size)
+            label = f"held-out, {mode}" + (f" ({protocol})" if mode == "memory" else "")
+            for start in tqdm(starts, desc=label, disable=not progress, leave=False):
+                batch = windows[start : start + batch_size]
+                rows, scored_from, memories = batch, [1] * len(batch), None
+                if mode == "memory":
+                    # chunk c covers positions c·64 .. c·64 + 63; the <s> is not text
+                    chunks = [
+                        [w[max(s, 1) : s + chunk] for s in range(0, len(w), chunk)] for w in batch
+                    ]
+                    leaks = [w[1:] for w in batch]
+                    if protocol == "causal":  # chunk c reads what chunk c − 1 retrieved
+                        chunks, leaks = [[None, *c[:-1]] for c in chunks], None
+                    retrieval = retriever.retrieve(chunks, leak_texts=leaks)  # type: ignore[union-attr]
+                    memories = retrieval.memories
+                elif mode == "rag":
+                    queries = [tokenizer.decode(w[1:]) for w in batch]
+                    before = rag_prefixes(retriever, tokenizer, queries)  # type: ignore[arg-type]
+                    rows = [[w[0], *b, *w[1:]] for w, b in zip(batch, before, strict=True)]
+                    scored_from = [1 + len(b) for b in before]
+                reading = None if mode == "none" and without_memory == "warmup" else prefix
+                token_logp, hits, mask = _scored_tokens(model, rows, scored_from, memories, reading)
+                metrics[0].update(-token_logp[mask].cpu())
+                metrics[1].update(hits[mask].cpu())
+            loss = float(metrics[0].compute())
+            tokens = sum(len(w) - 1 for w in windows)
+            score = TextScore(loss, math.exp(loss), float(metrics[1].compute()), tokens)
+            results[protocol][mode] = score
+            if mode != "memory":
+                shared[mode] = score
+    return results
+
+
+def as_plain(results: dict) -> dict:
+    """Scores as plain JSON-ready dictionaries (dataclasses turned into dicts).
+
+    Args:
+        results: Nested dictionaries of `ClozeScore` / `TextScore`.
+
+    Returns:
+        The same nesting with plain values.
+    """
+    return {
+        key: as_plain(value) if isinstance(value, dict) else asdict(value)
+        for key, value in results.items()
+    }
+
+
+# ------------------------------------------------------------------------------ the stage
+
+
+def markdown_table(cloze: dict[str, ClozeScore], heldout: dict[str, dict[str, TextScore]]) -> str:
+    """The results as Markdown: one cloze table, one held-out table.
+
+    Args:
+        cloze: Mode -> cloze score.
+        heldout: Protocol -> mode -> held-out score.
+
+    Returns:
+        Markdown text.
+    """
+    lines = []
+    if cloze:
+        first = next(iter(cloze.values()))
+        lines += [
+            f"Multiple-choice cloze, {first.questions} questions (chance {first.chance:.0%}), "
+            "95% Wilson intervals:",
+            "",
+            "| mode | accuracy | 95% interval |",
+            "|---|---:|---:|",
+        ]
+        lines += [
+            f"| {mode} | {s.accuracy:.1%} | {s.low:.1%} – {s.high:.1%} |"
+            for mode, s in cloze.items()
+        ]
+        lines.append("")
+    if heldout:
+        lines += [
+            "Held-out text (loss in nats per token):",
+            "",
+            "| protocol | mode | loss | perplexity | token accuracy | tokens |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for protocol, scores in heldout.items():
+            lines += [
+                f"| {protocol} | {mode} | {s.loss:.4f} | {s.perplexity:.2f} | "
+                f"{s.accuracy:.1%} | {s.tokens} |"
+                for mode, s in scores.items()
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_results(
+    folder: Path, cloze: dict[str, ClozeScore], heldout: dict[str, dict[str, TextScore]]
+) -> list[Path]:
+    """Bar charts of the cloze accuracies (with intervals and chance) and held-out losses.
+
+    Args:
+        folder: Where the PNGs go (`cloze.png`, `heldout.png`).
+        cloze: Mode -> cloze score.
+        heldout: Protocol -> mode -> held-out score.
+
+    Returns:
+        The PNGs written.
+    """
+    from m3.core.plots import plot_bars
+
+    written = []
+    if cloze:
+        scores = list(cloze.values())
+        written.append(
+            plot_bars(
+                folder / "cloze.png",
+                list(cloze),
+                [s.accuracy for s in scores],
+                errors=[s.interval for s in scores],
+                reference=scores[0].chance,
+                reference_label="chance",
+                ylabel="accuracy",
+                title=f"Cloze accuracy, {scores[0].questions} questions",
+            )
+        )
+    if heldout:
+        labels, losses = [], []
+        for protocol, by_mode in heldout.items():
+            for mode, score in by_mode.items():
+                if mode == "memory" or protocol == next(iter(heldout)):
+                    labels.append(f"{mode} ({protocol})" if mode == "memory" else mode)
+                    losses.append(score.loss)
+        written.append(
+            plot_bars(
+                folder / "heldout.png",
+                labels,
+                losses,
+                ylabel="loss (nats/token)",
+                title="Held-out loss",
+            )
+        )
+    return written
+
+
+def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
+    """Run the evaluation a recipe describes (`stage: evaluate`; `m3 evaluate`).
+
+    Writes `evaluation.json`, `evaluation.md`, `cloze.png` and `heldout.png` into the
+    recipe's output folder.
+
+    Args:
+        recipe: A checked recipe with an `evaluation:` section and what `load_inference`
+            needs (weights, tokenizer, `retrieval.bank`).
+        overwrite: Replace a folder that another recipe wrote.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        UserError: For a recipe without questions or held-out text, missing files, or a
+            bank that does not belong to the model.
+    """
+    import json
+
+    from m3.core import registry
+    from m3.core.runs import RunFolder
+    from m3.data.world import read_cloze
+    from m3.inference.generate import load_inference
+
+    spec = recipe.evaluation
+    if spec is None or (spec.cloze is None and not spec.heldout):
+        raise UserError("evaluation: name cloze questions (evaluation.cloze) or held-out text")
+    run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
+    if run.complete and not overwrite:
+        print(f"m3 evaluate: {run.path} is complete for this recipe; nothing to do")
+        return run.path
+    questions = read_cloze(spec.cloze)[: spec.n_questions] if spec.cloze else []
+    texts = [
+        d.text for s in spec.heldout or [] for d in registry.instantiate("source", s).documents()
+    ]
+    run.claim(overwrite=overwrite)
+    with load_inference(recipe) as inference:
+        model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
+        cloze = (
+            evaluate_cloze(
+                model,
+                tokenizer,
+                questions,
+                retriever=retriever,
+                batch_size=spec.batch_size,
+                seed=recipe.seed,
+                without_memory=spec.without_memory,
+                progress=True,
+            )
+            if questions
+            else {}
+        )
+        heldout = (
+            evaluate_heldout(
+                model,
+                tokenizer,
+                texts,
+                retriever=retriever,
+                protocols=spec.protocols,
+                seq_length=spec.seq_length,
+                batch_size=spec.batch_size,
+                max_sequences=spec.max_sequences,
+                without_memory=spec.without_memory,
+                progress=True,
+            )
+            if texts
+            else {}
+        )
+    results = {"cloze": as_plain(cloze), "heldout": as_plain(heldout)}
+    (run.path / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
+    table = markdown_table(cloze, heldout)
+    (run.path / "evaluation.md").write_text(table)
+    plot_results(run.path, cloze, heldout)
+    print(table)
+    run.finish({"evaluation": results})
+    return run.path

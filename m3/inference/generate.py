@@ -1,0 +1,786 @@
+"""Generation with explicit memory: load a model with its memory bank, then decode (paper §3.1).
+
+`load_inference` opens everything inference needs from a recipe (or a bank or run folder)
+and checks that the parts belong together: the bank's memories were written by these
+weights and this tokenizer, its index by its embedder. `generate` then decodes a batch of
+prompts:
+
+1. the prompts are processed in one pass (`Memory3.prefill`), each 64-token chunk reading
+   the memories its own text retrieved (`Retriever.retrieve_context`; a partial last chunk
+   retrieves with its partial text);
+2. decoding continues with a KV cache; whenever a row completes a chunk, the chunk's text
+   retrieves the memories of the next one (`Retriever.retrieve_next`) and they replace the
+   old ones (`KVCache.swap_memories`) without recomputing the context cache; the first
+   decoded chunk after a prompt that ends on a boundary inherits the last prompt chunk's
+   memories (the same text retrieves the same references);
+3. tokens are chosen greedily or sampled (temperature, top-k, top-p, a seeded generator)
+   until EOS, `max_new_tokens`, or the model's context (`block_size`) is full.
+
+Every row reports its *provenance*: for every chunk of its context, the reference ids (with
+their scores and texts) whose memories that chunk read.
+
+```python
+from m3.inference.generate import generate, load_inference
+
+inference = load_inference("runs/tiny/bank")           # the bank, its weights and tokenizer
+out = generate(inference, ["Ada Lovelace was born in"], max_new_tokens=64)
+out.texts[0]                                           # the continuation
+for chunk in out.provenance[0]:                        # which references each chunk read
+    print(chunk.chunk, chunk.start, chunk.end, chunk.ids)
+```
+
+Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
+mode with an empty pool: the reference prefix and positions stay as in training), and
+`mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
+their texts before the prompt (`rag_references`, `rag_context`), reading no memories.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+
+from m3.core.errors import UserError
+
+if TYPE_CHECKING:
+    from m3.bank.build import Bank
+    from m3.data.tokenizer import Tokenizer
+    from m3.model.memory3 import Memory3
+    from m3.recipes import Recipe
+    from m3.retrieval.retriever import Retriever
+
+#: What `generate` can do: read explicit memories, read none, or read references as text.
+Mode = Literal["memory", "none", "rag"]
+MODES: tuple[str, ...] = ("memory", "none", "rag")
+
+#: How `rag_context` lays out each reference before the prompt (`{text}` is the reference).
+RAG_TEMPLATE = "Reference: {text}\n"
+
+
+# ------------------------------------------------------------------------------ loading
+@dataclass
+class Inference:
+    """A model with its tokenizer and the retriever over its memory bank, checked to fit.
+
+    Build one with `load_inference`. `close` (or a `with` block) closes the bank's files.
+
+    Attributes:
+        model: The model, in eval mode, without gradients.
+        tokenizer: The tokenizer the bank's references were written with.
+        retriever: Embedder + index + store + RAM cache + leakage filter over the bank.
+        bank: The opened bank (store, index, embedder, manifest).
+        prefix: `(b,)` long ids of the reference prefix `<s>Reference:`, on the model's device.
+        recipe: The recipe everything was read from.
+        weights: The weights file (or Hugging Face folder) loaded into the model.
+    """
+
+    model: Memory3
+    tokenizer: Tokenizer
+    retriever: Retriever
+    bank: Bank
+    prefix: Tensor
+    recipe: Recipe
+    weights: Path
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs."""
+        return self.model.lm_head.weight.device
+
+    def close(self) -> None:
+        """Stop the retriever's reader thread and close the bank's store."""
+        self.retriever.close()
+        self.bank.store.close()
+
+    def __enter__(self) -> Inference:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _resolve_source(
+    source: Recipe | str | Path, overrides: Sequence[str]
+) -> tuple[Recipe, Path | None, Path | None]:
+    """The recipe, plus the bank or weights that a folder given as source stands for."""
+    from m3.bank.build import MANIFEST
+    from m3.recipes import Recipe, load_recipe
+
+    if isinstance(source, Recipe):
+        if overrides:
+            raise UserError("overrides apply to a recipe file or folder, not to a loaded recipe")
+        return source, None, None
+    path = Path(source)
+    if path.is_file():
+        return load_recipe(path, overrides), None, None
+    if not path.is_dir():
+        raise UserError(f"{path}: no such recipe file, bank folder or run folder")
+    if not (path / "recipe.yaml").is_file():
+        raise UserError(f"{path} is not a run folder of m3 (it has no recipe.yaml)")
+    recipe = load_recipe(path / "recipe.yaml", overrides)
+    if (path / MANIFEST).is_file():
+        return recipe, path, None
+    if (path / "model.pt").is_file():
+        return recipe, None, path / "model.pt"
+    raise UserError(f"{path} holds neither a memory bank (manifest.json) nor weights (model.pt)")
+
+
+def _weights_path(path: str | Path, key: str) -> Path:
+    path = Path(path)
+    if path.is_dir() and (path / "model.pt").is_file():  # a stage's run folder
+        return path / "model.pt"
+    if not path.exists():
+        raise UserError(f"{key}: {path} does not exist (train the model first?)")
+    return path
+
+
+def load_inference(
+    source: Recipe | str | Path,
+    *,
+    overrides: Sequence[str] = (),
+    bank: str | Path | None = None,
+    weights: str | Path | None = None,
+    k: int | None = None,
+    threshold: float | Literal["recipe"] | None = "recipe",
+    cache_size: int | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Inference:
+    """Open a model, its tokenizer and its memory bank for inference, checked to fit.
+
+    What comes from where:
+
+    - the recipe: `source` itself, a recipe file, or the `recipe.yaml` of a folder: a bank
+      folder (`m3 build-memory`) also names the bank, a stage's run folder (`m3 fit`) the
+      weights (its `model.pt`);
+    - the bank: `bank`, else `retrieval.bank`, else the folder given as `source`;
+    - the weights: `weights`, else the run folder's `model.pt`, else
+      `training.init_weights`, else the weights that wrote the bank (its recipe's
+      `training.init_weights`); a run folder stands for its `model.pt`;
+    - retrieval settings: the arguments, else the recipe's `retrieval:` section, else
+      its defaults (k 5, threshold 2/3, over-fetch 3, a cache of 4096 references).
+
+    Checks, each a `UserError` naming the recipe key to change: the tokenizer fits the
+    model's vocabulary and is the one the bank was written with (same fingerprint and
+    reference prefix); the model's settings and weights are the ones that wrote the memories
+    (the store's model fingerprint); the saved embedder is the one that built the index; `k`
+    is at most the number of references.
+
+    Args:
+        source: A checked recipe, a recipe file, a bank folder or a stage's run folder.
+        overrides: `key=value` overrides applied to a recipe file or a folder's recipe.
+        bank: The bank folder; overrides `retrieval.bank`.
+        weights: A `model.pt`, a Lightning `.ckpt`, a Hugging Face folder or a run folder;
+            overrides the recipe.
+        k: Memories per chunk (and RAG references); overrides `retrieval.k`.
+        threshold: Leakage threshold; None turns the filter off; "recipe" keeps
+            `retrieval.threshold`.
+        cache_size: References the RAM cache keeps; overrides `retrieval.cache_size`.
+        device: Where the model runs (the CPU when None).
+        dtype: The model's dtype (its parameters' as loaded, fp32, when None).
+
+    Returns:
+        The `Inference` bundle.
+
+    Raises:
+        UserError: For a missing bank or weights, or parts that do not belong together.
+    """
+    from m3.bank.build import open_bank
+    from m3.model.checkpoints import load_weights
+    from m3.model.memory3 import Memory3
+    from m3.recipes import RetrievalSection, build_tokenizer, load_recipe
+    from m3.retrieval.retriever import Retriever
+
+    recipe, folder_bank, folder_weights = _resolve_source(source, overrides)
+    settings = recipe.retrieval or RetrievalSection()
+    bank_path = bank if bank is not None else settings.bank
+    if bank_path is None:
+        bank_path = folder_bank
+    if bank_path is None:
+        raise UserError(
+            "retrieval.bank: name the memory bank folder that m3 build-memory wrote "
+            "(e.g. retrieval.bank=runs/tiny/bank)"
+        )
+    bank_path = Path(bank_path)
+    if not bank_path.is_dir():
+        raise UserError(f"retrieval.bank: {bank_path} does not exist (run m3 build-memory first?)")
+    if weights is not None:
+        weights_path = _weights_path(weights, "weights")
+    elif folder_weights is not None:
+        weights_path = folder_weights
+    elif recipe.training.init_weights is not None:
+        weights_path = _weights_path(recipe.training.init_weights, "training.init_weights")
+    else:
+        writer = None
+        if (bank_path / "recipe.yaml").is_file():
+            writer = load_recipe(bank_path / "recipe.yaml").training.init_weights
+        if writer is None:
+            raise UserError(
+                "training.init_weights: name the model's weights (a stage's run folder or its "
+                "model.pt); the bank's recipe does not name the weights that wrote it"
+            )
+        weights_path = _weights_path(writer, f"training.init_weights (from {bank_path})")
+    if recipe.tokenizer is None:
+        raise UserError("tokenizer: inference needs the tokenizer the bank was written with")
+
+    config = recipe.model.config()
+    tokenizer = build_tokenizer(recipe)
+    try:
+        opened = open_bank(bank_path)
+    except UserError as error:
+        raise UserError(f"retrieval.bank: {error}") from None
+    try:
+        info = opened.store.info
+        if info.tokenizer_fingerprint and info.tokenizer_fingerprint != tokenizer.fingerprint():
+            raise UserError(
+                f"tokenizer: {bank_path} was written with tokenizer "
+                f"{info.tokenizer_fingerprint[:16]}, the recipe's {type(tokenizer).__name__} "
+                f"has fingerprint {tokenizer.fingerprint()[:16]}"
+            )
+        prefix_ids = tokenizer.reference_prefix()
+        if info.reference_prefix and list(info.reference_prefix) != prefix_ids:
+            raise UserError(
+                f"tokenizer: {bank_path} was written with the reference prefix "
+                f"{list(info.reference_prefix)}, the tokenizer's is {prefix_ids}"
+            )
+        written = {k: v for k, v in info.model_config.items() if k != "name"}
+        ours = {k: v for k, v in config.to_dict().items() if k != "name"}
+        differ = [k for k in sorted(set(written) | set(ours)) if written.get(k) != ours.get(k)]
+        if written and differ:
+            shown = ", ".join(
+                f"model.{k} is {ours.get(k)!r}, the bank's {written.get(k)!r}" for k in differ
+            )
+            raise UserError(
+                f"model: {bank_path} was written by a model with other settings: {shown}"
+            )
+        model = Memory3(config)
+        load_weights(model, weights_path)
+        model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
+        try:
+            opened.store.info.check_model(
+                config.memory_shape, model.memory_fingerprint(), where=str(bank_path)
+            )
+        except UserError as error:
+            raise UserError(f"training.init_weights: {weights_path}: {error}") from None
+        k = settings.k if k is None else k
+        stored = len(opened.store)
+        if isinstance(k, int) and not isinstance(k, bool) and k > stored:
+            raise UserError(
+                f"retrieval.k: k={k} references per chunk asked for, but the bank {bank_path} "
+                f"holds only {stored} reference{'s' if stored != 1 else ''}"
+            )
+        try:
+            retriever = Retriever(
+                embedder=opened.embedder,
+                index=opened.index,
+                store=opened.store,
+                tokenizer=tokenizer,
+                k=k,
+                threshold=settings.threshold if threshold == "recipe" else threshold,
+                overfetch=settings.overfetch,
+                cache_size=settings.cache_size if cache_size is None else cache_size,
+                chunk_length=config.chunk_length,
+                expected_embedder_fingerprint=str(opened.manifest["embedder"]["fingerprint"]),
+                where=str(bank_path),
+            )
+        except UserError as error:
+            raise UserError(f"retrieval: {error}") from None
+    except BaseException:
+        opened.store.close()
+        raise
+    prefix = torch.tensor(prefix_ids, dtype=torch.long, device=model.lm_head.weight.device)
+    return Inference(model, tokenizer, retriever, opened, prefix, recipe, weights_path)
+
+
+# ------------------------------------------------------------------------------ results
+@dataclass
+class ChunkReferences:
+    """The references one chunk of a row's context read (its provenance).
+
+    Attributes:
+        chunk: The chunk's index in the context (token 0, the `<s>`, starts chunk 0); −1
+            for the references a RAG prompt holds as text.
+        start: The first context token that read these memories.
+        end: One past the last context token that read them (tokens fed to the model).
+        ids: Reference ids, best first (ids of the bank's knowledge base).
+        scores: Their similarity scores.
+        texts: Their texts (the references' token ids, decoded).
+        retrieved_with: "prompt" when the chunk's own prompt text retrieved them, "previous
+            chunk" when the previous chunk's text did (while decoding), "inherited" for the
+            first decoded chunk after a prompt ending on a boundary, "rag" for a RAG prompt.
+    """
+
+    chunk: int
+    start: int
+    end: int
+    ids: list[int]
+    scores: list[float]
+    texts: list[str]
+    retrieved_with: str
+
+
+@dataclass
+class Generation:
+    """What `generate` produced for a batch of prompts.
+
+    Attributes:
+        prompts: The prompts as given.
+        texts: Per row, the generated text (the prompt not included).
+        tokens: Per row, the generated token ids (an EOS that ended the row not included).
+        contexts: Per row, the token ids the model read before generating: `<s>`, then the
+            prompt (for RAG: the references, then the prompt).
+        finish_reasons: Per row, "eos" or "length" (`max_new_tokens` or the model's
+            `block_size` reached).
+        provenance: Per row, the references each chunk of its context read, in chunk order.
+        mode: "memory", "none" or "rag".
+        times: Seconds spent in "retrieve" (every retrieval call, swaps included), "prefill",
+            "decode" (the model's decoding steps) and "sample".
+    """
+
+    prompts: list[str]
+    texts: list[str]
+    tokens: list[list[int]]
+    contexts: list[list[int]]
+    finish_reasons: list[str]
+    provenance: list[list[ChunkReferences]]
+    mode: str
+    times: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens generated over all rows."""
+        return sum(len(t) for t in self.tokens)
+
+
+# ------------------------------------------------------------------------------ sampling
+def allowed_logits(logits: Tensor, tokenizer: Tokenizer) -> Tensor:
+    """Rule out ids a model should never generate: past the tokenizer's vocabulary, BOS, pad.
+
+    Args:
+        logits: `(B, V)` next-token logits (`V` the model's vocabulary, possibly padded).
+        tokenizer: The tokenizer whose ids are allowed.
+
+    Returns:
+        `(B, V)` float32 logits with the ruled-out ids at −inf.
+    """
+    out = logits.float().clone()
+    out[:, tokenizer.vocab_size :] = -math.inf
+    out[:, [tokenizer.bos_id, tokenizer.pad_id]] = -math.inf
+    return out
+
+
+def sample_next(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Choose the next token of every row: greedy, or sampled with temperature, top-k, top-p.
+
+    Args:
+        logits: `(B, V)` next-token logits.
+        temperature: Divides the logits; 0 picks the most likely token (greedy).
+        top_k: Keep the `top_k` most likely tokens (those tied with the k-th kept too).
+        top_p: Keep the most likely tokens whose probabilities, summed, first reach `top_p`.
+        generator: The random generator of the sampling (on the logits' device).
+
+    Returns:
+        `(B,)` long token ids.
+
+    Raises:
+        UserError: For a negative temperature, `top_k` < 1 or `top_p` outside (0, 1].
+    """
+    check_sampling(temperature, top_k, top_p)
+    if temperature == 0:
+        return logits.argmax(-1)
+    scores = logits.float() / temperature
+    if top_k is not None and top_k < scores.shape[-1]:
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -math.inf)
+    if top_p is not None and top_p < 1:
+        probs, order = torch.softmax(scores, -1).sort(-1, descending=True)
+        before = probs.cumsum(-1) - probs  # probability mass of the more likely tokens
+        drop = torch.zeros_like(scores, dtype=torch.bool)
+        drop.scatter_(-1, order, before >= top_p)
+        scores = scores.masked_fill(drop, -math.inf)
+    probs = torch.softmax(scores, -1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings out of range, naming the recipe key.
+
+    Args:
+        temperature: Must be ≥ 0.
+        top_k: None or an int ≥ 1.
+        top_p: None or in (0, 1].
+
+    Raises:
+        UserError: Naming `generation.temperature`, `generation.top_k` or `generation.top_p`.
+    """
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise UserError(f"generation.temperature must be a number ≥ 0, got {temperature!r}")
+    if not temperature >= 0 or math.isinf(temperature):
+        raise UserError(f"generation.temperature must be a finite number ≥ 0, got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise UserError(f"generation.top_k must be an int ≥ 1 or null, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise UserError(f"generation.top_p must be in (0, 1] or null, got {top_p!r}")
+
+
+# ------------------------------------------------------------------------------ RAG
+@dataclass
+class RetrievedReference:
+    """One reference retrieved as text (the RAG baseline).
+
+    Attributes:
+        id: The reference's id in the bank.
+        score: Its similarity to the query.
+        text: Its text.
+    """
+
+    id: int
+    score: float
+    text: str
+
+
+def rag_references(
+    retriever: Retriever, prompts: Sequence[str], *, k: int | None = None
+) -> list[list[RetrievedReference]]:
+    """Retrieve references once per prompt, with the whole prompt as query text (RAG).
+
+    The same embedder, index and leakage filter as for memories (the filter checks the
+    prompt's tokens); no memory is read from the store.
+
+    Args:
+        retriever: The retriever over the bank.
+        prompts: `B` prompts.
+        k: References per prompt; the retriever's `k` when None (it must not exceed it).
+
+    Returns:
+        Per prompt, up to `k` references, best first (fewer when the filter left fewer).
+    """
+    k = retriever.k if k is None else k
+    if k > retriever.k:
+        raise UserError(
+            f"retrieval.k: RAG asked for {k} references, the retriever has k={retriever.k}"
+        )
+    found_ids, found_scores = retriever.search(list(prompts))
+    ids = [[i for i in row.tolist() if i >= 0][:k] for row in found_ids]
+    scores = [row.tolist() for row in found_scores]
+    texts = _reference_texts(retriever, [i for row in ids for i in row])
+    return [
+        [RetrievedReference(i, float(s), texts[i]) for i, s in zip(row, score, strict=False)]
+        for row, score in zip(ids, scores, strict=True)
+    ]
+
+
+def rag_context(prompt: str, references: Sequence[str], *, template: str = RAG_TEMPLATE) -> str:
+    """The RAG baseline's prompt: each reference's text, then the prompt.
+
+    Args:
+        prompt: The user's prompt.
+        references: Reference texts, best first; they appear in this order.
+        template: How one reference is laid out; `{text}` is replaced by its text.
+
+    Returns:
+        `"".join(template.format(text=r) for r in references) + prompt`.
+    """
+    return "".join(template.format(text=text) for text in references) + prompt
+
+
+def _reference_texts(retriever: Retriever, ids: Sequence[int]) -> dict[int, str]:
+    unique = sorted(set(ids))
+    if not unique:
+        return {}
+    references = retriever.store.references(unique)
+    decode = retriever.tokenizer.decode if retriever.tokenizer is not None else str
+    return {i: decode(list(r.ids)) for i, r in zip(unique, references, strict=True)}
+
+
+# ------------------------------------------------------------------------------ generation
+def encode_prompts(
+    tokenizer: Tokenizer, prompts: Sequence[str], *, block_size: int, what: str = "prompt"
+) -> list[list[int]]:
+    """Tokenize prompts as contexts: `<s>` then the prompt's ids, each within `block_size`.
+
+    Args:
+        tokenizer: The tokenizer.
+        prompts: The prompts.
+        block_size: Most context tokens the model takes.
+        what: How a prompt is named in messages.
+
+    Returns:
+        Per prompt, its context token ids.
+
+    Raises:
+        UserError: For no prompts, an empty prompt, or one longer than the context.
+    """
+    if isinstance(prompts, str) or not prompts:
+        raise UserError("give a list of one or more prompts")
+    contexts = []
+    for n, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UserError(f"{what} {n + 1} is empty: nothing to continue")
+        ids = [tokenizer.bos_id, *tokenizer.encode(prompt)]
+        if len(ids) > block_size:
+            raise UserError(
+                f"{what} {n + 1} is {len(ids)} tokens long (with <s>), longer than the "
+                f"model's context, model.block_size = {block_size}"
+            )
+        contexts.append(ids)
+    return contexts
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.times = dict.fromkeys(("retrieve", "prefill", "decode", "sample"), 0.0)
+        self.cuda = device.type == "cuda"
+
+    def start(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def stop(self, phase: str, start: float) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.times[phase] += time.perf_counter() - start
+
+
+@torch.no_grad()
+def generate(
+    inference: Inference,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 128,
+    mode: Mode = "memory",
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    ignore_eos: bool = False,
+) -> Generation:
+    """Continue a batch of prompts, reading explicit memories (or a baseline's context).
+
+    Args:
+        inference: The model, tokenizer and retriever (`load_inference`).
+        prompts: `B` non-empty prompts.
+        max_new_tokens: Most tokens generated per row; a row also stops at EOS or when its
+            context reaches the model's `block_size`.
+        mode: "memory" (memories per chunk, swapped every `chunk_length` tokens), "none" (no
+            memories) or "rag" (`k` references as text before the prompt, no memories).
+        temperature: 0 for greedy decoding, else the sampling temperature.
+        top_k: Sample among the `top_k` most likely tokens only.
+        top_p: Sample from the smallest set of likeliest tokens whose mass reaches `top_p`.
+        seed: Seed of the sampling generator (the same seed gives the same text).
+        ignore_eos: Keep generating past EOS (fixed-length rows, e.g. for benchmarks).
+
+    Returns:
+        Texts, token ids, contexts, finish reasons, provenance and phase times per row.
+
+    Raises:
+        UserError: For an empty prompt, a prompt (with its RAG references) longer than the
+            model's context, an unknown mode or bad sampling settings.
+    """
+    if mode not in MODES:
+        raise UserError(f"generation.mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise UserError(f"generation.max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
+    if max_new_tokens < 1:
+        raise UserError(f"generation.max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    check_sampling(temperature, top_k, top_p)
+    model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
+    config = model.config
+    chunk = config.chunk_length
+    device = inference.device
+    clock = _Clock(device)
+    prompts = list(prompts)
+    contexts = encode_prompts(tokenizer, prompts, block_size=config.block_size)
+    batch = len(contexts)
+    provenance: list[list[ChunkReferences]] = [[] for _ in range(batch)]
+    if mode == "rag":
+        start = clock.start()
+        found = rag_references(retriever, prompts)
+        clock.stop("retrieve", start)
+        rag = [
+            rag_context(p, [r.text for r in refs]) for p, refs in zip(prompts, found, strict=True)
+        ]
+        contexts = encode_prompts(
+            tokenizer, rag, block_size=config.block_size, what="RAG prompt (references + prompt)"
+        )
+        for b, refs in enumerate(found):
+            provenance[b].append(
+                ChunkReferences(
+                    -1, 0, len(contexts[b]), [r.id for r in refs], [r.score for r in refs],
+                    [r.text for r in refs], "rag",
+                )
+            )  # fmt: skip
+
+    lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
+    width = int(lengths.max())
+    budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
+    idx = torch.full((batch, width), tokenizer.pad_id, dtype=torch.long)
+    for b, ids in enumerate(contexts):
+        idx[b, : len(ids)] = torch.tensor(ids)
+    cache = model.new_cache(batch, width + max(budget), prefix=inference.prefix)
+
+    memories = None
+    if mode == "memory":
+        start = clock.start()
+        found = retriever.retrieve_context(contexts)
+        texts = _reference_texts(retriever, found.ids[found.ids >= 0].tolist())
+        clock.stop("retrieve", start)
+        for b, ids in enumerate(contexts):
+            for c in range(-(-len(ids) // chunk)):
+                provenance[b].append(
+                    _chunk_references(
+                        found.ids[b, c], found.scores[b, c], texts, c, chunk, "prompt"
+                    )
+                )
+        memories = found.memories.to(device=device, dtype=cache.keys[0].dtype)
+    start = clock.start()
+    logits = model.prefill(idx.to(device), cache, lengths=lengths.to(device), memories=memories)
+    rows = torch.arange(batch, device=device)
+    logits = logits[rows, lengths.to(device) - 1]
+    clock.stop("prefill", start)
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    finish = ["length" if n == 0 else "" for n in budget]
+    while not all(finish):
+        start = clock.start()
+        tokens = sample_next(
+            allowed_logits(logits, tokenizer),
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            generator=generator,
+        ).cpu()
+        clock.stop("sample", start)
+        feed = torch.full((batch,), tokenizer.pad_id, dtype=torch.long)
+        for b, token in enumerate(tokens.tolist()):
+            if finish[b]:
+                continue
+            if token == tokenizer.eos_id and not ignore_eos:
+                finish[b] = "eos"
+                continue
+            generated[b].append(token)
+            if len(generated[b]) == budget[b]:
+                finish[b] = "length"
+            else:
+                feed[b] = token
+        if all(finish):
+            break
+        if mode == "memory":
+            start = clock.start()
+            _swap_at_boundaries(inference, cache, contexts, generated, finish, provenance)
+            clock.stop("retrieve", start)
+        start = clock.start()
+        logits = model.decode(feed.to(device), cache)
+        clock.stop("decode", start)
+
+    for b in range(batch):  # each chunk's span ends with the last token the model read
+        unread = 1 if finish[b] == "length" and generated[b] else 0
+        read = len(contexts[b]) + len(generated[b]) - unread
+        for entry in provenance[b]:
+            if entry.chunk >= 0:
+                entry.end = min(entry.end, read)
+    return Generation(
+        prompts=prompts,
+        texts=[tokenizer.decode(g) for g in generated],
+        tokens=generated,
+        contexts=contexts,
+        finish_reasons=finish,
+        provenance=provenance,
+        mode=mode,
+        times=clock.times,
+    )
+
+
+def _chunk_references(
+    ids: Tensor, scores: Tensor, texts: dict[int, str], c: int, chunk: int, how: str
+) -> ChunkReferences:
+    keep = ids >= 0
+    kept = ids[keep].tolist()
+    return ChunkReferences(
+        chunk=c,
+        start=c * chunk,
+        end=(c + 1) * chunk,
+        ids=kept,
+        scores=scores[keep].tolist(),
+        texts=[texts[i] for i in kept],
+        retrieved_with=how,
+    )
+
+
+def _swap_at_boundaries(
+    inference: Inference,
+    cache: Any,
+    contexts: list[list[int]],
+    generated: list[list[int]],
+    finish: list[str],
+    provenance: list[list[ChunkReferences]],
+) -> None:
+    """Give the rows whose next token opens a chunk the memories that chunk reads."""
+    chunk = inference.model.config.chunk_length
+    lengths = cache.lengths.tolist()
+    retrieve, queries = [], []
+    for b, length in enumerate(lengths):
+        if finish[b] or length % chunk:
+            continue
+        c = length // chunk
+        if length == len(contexts[b]):  # the prompt ended on a boundary: same text, same refs
+            last = provenance[b][-1]
+            provenance[b].append(
+                ChunkReferences(
+                    c, c * chunk, (c + 1) * chunk, list(last.ids), list(last.scores),
+                    list(last.texts), "inherited",
+                )
+            )  # fmt: skip
+            continue
+        retrieve.append(b)
+        queries.append(contexts[b] + generated[b][:-1])  # the token being fed opens chunk c
+    if not retrieve:
+        return
+    retriever = inference.retriever
+    found = retriever.retrieve_next(queries)
+    texts = _reference_texts(retriever, found.ids[found.ids >= 0].tolist())
+    for n, b in enumerate(retrieve):
+        c = lengths[b] // chunk
+        provenance[b].append(
+            _chunk_references(
+                found.ids[n, 0], found.scores[n, 0], texts, c, chunk, "previous chunk"
+            )
+        )
+    device = cache.keys[0].device
+    rows = torch.tensor(retrieve, dtype=torch.long, device=device)
+    cache.swap_memories(found.memories.to(device=device, dtype=cache.keys[0].dtype), rows)
+
+
+__all__ = [
+    "MODES",
+    "RAG_TEMPLATE",
+    "ChunkReferences",
+    "Generation",
+    "Inference",
+    "Mode",
+    "RetrievedReference",
+    "allowed_logits",
+    "check_sampling",
+    "encode_prompts",
+    "generate",
+    "load_inference",
+    "rag_context",
+    "rag_references",
+    "sample_next",
+]

@@ -1,0 +1,576 @@
+"""Training data: local text -> packed sequences, paired with references for the continual stage.
+
+- `pack` turns tokenized documents into sequences of `length + 1` tokens that each start
+  with the BOS (token 0 of chunk 0, as memory mode counts chunks).
+- `pair_references` precomputes, for every 64-token chunk of every sequence, the one
+  reference it retrieves (paper §3.5, §5): the chunk's text is embedded and searched; a candidate
+  whose overlap with the training sequence exceeds 0.9 (Eq. 6) is skipped for the next hit.
+- `ContinualCollator` builds a batch's memory pool: the batch's distinct references (each
+  encoded once, on the fly, by the LightningModule, or read from a memory bank's store:
+  `training.encode: store`), each row's pool and each chunk's slot.
+- `TextDataModule` ties them together, with a held-out split, DataLoader workers, and a
+  data position that checkpoints save and restore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
+
+from m3.backends.base import MemoryIndex, MemoryStore
+from m3.core.errors import UserError
+from m3.core.memories import SparseMemory
+from m3.data.chunking import Chunker, FixedChunker, Reference
+from m3.data.sources import TextSource, gather
+from m3.data.tokenizer import Tokenizer
+from m3.retrieval.embedders import Embedder, HashedNgramEmbedder
+from m3.retrieval.overlap import leak_mask
+
+if TYPE_CHECKING:
+    from m3.model.memory3 import Memory3
+
+
+def pack(documents: Iterable[Sequence[int]], *, length: int, bos_id: int, eos_id: int) -> Tensor:
+    """Pack tokenized documents into training sequences.
+
+    Documents are joined into one stream, each followed by the EOS; the stream is cut into
+    consecutive windows of `length` tokens, and each sequence is the BOS followed by one
+    window (inputs `seq[:-1]` start with the BOS, targets are `seq[1:]`). The last partial
+    window is dropped.
+
+    Args:
+        documents: Token ids of each document.
+        length: Tokens per sequence after the BOS.
+        bos_id: BOS id.
+        eos_id: EOS id.
+
+    Returns:
+        `(N, length + 1)` long.
+    """
+    stream: list[int] = []
+    for ids in documents:
+        stream.extend(ids)
+        stream.append(eos_id)
+    count = len(stream) // length
+    if count == 0:
+        raise UserError(f"the text holds {len(stream)} tokens, fewer than one sequence of {length}")
+    windows = torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)
+    return torch.cat([torch.full((count, 1), bos_id, dtype=torch.long), windows], dim=1)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A sha256 digest of tensors, strings and JSON-serialisable values, in order.
+
+    Args:
+        *parts: The values; a tensor contributes its raw bytes, anything else its JSON text
+            (keys sorted).
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, Tensor):
+            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def pair_references(
+    sequences: Tensor,
+    references: Sequence[Reference],
+    *,
+    tokenizer: Tokenizer,
+    embedder: Embedder,
+    index: MemoryIndex,
+    chunk_length: int = 64,
+    threshold: float = 0.9,
+    candidates: int = 8,
+    batch_size: int = 1024,
+) -> Tensor:
+    """The reference each chunk of each training sequence retrieves (paper §3.5, §5).
+
+    Args:
+        sequences: `(N, T + 1)` packed sequences (inputs are `[:, :-1]`).
+        references: The knowledge base's references; reference id = position in this list.
+        tokenizer: Decodes chunk tokens to text for the embedder.
+        embedder: Embeds chunk texts (the index holds the references' embeddings).
+        index: Searchable index of the references' embeddings, by reference id.
+        chunk_length: Tokens per chunk.
+        threshold: Leakage threshold: a candidate overlapping the sequence by more is skipped.
+        candidates: Hits searched per chunk before giving up (then the chunk gets −1).
+        batch_size: Chunks embedded and searched together.
+
+    Returns:
+        `(N, C)` long reference ids, −1 where no candidate passed.
+    """
+    inputs = sequences[:, :-1]
+    count, length = inputs.shape
+    chunks = -(-length // chunk_length)
+    pairing = torch.full((count, chunks), -1, dtype=torch.long)
+    jobs = [(n, c) for n in range(count) for c in range(chunks)]
+    for start in tqdm(
+        range(0, len(jobs), batch_size), desc="pairing chunks with references", unit="batch"
+    ):
+        batch = jobs[start : start + batch_size]
+        texts = [
+            tokenizer.decode(inputs[n, c * chunk_length : (c + 1) * chunk_length].tolist())
+            for n, c in batch
+        ]
+        hits = index.search(embedder.embed(texts), min(candidates, len(index))).ids
+        for (n, c), row in zip(batch, hits.tolist(), strict=True):
+            found = [i for i in row if i >= 0]
+            if not found:
+                continue
+            leaks = leak_mask(inputs[n].tolist(), [references[i].ids for i in found], threshold)
+            for reference_id, leaked in zip(found, leaks.tolist(), strict=True):
+                if not leaked:
+                    pairing[n, c] = reference_id
+                    break
+    return pairing
+
+
+class SequenceDataset(Dataset):
+    """Packed sequences, with the reference id each chunk retrieved (continual stage).
+
+    Args:
+        sequences: `(N, T + 1)` long.
+        pairing: `(N, C)` long reference ids (−1 none), or None for the warmup stage.
+    """
+
+    def __init__(self, sequences: Tensor, pairing: Tensor | None = None) -> None:
+        self.sequences = sequences
+        self.pairing = pairing
+
+    def __len__(self) -> int:
+        return self.sequences.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        item = {"tokens": self.sequences[index]}
+        if self.pairing is not None:
+            item["references"] = self.pairing[index]
+        return item
+
+
+def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
+    """Open the store of a memory bank for `training.encode: store`, without its index.
+
+    `m3.bank.build.open_bank_store`, with problems reported under `training.memories`.
+
+    Args:
+        folder: The bank folder (`training.memories`).
+
+    Returns:
+        The store and the bank's `manifest.json`.
+
+    Raises:
+        UserError: Naming `training.memories` and the folder, when it holds no finished bank
+            or a shard that does not open.
+    """
+    from m3.bank.build import open_bank_store
+
+    if not Path(folder).is_dir():
+        raise UserError(
+            f"training.memories: {folder} does not exist (expected the bank folder "
+            "m3 build-memory wrote: build the bank first?)"
+        )
+    try:
+        return open_bank_store(folder)
+    except UserError as error:
+        raise UserError(f"training.memories: {error}") from None
+
+
+class ContinualCollator:
+    """Builds a continual batch: the distinct references once, each row's pool and slots.
+
+    The batch's distinct references come as token ids to encode (`reference_tokens`,
+    `reference_lengths`), or, with `memories`, as their memories read from a bank's store
+    by reference id (`memory_keys`, `memory_values`, `memory_valid`, `memory_positions`):
+    nothing is encoded then. The store is opened lazily, once in each process that collates
+    (each DataLoader worker), and is never pickled open.
+
+    Args:
+        references: The knowledge base's references (reference id = position, the ids
+            `m3.bank.build.read_knowledge` gives and the bank builder stores them under).
+        memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
+            the references' memories from instead of encoding them; None to encode.
+    """
+
+    def __init__(
+        self, references: Sequence[Reference], *, memories: str | Path | None = None
+    ) -> None:
+        self.reference_ids = [list(r.ids) for r in references]
+        self.memories = None if memories is None else Path(memories)
+        self._store: MemoryStore | None = None
+
+    @property
+    def store(self) -> MemoryStore:
+        """The bank's store, opened on first use in this process."""
+        if self.memories is None:
+            raise UserError("this collator encodes references: it was given no memories")
+        if self._store is None:
+            self._store = open_memory_store(self.memories)[0]
+        return self._store
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # each worker opens its own
+        return state
+
+    def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Collate items of `SequenceDataset` into a batch for `Memory3Module`."""
+        tokens = torch.stack([item["tokens"] for item in items])
+        retrieved = torch.stack([item["references"] for item in items])  # (B, C)
+        unique = torch.unique(retrieved[retrieved >= 0])  # encoded (or read) once per batch
+        rows = [torch.unique(r[r >= 0]) for r in retrieved]
+        width = max(1, max(len(r) for r in rows))
+        pool = torch.full((len(items), width), -1, dtype=torch.long)
+        slots = torch.full_like(retrieved, -1)
+        for b, row in enumerate(rows):
+            pool[b, : len(row)] = torch.searchsorted(unique, row)
+            hit = retrieved[b] >= 0
+            slots[b, hit] = torch.searchsorted(row, retrieved[b, hit])
+        if unique.numel() == 0:  # no chunk retrieved anything: one dummy reference, no slot uses it
+            pool.fill_(-1)
+        batch = {"tokens": tokens, "pool": pool, "slots": slots}
+        if self.memories is not None:
+            return batch | self._read(unique)
+        lengths = torch.tensor([len(self.reference_ids[i]) for i in unique.tolist()] or [1])
+        reference_tokens = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
+        for u, i in enumerate(unique.tolist()):
+            reference_tokens[u, : lengths[u]] = torch.tensor(self.reference_ids[i])
+        return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
+
+    def _read(self, unique: Tensor) -> dict[str, Tensor]:
+        store = self.store
+        if unique.numel():
+            memory = store.read(unique)
+        else:  # the dummy reference: no valid token
+            layers, _, heads, kept, dim = store.info.memory_shape
+            memory = SparseMemory(
+                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
+                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
+                torch.zeros(1, kept, dtype=torch.bool),
+                torch.full((1, layers, heads, kept), -1, dtype=torch.long),
+            )
+        whole = torch.contiguous_format  # copies: store reads are views into a reused buffer
+        return {
+            "memory_keys": memory.keys.clone(memory_format=whole),
+            "memory_values": memory.values.clone(memory_format=whole),
+            "memory_valid": memory.valid.clone(memory_format=whole),
+            "memory_positions": memory.positions.clone(memory_format=whole),
+        }
+
+
+class EpochSampler(Sampler[int]):
+    """A seeded permutation per epoch that can start part-way (to resume mid-epoch).
+
+    Args:
+        size: Dataset length.
+        shuffle: Shuffle (a permutation seeded by `seed + epoch`) or keep order.
+        seed: Base seed.
+    """
+
+    def __init__(self, size: int, *, shuffle: bool, seed: int) -> None:
+        self.size, self.shuffle, self.seed = size, shuffle, seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch's permutation (Lightning calls this at each epoch start).
+
+        Args:
+            epoch: The epoch about to start, 0-based.
+        """
+        self.epoch = epoch
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(
+                self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)
+            )
+        else:
+            order = torch.arange(self.size)
+        start, self.start = self.start, 0
+        return iter(order[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+class TextDataModule(L.LightningDataModule):
+    """Text sources -> packed training and held-out sequences (+ reference pairing).
+
+    Args:
+        tokenizer: Turns text into token ids.
+        train: Sources of training text (`m3.data.sources`, e.g. `FilesSource([paths])`).
+        val: Sources of held-out text; when None, `val_fraction` of the training sequences
+            is held out.
+        val_fraction: Share of sequences held out when `val` is None.
+        seq_length: Tokens per sequence (after the BOS).
+        batch_size: Sequences per batch.
+        num_workers: DataLoader worker processes.
+        seed: Seed of the split and of the shuffling.
+        knowledge: For the continual stage: sources of the knowledge base; its documents are
+            cut into references by `chunker` and each training chunk is paired with one.
+        chunker: Cuts knowledge documents into references; `FixedChunker(128)` when None.
+        embedder: Embeds chunks and references for the pairing; `HashedNgramEmbedder()`.
+        chunk_length: Tokens per chunk (the model's `chunk_length`).
+        threshold: Leakage threshold of the pairing (the paper: 0.9).
+        candidates: Search hits tried per chunk.
+        pairing_file: Where the pairing is saved with a fingerprint of its inputs; reused
+            when the fingerprint matches, refused (naming both) when it does not.
+        memories: For the continual stage: a bank folder that `m3 build-memory` wrote from
+            the same knowledge base (`training.memories`); batches then carry the memories
+            of their references read from its store instead of their token ids to encode.
+            `check_memories` checks that the bank fits.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        train: Sequence[TextSource],
+        *,
+        val: Sequence[TextSource] | None = None,
+        val_fraction: float = 0.05,
+        seq_length: int = 256,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        seed: int = 0,
+        knowledge: Sequence[TextSource] | None = None,
+        chunker: Chunker | None = None,
+        embedder: Embedder | None = None,
+        chunk_length: int = 64,
+        threshold: float = 0.9,
+        candidates: int = 8,
+        pairing_file: str | Path | None = None,
+        memories: str | Path | None = None,
+    ) -> None:
+        super().__init__()
+        if not 0 <= val_fraction < 1:
+            raise UserError(f"val_fraction must lie in [0, 1), got {val_fraction}")
+        if seq_length < chunk_length:
+            raise UserError(f"seq_length ({seq_length}) is shorter than one chunk ({chunk_length})")
+        self.tokenizer = tokenizer
+        self.train_sources, self.val_sources = list(train), None if val is None else list(val)
+        self.val_fraction, self.seq_length, self.batch_size = val_fraction, seq_length, batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.knowledge = None if knowledge is None else list(knowledge)
+        self.chunker = chunker or FixedChunker(128)
+        self.embedder = embedder or HashedNgramEmbedder()
+        self.chunk_length, self.threshold, self.candidates = chunk_length, threshold, candidates
+        self.pairing_file = None if pairing_file is None else Path(pairing_file)
+        self.memories = None if memories is None else Path(memories)
+        self.references: list[Reference] = []
+        self.train_set: SequenceDataset | None = None
+        self.val_set: SequenceDataset | None = None
+        self._sampler: EpochSampler | None = None
+        self._position = {"epoch": 0, "samples": 0}
+
+    # ----------------------------------------------------------------------------- building
+    def _sequences(self, sources: Sequence[TextSource]) -> Tensor:
+        tokenized = (self.tokenizer.encode(d.text) for d in gather(list(sources)))
+        return pack(
+            tokenized,
+            length=self.seq_length,
+            bos_id=self.tokenizer.bos_id,
+            eos_id=self.tokenizer.eos_id,
+        )
+
+    def build_references(self) -> list[Reference]:
+        """Tokenize the knowledge base and cut it into references (ids = list positions)."""
+        if self.knowledge is None:
+            raise UserError(
+                "the continual stage needs data.knowledge: the knowledge base's sources"
+            )
+        from m3.bank.build import read_knowledge  # the one definition of reference ids
+
+        return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
+
+    def check_memories(self, model: Memory3) -> None:
+        """Check that the bank of `memories` holds memories of these references for `model`.
+
+        Call it before training, with the weights that start it (`training.init_weights`):
+        the bank was written by them, and training moves away from them (frozen memories go
+        stale, the paper's "frozen" option). Builds the references if `setup` has not.
+
+        Args:
+            model: The model about to be trained, with its initial weights.
+
+        Raises:
+            UserError: Naming `training.memories`, for a folder that is not a finished bank; a
+                bank of another number of references, of another tokenizer or reference
+                prefix, or whose stored token ids differ from the knowledge base's; memories
+                of another shape or written by other weights.
+        """
+        if self.memories is None:
+            raise UserError("training.memories: no bank folder was given to read memories from")
+        if not self.references:
+            self.references = self.build_references()
+        store, manifest = open_memory_store(self.memories)
+        try:
+            self._check_bank(store, manifest, model)
+        finally:
+            store.close()
+
+    def _check_bank(self, store: MemoryStore, manifest: dict[str, Any], model: Memory3) -> None:
+        where = f"training.memories: {self.memories}"
+        count = manifest.get("references")
+        if count != len(self.references) or len(store) != len(self.references):
+            raise UserError(
+                f"{where} holds {count} references ({len(store)} stored), but data.knowledge "
+                f"cut by this recipe's chunker gives {len(self.references)}: build the bank "
+                "from the same knowledge base and chunker"
+            )
+        tokenizer = self.tokenizer.fingerprint()
+        if store.info.tokenizer_fingerprint and store.info.tokenizer_fingerprint != tokenizer:
+            raise UserError(
+                f"{where} was written with tokenizer {store.info.tokenizer_fingerprint[:16]}, "
+                f"this recipe's is {tokenizer[:16]}: build the bank with the same tokenizer"
+            )
+        prefix = tuple(self.tokenizer.reference_prefix())
+        if store.info.reference_prefix and store.info.reference_prefix != prefix:
+            raise UserError(
+                f"{where} encoded references after the prefix {list(store.info.reference_prefix)}"
+                f", this recipe's tokenizer gives {list(prefix)}"
+            )
+        # the manifest records no fingerprint of the knowledge base: compare the token ids
+        # the bank stored with the references' at a few ids spread over the whole range
+        picks = sorted({round(i * (len(self.references) - 1) / 15) for i in range(16)})
+        for reference_id, stored in zip(picks, store.references(picks), strict=True):
+            if list(stored.ids) != list(self.references[reference_id].ids):
+                raise UserError(
+                    f"{where}: reference {reference_id} holds other tokens than data.knowledge's "
+                    "reference of that id: build the bank from the same knowledge base and "
+                    "chunker"
+                )
+        store.info.check_model(model.config.memory_shape, model.memory_fingerprint(), where=where)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Tokenize, pack, split and (for the continual stage) pair with references.
+
+        Args:
+            stage: Lightning's stage name ("fit", "validate", …); the work is the same for
+                all and done once.
+        """
+        if self.train_set is not None:
+            return
+        sequences = self._sequences(self.train_sources)
+        if self.val_sources is not None:
+            train, held_out = sequences, self._sequences(self.val_sources)
+        else:
+            order = torch.randperm(
+                len(sequences), generator=torch.Generator().manual_seed(self.seed)
+            )
+            n_val = max(1, round(len(sequences) * self.val_fraction)) if self.val_fraction else 0
+            train, held_out = sequences[order[n_val:]], sequences[order[:n_val]]
+        if len(train) == 0:
+            raise UserError("no training sequence left after the held-out split")
+        train_pairs = val_pairs = None
+        if self.knowledge is not None:
+            if not self.references:  # check_memories may have built them
+                self.references = self.build_references()
+            train_pairs, val_pairs = self._pairing(train, held_out)
+        self.train_set = SequenceDataset(train, train_pairs)
+        self.val_set = SequenceDataset(held_out, val_pairs) if len(held_out) else None
+
+    def _pairing(self, train: Tensor, held_out: Tensor) -> tuple[Tensor, Tensor]:
+        key = fingerprint(
+            train, held_out, [list(r.ids) for r in self.references], self.embedder.fingerprint(),
+            self.chunk_length, self.threshold, self.candidates,
+        )  # fmt: skip
+        if self.pairing_file is not None and self.pairing_file.is_file():
+            saved = torch.load(self.pairing_file, weights_only=True)
+            if saved.get("fingerprint") != key:
+                raise UserError(
+                    f"{self.pairing_file} pairs other data (fingerprint "
+                    f"{str(saved.get('fingerprint'))[:12]}, this data {key[:12]}): delete it or "
+                    "choose another data.pairing_file"
+                )
+            return saved["train"], saved["val"]
+        from m3.bank.build import build_index  # the bank builder's index, built the same way
+
+        index = build_index(self.references, self.tokenizer, self.embedder)
+        common = dict(
+            tokenizer=self.tokenizer, embedder=self.embedder, index=index,
+            chunk_length=self.chunk_length, threshold=self.threshold, candidates=self.candidates,
+        )  # fmt: skip
+        train_pairs = pair_references(train, self.references, **common)
+        val_pairs = (
+            pair_references(held_out, self.references, **common) if len(held_out) else held_out
+        )
+        if self.pairing_file is not None:
+            self.pairing_file.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(
+                {"fingerprint": key, "train": train_pairs, "val": val_pairs}, self.pairing_file
+            )
+        return train_pairs, val_pairs
+
+    # ----------------------------------------------------------------------------- loaders
+    def _collate(self):
+        if not self.references:
+            return None
+        return ContinualCollator(self.references, memories=self.memories)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled training batches, resuming at the saved data position."""
+        assert self.train_set is not None, "call setup() first"
+        self._sampler = EpochSampler(len(self.train_set), shuffle=True, seed=self.seed)
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if epoch == self._position["epoch"]:  # resuming inside this epoch: skip what was seen
+            self._sampler.set_epoch(epoch)
+            self._sampler.start = self._position["samples"]
+        return DataLoader(
+            self.train_set, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
+            num_workers=self.num_workers, collate_fn=self._collate(),
+            persistent_workers=self.num_workers > 0,
+        )  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Held-out batches in order."""
+        if self.val_set is None:
+            return []
+        return DataLoader(
+            self.val_set, batch_size=self.batch_size, num_workers=self.num_workers,
+            collate_fn=self._collate(),
+        )  # fmt: skip
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count the training samples consumed, for `state_dict`.
+
+        Args:
+            batch: The batch about to move to the device; returned unchanged.
+            dataloader_idx: Index of the dataloader it came from.
+
+        Returns:
+            The batch.
+        """
+        trainer = self.trainer
+        if trainer is not None and trainer.training:
+            epoch = trainer.current_epoch
+            if epoch != self._position["epoch"]:
+                self._position = {"epoch": epoch, "samples": 0}
+            self._position["samples"] += batch["tokens"].shape[0]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data position: epoch and samples consumed in it (saved in checkpoints)."""
+        return dict(self._position)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the data position, so that a resumed run sees the batches it had not seen.
+
+        Args:
+            state_dict: What `state_dict` returned: the epoch and the samples consumed in it.
+        """
+        self._position = {"epoch": int(state_dict["epoch"]), "samples": int(state_dict["samples"])}
