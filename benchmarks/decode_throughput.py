@@ -44,7 +44,8 @@ from timing import interleaved_medians
 from m3.bank.build import build_memory
 from m3.data.sources import WorldSource
 from m3.data.tokenizer import ByteTokenizer
-from m3.inference.generate import Generation, Inference, generate, load_inference
+from m3.inference.generate import Generation, generate
+from m3.inference.loading import Inference, load_inference
 from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe
 from m3.retrieval.retriever import PHASES

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
-from m3.core.lazy import MovedModules, lazy_exports
+from m3.core.lazy import MOVED_MODULES, MovedModules, lazy_exports
 
 __version__ = "0.1.0"
 
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from m3.core.errors import UserError
     from m3.core.memories import Memories
     from m3.model.config import Config
-    from m3.model.memory3 import KVCache, Memory3
+    from m3.model.kv_cache import KVCache
+    from m3.model.memory3 import Memory3
 
 __all__ = ["Config", "KVCache", "Memories", "Memory3", "UserError", "__version__"]
 
@@ -27,43 +28,12 @@ __getattr__, __dir__ = lazy_exports(
     {
         "Config": "m3.model.config",
         "Memory3": "m3.model.memory3",
-        "KVCache": "m3.model.memory3",
+        "KVCache": "m3.model.kv_cache",
         "Memories": "m3.core.memories",
         "UserError": "m3.core.errors",
     },
 )
 
-#: Modules of m3 0.1's flat layout -> where they live now. Their old paths import for one
-#: more release, with a DeprecationWarning.
-MOVED = {
-    f"m3.{old}": f"m3.{new}"
-    for old, new in {
-        "errors": "core.errors",
-        "registry": "core.registry",
-        "runs": "core.runs",
-        "plots": "core.plots",
-        "config": "model.config",
-        "checkpoints": "model.checkpoints",
-        "tokenizer": "data.tokenizer",
-        "chunking": "data.chunking",
-        "documents": "data.documents",
-        "sources": "data.sources",
-        "stdlib_text": "data.stdlib_text",
-        "world": "data.world",
-        "encoding": "memory.encoder",
-        "sparsify": "memory.sparsifier",
-        "quantize": "memory.quantize",
-        "embedders": "retrieval.embedders",
-        "overlap": "retrieval.overlap",
-        "editing": "bank.edit",
-        "module": "training.module",
-        "fit": "training.fit",
-        "generate": "inference.generate",
-        "evaluate": "inference.evaluate",
-        "diagnostics": "inference.diagnostics",
-    }.items()
-}
-
 if not any(isinstance(finder, MovedModules) for finder in sys.meta_path):
     # first, so that an old path never finds a stale file of an earlier install
-    sys.meta_path.insert(0, MovedModules(MOVED))
+    sys.meta_path.insert(0, MovedModules(MOVED_MODULES))

@@ -398,7 +398,8 @@ def _add_build_memory(verbs: Subparsers) -> None:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from m3.inference.generate import generate, load_inference
+    from m3.inference.generate import generate
+    from m3.inference.loading import load_inference
     from m3.recipes import GenerationSection, load_recipe
 
     files, overrides = split_recipe_arguments(args.recipe_items)

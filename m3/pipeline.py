@@ -129,8 +129,8 @@ def measure_edits_stage(recipe: Recipe, *, overwrite: bool = False) -> Path:
     Returns:
         The output folder.
     """
-    from m3.bank.edit import measure_edits
-    from m3.inference.generate import load_inference
+    from m3.inference.edits import measure_edits
+    from m3.inference.loading import load_inference
 
     edits = _evaluation_file(recipe, "edits")
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
@@ -188,7 +188,8 @@ def generate_sample(recipe: Recipe, *, overwrite: bool = False) -> Path:
     import time as clock
 
     from m3.core.plots import plot_bars
-    from m3.inference.generate import generate, load_inference
+    from m3.inference.generate import generate
+    from m3.inference.loading import load_inference
     from m3.recipes import GenerationSection
 
     prompts = [q.prompt for q in _evaluation_file(recipe, "cloze")[:3]]

@@ -10,7 +10,11 @@ import pytest
 import torch
 
 from m3.backends import ExactIndex, HDF5Store, StoreInfo
-from m3.bank.build import ColdStartStore, ShardedStore, build_memory, open_bank, read_knowledge
+from m3.backends.cold_start import ColdStartStore
+from m3.backends.sharded import ShardedStore
+from m3.bank.build import build_memory
+from m3.bank.knowledge import read_knowledge
+from m3.bank.open import open_bank
 from m3.cli import main
 from m3.core.errors import UserError
 from m3.data.chunking import FixedChunker

@@ -205,7 +205,7 @@ def test_store_batches_carry_what_the_bank_holds_for_their_references(tiny_bank)
     """Reference ids are the bank's ids; each worker opens the store itself."""
     import pickle
 
-    from m3.bank.build import open_bank
+    from m3.bank.open import open_bank
     from m3.training.datamodule import open_memory_store
 
     data = bank_data(tiny_bank, num_workers=2)

@@ -10,19 +10,21 @@ import pytest
 import torch
 
 from m3.backends import ExactIndex, HDF5Store
-from m3.bank.build import ShardedStore, build_memory, open_bank
+from m3.backends.sharded import ShardedStore
+from m3.bank.build import build_memory
 from m3.bank.edit import (
     JOURNAL,
     document_references,
     edit_bank,
-    measure_edits,
     resume_edit,
 )
+from m3.bank.open import open_bank
 from m3.cli import main
 from m3.core.errors import UserError
 from m3.data.chunking import FixedChunker, chunk_documents
 from m3.data.tokenizer import ByteTokenizer
 from m3.data.world import World
+from m3.inference.edits import measure_edits
 from m3.memory.encoder import encode_references
 from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe

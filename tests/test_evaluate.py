@@ -20,7 +20,8 @@ from m3.core.memories import Memories
 from m3.data.chunking import Reference
 from m3.data.tokenizer import ByteTokenizer
 from m3.data.world import ClozeQuestion
-from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, rag_prefixes, wilson_interval
+from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, wilson_interval
+from m3.inference.rag import rag_prefixes
 from m3.memory.encoder import encode_references
 from m3.model.config import Config
 from m3.model.memory3 import Memory3

@@ -56,7 +56,8 @@ def test_generate_text_command_line(tiny_bank, monkeypatch, capsys) -> None:
 
 
 def test_rag_prompt_puts_the_references_before_the_prompt(tiny_bank, docs_example) -> None:
-    from m3.inference.generate import load_inference, rag_references
+    from m3.inference.loading import load_inference
+    from m3.inference.rag import rag_references
 
     prompt = "Ada Lovelace was born in"
     text = docs_example("rag_prompt").rag_prompt(str(tiny_bank.folder), prompt)
@@ -91,7 +92,7 @@ def test_evaluate_bank_command_line(tiny_bank, monkeypatch, capsys) -> None:
 
 # ------------------------------------------------------------------------------------ editing
 def test_edit_bank_replaces_and_deletes(tiny_bank, docs_example, tmp_path, capsys) -> None:
-    from m3.bank.build import open_bank
+    from m3.bank.open import open_bank
 
     bank = tmp_path / "bank"
     shutil.copytree(tiny_bank.folder, bank)
@@ -120,7 +121,8 @@ def test_measure_edits_leaves_the_bank_and_reports(tiny_bank, docs_example, tmp_
 
 # ------------------------------------------------------------------------- the read path
 def test_read_path_generates_what_generate_does(tiny_bank, docs_example, capsys) -> None:
-    from m3.inference.generate import generate, load_inference
+    from m3.inference.generate import generate
+    from m3.inference.loading import load_inference
 
     prompt = "Ada Lovelace was born in"  # 25 tokens with <s>: 96 more cross the boundary at 64
     tokens = docs_example("read_path").read_path(str(tiny_bank.folder), prompt, steps=96)

@@ -25,7 +25,8 @@ from m3.memory.encoder import encode_references
 from m3.model.config import Config
 from m3.model.memory3 import Memory3
 from m3.retrieval.embedders import HashedNgramEmbedder
-from m3.retrieval.retriever import LRUCache, Retriever
+from m3.retrieval.cache import LRUCache
+from m3.retrieval.retriever import Retriever
 
 CONFIG = Config(
     vocab_size=259, n_layer=2, n_head=2, n_kv_head=1, head_dim=8, n_embd=16, mlp_hidden=32,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 
 from m3.backends import HDF5Store, StoreInfo
-from m3.bank.build import ColdStartStore, read_knowledge
+from m3.backends.cold_start import ColdStartStore
+from m3.bank.knowledge import read_knowledge
 from m3.core import registry
 from m3.recipes import Recipe, build, load_recipe
 from m3.training.module import Memory3Module

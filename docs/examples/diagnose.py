@@ -10,7 +10,7 @@ import sys
 import torch
 
 from m3.inference.diagnostics import kept_tokens, memory_attention
-from m3.inference.generate import load_inference
+from m3.inference.loading import load_inference
 
 
 def diagnose(bank: str, prompt: str) -> torch.Tensor:

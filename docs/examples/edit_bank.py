@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 
 from m3.bank.edit import EditSummary, edit_bank
-from m3.inference.generate import load_inference
+from m3.inference.loading import load_inference
 
 
 def edit(bank: str) -> EditSummary:

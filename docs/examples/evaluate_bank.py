@@ -12,7 +12,7 @@ from pathlib import Path
 from m3.data.documents import read_corpus
 from m3.data.world import read_cloze
 from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, markdown_table
-from m3.inference.generate import load_inference
+from m3.inference.loading import load_inference
 
 
 def evaluate(bank: str, data: str, *, seq_length: int = 256) -> str:

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from m3.inference.generate import Generation, generate, load_inference
+from m3.inference.generate import Generation, generate
+from m3.inference.loading import load_inference
 
 
 def continue_prompts(bank: str, prompts: list[str], max_new_tokens: int = 64) -> Generation:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import sys
 
-from m3.bank.edit import EditReport, measure_edits
 from m3.data.world import World
-from m3.inference.generate import load_inference
+from m3.inference.edits import EditReport, measure_edits
+from m3.inference.loading import load_inference
 
 
 def measure(

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import sys
 
-from m3.inference.generate import load_inference, rag_context, rag_references
+from m3.inference.loading import load_inference
+from m3.inference.rag import rag_context, rag_references
 
 
 def rag_prompt(bank: str, prompt: str) -> str:

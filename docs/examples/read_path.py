@@ -10,7 +10,8 @@ import sys
 
 import torch
 
-from m3.inference.generate import allowed_logits, load_inference
+from m3.inference.generate import allowed_logits
+from m3.inference.loading import load_inference
 from m3.retrieval.retriever import Retriever
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from m3.bank.build import open_bank
+from m3.bank.open import open_bank
 from m3.core.memories import SparseMemory
 
 

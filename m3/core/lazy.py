@@ -17,6 +17,37 @@ import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
+#: Modules of m3 0.1's flat layout -> where they live now. Their old paths import for one
+#: more release, with a DeprecationWarning.
+MOVED_MODULES = {
+    f"m3.{old}": f"m3.{new}"
+    for old, new in {
+        "errors": "core.errors",
+        "registry": "core.registry",
+        "runs": "core.runs",
+        "plots": "core.plots",
+        "config": "model.config",
+        "checkpoints": "model.checkpoints",
+        "tokenizer": "data.tokenizer",
+        "chunking": "data.chunking",
+        "documents": "data.documents",
+        "sources": "data.sources",
+        "stdlib_text": "data.stdlib_text",
+        "world": "data.world",
+        "encoding": "memory.encoder",
+        "sparsify": "memory.sparsifier",
+        "quantize": "memory.quantize",
+        "embedders": "retrieval.embedders",
+        "overlap": "retrieval.overlap",
+        "editing": "bank.edit",
+        "module": "training.module",
+        "fit": "training.fit",
+        "generate": "inference.generate",
+        "evaluate": "inference.evaluate",
+        "diagnostics": "inference.diagnostics",
+    }.items()
+}
+
 
 def lazy_exports(
     package: str, exports: Mapping[str, str], moved: Mapping[str, str] | None = None

@@ -26,21 +26,27 @@ a kind is used; this keeps `m3 check` and `m3 --help` fast. Adding a kind is one
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import importlib
 import inspect
-import math
-import os
 import re
+import sys
 import types
 import typing
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from pathlib import PurePath
-from typing import Annotated, Any, Literal, NamedTuple, Union, get_args, get_origin
+from typing import Any
 
 from m3.core.errors import UserError
+from m3.core.lazy import MOVED_MODULES
+
+# Also importable from here, where components and m3 0.1 code import them from
+from m3.core.values import Bounds as Bounds
+from m3.core.values import InputPath as InputPath
+from m3.core.values import MustExist as MustExist
+from m3.core.values import Problem, check_value, show
+from m3.core.values import input_files_unchecked as input_files_unchecked
+from m3.core.values import type_name as type_name
 
 
 @dataclass(frozen=True)
@@ -52,14 +58,17 @@ class Kind:
         build_to_check: Whether checking a recipe builds the component once, so that its
             constructor's own checks (ranges, consistency) are reported with every other
             problem. Only for kinds whose constructors are cheap and have no side effects.
+        modules: Further modules that define built-in classes of the kind, imported with its
+            base so that every built-in is listed whatever was imported before.
     """
 
     base: str
     build_to_check: bool = False
+    modules: tuple[str, ...] = ()
 
 
-#: Every kind of component: name -> base class. Later kinds (encoder, sparsifier, store,
-#: index, embedder, quantizer) are one line each.
+#: Every kind of component: name -> base class (and the modules of its built-ins). Adding a
+#: kind is one line.
 KINDS: dict[str, Kind] = {
     # Not built to check: HFTokenizer(train_files=...) trains a BPE and writes its cache.
     "tokenizer": Kind("m3.data.tokenizer:Tokenizer"),
@@ -67,98 +76,14 @@ KINDS: dict[str, Kind] = {
     "encoder": Kind("m3.memory.encoder:MemoryEncoder", build_to_check=True),
     "sparsifier": Kind("m3.memory.sparsifier:Sparsifier", build_to_check=True),
     "embedder": Kind("m3.retrieval.embedders:Embedder", build_to_check=True),
-    "store": Kind("m3.backends:MemoryStore"),
+    "store": Kind(
+        "m3.backends:MemoryStore", modules=("m3.backends.sharded", "m3.backends.cold_start")
+    ),
     "index": Kind("m3.backends:MemoryIndex", build_to_check=True),
     "quantizer": Kind("m3.memory.quantize:VectorQuantizer", build_to_check=True),
     # Not built to check: building reads files or generates a world.
     "source": Kind("m3.data.sources:TextSource"),
 }
-
-
-class Problem(NamedTuple):
-    """One thing wrong with a recipe or with a component's arguments.
-
-    Attributes:
-        path: Where it is, as a key path such as `tokenizer.init_args.vocab_size`.
-        message: What is wrong and what is expected instead.
-    """
-
-    path: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.message}" if self.path else self.message
-
-
-@dataclass(frozen=True)
-class Bounds:
-    """The allowed range of a number, attached to a type with `typing.Annotated`.
-
-    ```python
-    lr: Annotated[float, Bounds(gt=0)] = 3e-4
-    ```
-
-    A value with bounds must also be finite.
-
-    Attributes:
-        gt: Exclusive lower bound.
-        ge: Inclusive lower bound.
-        lt: Exclusive upper bound.
-        le: Inclusive upper bound.
-    """
-
-    gt: float | None = None
-    ge: float | None = None
-    lt: float | None = None
-    le: float | None = None
-
-    def problem(self, value: float) -> str | None:
-        """Say what is wrong with a number, if anything.
-
-        Args:
-            value: The number.
-
-        Returns:
-            A message such as `must be at least 1, got 0`, or None when the value fits.
-        """
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"must be a finite number, got {value!r}"
-        for bound, ok, words in (
-            (self.gt, lambda b: value > b, "greater than"),
-            (self.ge, lambda b: value >= b, "at least"),
-            (self.lt, lambda b: value < b, "less than"),
-            (self.le, lambda b: value <= b, "at most"),
-        ):
-            if bound is not None and not ok(bound):
-                return f"must be {words} {bound}, got {value!r}"
-        return None
-
-
-@dataclass(frozen=True)
-class MustExist:
-    """Marks a string as the path of an input file or directory that must already exist.
-
-    Use it through `InputPath`. Relative paths are relative to the current directory.
-    """
-
-
-#: A string naming an input file or directory; checking a recipe reports it when missing.
-InputPath = Annotated[str, MustExist()]
-
-_FILES_CHECKED = [True]
-
-
-@contextlib.contextmanager
-def input_files_unchecked() -> Iterator[None]:
-    """Within this block, checks do not report missing input files.
-
-    For checking a recipe written for another machine (a cluster's data paths) here.
-    """
-    _FILES_CHECKED.append(False)
-    try:
-        yield
-    finally:
-        _FILES_CHECKED.pop()
 
 
 @dataclass(frozen=True)
@@ -245,6 +170,94 @@ def class_path_of(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def kind_of_class(cls: type) -> str | None:
+    """The kind a component class belongs to, or None when it is no component.
+
+    Args:
+        cls: A class; its kind's base module is necessarily imported already.
+
+    Returns:
+        A key of `KINDS`.
+    """
+    for name, kind in KINDS.items():
+        module, _, base = kind.base.partition(":")
+        loaded = sys.modules.get(module)
+        if loaded is not None and issubclass(cls, getattr(loaded, base)):
+            return name
+    return None
+
+
+def identity(cls: type) -> str:
+    """How fingerprints and manifests name a component class, so that moving a file breaks nothing.
+
+    Args:
+        cls: A component class.
+
+    Returns:
+        `kind:short_name` for a built-in class (e.g. `embedder:hashed_ngram`); the dotted
+        class path for a user's own class (or any class that is no component).
+    """
+    kind = kind_of_class(cls)
+    if kind is not None and is_builtin(cls):
+        name = short_name(cls, base_class(kind))
+        if available(kind).get(name) is cls:
+            return f"{kind}:{name}"
+    return class_path_of(cls)
+
+
+def legacy_class_path(cls: type) -> str:
+    """The dotted path m3 0.1 recorded for a class, before its module moved.
+
+    Fingerprints written by m3 0.1 hashed this path; checks accept them through it.
+
+    Args:
+        cls: A class.
+
+    Returns:
+        E.g. `m3.embedders.HashedNgramEmbedder` for `m3.retrieval.embedders`'s class; the
+        current dotted path for a class whose module did not move.
+    """
+    module = cls.__module__
+    for old, new in MOVED_MODULES.items():
+        if module == new or module.startswith(new + "."):
+            return f"{old}.{cls.__qualname__}"
+    return class_path_of(cls)
+
+
+def class_of(identity: str, kind: str | None = None) -> type:
+    """The class an identity names: `kind:name`, a dotted path, or an m3 0.1 dotted path.
+
+    Args:
+        identity: What `identity` returned, or a dotted path that an older file recorded.
+        kind: The kind the class must be of, when known.
+
+    Returns:
+        The class.
+
+    Raises:
+        UserError: For an unknown kind or name, a module that cannot be imported, or a class
+            of another kind.
+    """
+    if ":" in identity:
+        named_kind, _, name = identity.partition(":")
+        if kind is not None and named_kind != kind:
+            raise UserError(f"{identity!r} names a {named_kind}, expected a {kind}")
+        return resolve(named_kind, name)
+    module, _, name = identity.rpartition(".")
+    # m3 0.1 recorded module paths; read them at their new place, without the warning
+    found = _import_class(f"{MOVED_MODULES.get(module, module)}.{name}")
+    if not isinstance(found, type) or (
+        kind is not None and not issubclass(found, base_class(kind))
+    ):
+        raise UserError(f"{identity!r} is not a {kind or 'class'}")
+    return found
+
+
+def is_builtin(cls: type) -> bool:
+    """Whether a class is one of m3's own."""
+    return cls.__module__ == "m3" or cls.__module__.startswith("m3.")
+
+
 def _subclasses(base: type) -> list[type]:
     found: list[type] = []
     stack = list(base.__subclasses__())
@@ -259,7 +272,7 @@ def _subclasses(base: type) -> list[type]:
 def available(kind: str) -> dict[str, type]:
     """Every concrete class of a kind that is imported now, by short name.
 
-    Built-in classes (those in `m3`) are found by importing the kind's base module; a
+    Built-in classes (those in `m3`) are found by importing the kind's modules; a
     user's subclass appears once its module has been imported (naming it by dotted path in
     a recipe imports it). When two classes share a short name, a built-in keeps it and the
     other is listed under its dotted path.
@@ -274,16 +287,15 @@ def available(kind: str) -> dict[str, type]:
         UserError: For an unknown kind or when its module cannot be imported.
     """
     base = base_class(kind)
+    for module in kind_of(kind).modules:
+        importlib.import_module(module)
     classes = [
         cls
         for cls in [base, *_subclasses(base)]  # a concrete base is a component too
         if not inspect.isabstract(cls) and not cls.__name__.startswith("_")
     ]
 
-    def builtin(cls: type) -> bool:
-        return cls.__module__ == "m3" or cls.__module__.startswith("m3.")
-
-    classes.sort(key=lambda cls: (not builtin(cls), short_name(cls, base), class_path_of(cls)))
+    classes.sort(key=lambda cls: (not is_builtin(cls), short_name(cls, base), class_path_of(cls)))
     table: dict[str, type] = {}
     for cls in classes:
         name = short_name(cls, base)
@@ -366,146 +378,6 @@ def resolve(kind: str, class_path: str) -> type:
         missing = ", ".join(sorted(getattr(found, "__abstractmethods__", ())))
         raise UserError(f"{class_path!r} is abstract: it does not implement {missing}")
     return found
-
-
-# ---------------------------------------------------------------------------------------
-# Checking values against type annotations
-
-
-def show(value: Any) -> str:
-    """A short display of a value in an error message (`None` shows as `null`, as in YAML).
-
-    Args:
-        value: Any value.
-
-    Returns:
-        Its `repr`, cut to 60 characters.
-    """
-    text = "null" if value is None else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def type_name(annotation: Any) -> str:
-    """A readable name for a type annotation, as used in error messages.
-
-    Args:
-        annotation: A type, such as `int | None` or `list[str]`.
-
-    Returns:
-        E.g. `int or null`, `list of str`, `one of 'a', 'b'`.
-    """
-    origin, args = get_origin(annotation), get_args(annotation)
-    if annotation is type(None) or annotation is None:
-        return "null"
-    if origin is Annotated:
-        return type_name(args[0])
-    if origin is Literal:
-        return "one of " + ", ".join(show(a) for a in args)
-    if origin in (Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args)
-    if origin in (list, tuple, set, frozenset, Sequence, Collection):
-        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
-            return "list of " + ", ".join(type_name(a) for a in args)
-        return f"list of {type_name(args[0])}" if args else "list"
-    if origin in (dict, Mapping):
-        return f"mapping of {type_name(args[1])}" if args else "mapping"
-    if annotation is Any:
-        return "anything"
-    if isinstance(annotation, type):
-        return "mapping" if annotation is dict else annotation.__name__
-    return str(annotation)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def check_value(value: Any, annotation: Any, path: str) -> list[Problem]:
-    """Check a plain value (as YAML gives it) against a type annotation.
-
-    Understands `bool`, `int`, `float` (an int is accepted), `str`, paths (as strings),
-    `None`, `Literal`, unions, `list`/`tuple`/`Sequence`, `dict`/`Mapping`, and
-    `Annotated` with `Bounds` or `MustExist`. Anything else is accepted unchecked.
-
-    Args:
-        value: The value.
-        annotation: The type it should have.
-        path: Its key path, used in the problems.
-
-    Returns:
-        The problems found; empty when the value fits.
-    """
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        problems = check_value(value, args[0], path)
-        if problems:
-            return problems
-        for marker in args[1:]:
-            if isinstance(marker, Bounds) and _is_number(value):
-                message = marker.problem(value)
-                if message:
-                    problems.append(Problem(path, message))
-            exists = not isinstance(value, str) or os.path.exists(value)
-            if isinstance(marker, MustExist) and not exists and _FILES_CHECKED[-1]:
-                problems.append(Problem(path, f"no such file or directory: {value!r}"))
-        return problems
-    if origin in (Union, types.UnionType):
-        if any(not check_value(value, member, path) for member in args):
-            return []
-        others = [member for member in args if member is not type(None)]
-        if value is not None and len(others) == 1:  # report the inner problem precisely
-            return check_value(value, others[0], path)
-        return [Problem(path, f"expected {type_name(annotation)}, got {show(value)}")]
-    if origin is Literal:
-        if any(value == a and type(value) is type(a) for a in args):
-            return []
-        return [Problem(path, f"expected {type_name(annotation)}, got {show(value)}")]
-    if origin in (list, tuple, set, frozenset, Sequence, Collection):
-        if not isinstance(value, (list, tuple)):
-            return [Problem(path, f"expected {type_name(annotation)}, got {show(value)}")]
-        if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
-            if len(value) != len(args):
-                return [Problem(path, f"expected {len(args)} items, got {len(value)}")]
-            item_types = list(args)
-        else:
-            item_types = [args[0] if args else Any] * len(value)
-        problems = []
-        for i, (item, item_type) in enumerate(zip(value, item_types, strict=True)):
-            problems += check_value(item, item_type, f"{path}[{i}]")
-        return problems
-    if origin in (dict, Mapping):
-        if not isinstance(value, Mapping):
-            return [Problem(path, f"expected {type_name(annotation)}, got {show(value)}")]
-        value_type = args[1] if args else Any
-        problems = []
-        for key, item in value.items():
-            problems += check_value(item, value_type, f"{path}.{key}")
-        return problems
-    expected = _plain_type_check(annotation)
-    if expected is None or expected(value):
-        return []
-    return [Problem(path, f"expected {type_name(annotation)}, got {show(value)}")]
-
-
-def _plain_type_check(annotation: Any) -> typing.Callable[[Any], bool] | None:
-    # None means "cannot check": an annotation a recipe's plain values cannot be held to.
-    if annotation is None or annotation is type(None):
-        return lambda v: v is None
-    if annotation is bool:
-        return lambda v: isinstance(v, bool)
-    if annotation is int:
-        return lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if annotation is float:
-        return _is_number
-    if annotation is str:
-        return lambda v: isinstance(v, str)
-    if isinstance(annotation, type) and issubclass(annotation, (PurePath, os.PathLike)):
-        return lambda v: isinstance(v, (str, PurePath))
-    if annotation in (list, tuple, set, frozenset):
-        return lambda v: isinstance(v, (list, tuple))
-    if annotation is dict:
-        return lambda v: isinstance(v, Mapping)
-    return None
 
 
 # ---------------------------------------------------------------------------------------

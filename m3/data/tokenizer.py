@@ -29,6 +29,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m3.core import registry
 from m3.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -131,7 +132,7 @@ class Tokenizer(abc.ABC):
         """
         return _sha256(
             {
-                "class": f"{type(self).__module__}.{type(self).__qualname__}",
+                "class": registry.identity(type(self)),
                 "vocab_size": self.vocab_size,
                 "special": [self.bos_id, self.eos_id, self.pad_id],
                 "probe": self.encode(_PROBE),
@@ -157,7 +158,7 @@ class Tokenizer(abc.ABC):
         directory.mkdir(parents=True, exist_ok=True)
         init_args = self._save_files(directory)
         manifest = {
-            "class_path": f"{type(self).__module__}.{type(self).__qualname__}",
+            "class_path": registry.identity(type(self)),
             "init_args": init_args,
             "fingerprint": self.fingerprint(),
         }
@@ -189,10 +190,9 @@ class Tokenizer(abc.ABC):
             expected = manifest["fingerprint"]
         except (ValueError, KeyError, TypeError) as err:
             raise UserError(f"{str(manifest_path)!r} is not a valid tokenizer manifest") from err
-        module_name, _, qualname = class_path.rpartition(".")
         try:
-            found = getattr(importlib.import_module(module_name), qualname)
-        except (ImportError, AttributeError, ValueError) as err:
+            found = registry.class_of(str(class_path))
+        except UserError as err:
             raise UserError(f"{str(manifest_path)!r} names unknown class {class_path!r}") from err
         if not (isinstance(found, type) and issubclass(found, cls)):
             raise UserError(

@@ -42,9 +42,11 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 from tqdm.auto import tqdm
 
+from m3.core.checks import right_pad
 from m3.core.errors import UserError
 from m3.core.memories import Memories
 from m3.data.tokenizer import Tokenizer
+from m3.inference.rag import rag_prefixes
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -140,41 +142,11 @@ def _prefix(tokenizer: Tokenizer, device: torch.device) -> Tensor:
     return torch.tensor(tokenizer.reference_prefix(), dtype=torch.long, device=device)
 
 
-def _right_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[Tensor, Tensor]:
-    width = max(len(r) for r in rows)
-    idx = torch.full((len(rows), width), pad, dtype=torch.long)
-    for i, row in enumerate(rows):
-        idx[i, : len(row)] = torch.tensor(list(row), dtype=torch.long)
-    return idx, torch.tensor([len(r) for r in rows])
-
-
 def _rows_of(memories: Memories, rows: Tensor) -> Memories:
     """The memories of chosen rows (a row may be taken several times)."""
     return Memories(
         memories.keys[rows], memories.values[rows], memories.valid[rows], memories.visible[rows]
     )
-
-
-def rag_prefixes(
-    retriever: Retriever, tokenizer: Tokenizer, queries: Sequence[str]
-) -> list[list[int]]:
-    """Token ids of the RAG baseline's context before each query: `k` references as text.
-
-    One retrieval per query with the query's text (`m3.inference.generate.rag_references`, leakage
-    filter on), laid out by `m3.inference.generate.rag_context`.
-
-    Args:
-        retriever: The retriever over the bank.
-        tokenizer: Encodes the references' text.
-        queries: `B` query texts.
-
-    Returns:
-        Per query, the token ids that precede it.
-    """
-    from m3.inference.generate import rag_context, rag_references
-
-    found = rag_references(retriever, list(queries))
-    return [tokenizer.encode(rag_context("", [r.text for r in row])) for row in found]
 
 
 # --------------------------------------------------------------------------------- cloze
@@ -204,7 +176,7 @@ def _scored_tokens(
         the mask of scored positions.
     """
     device = next(model.parameters()).device
-    idx, lengths = _right_pad(rows, 0)
+    idx, lengths = right_pad(rows, 0)
     idx, lengths = idx.to(device), lengths.to(device)
     chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
     if prefix is None:
@@ -572,7 +544,7 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from m3.core import registry
     from m3.core.runs import RunFolder
     from m3.data.world import read_cloze
-    from m3.inference.generate import load_inference
+    from m3.inference.loading import load_inference
 
     spec = recipe.evaluation
     if spec is None or (spec.cloze is None and not spec.heldout):

@@ -1,9 +1,8 @@
 """Generation with explicit memory: load a model with its memory bank, then decode (paper §3.1).
 
-`load_inference` opens everything inference needs from a recipe (or a bank or run folder)
-and checks that the parts belong together: the bank's memories were written by these
-weights and this tokenizer, its index by its embedder. `generate` then decodes a batch of
-prompts:
+`m3.inference.loading.load_inference` opens everything inference needs from a recipe (or a
+bank or run folder) and checks that the parts belong together. `generate` then decodes a
+batch of prompts:
 
 1. the prompts are processed in one pass (`Memory3.prefill`), each 64-token chunk reading
    the memories its own text retrieved (`Retriever.retrieve_context`; a partial last chunk
@@ -20,7 +19,8 @@ Every row reports its *provenance*: for every chunk of its context, the referenc
 their scores and texts) whose memories that chunk read.
 
 ```python
-from m3.inference.generate import generate, load_inference
+from m3.inference.generate import generate
+from m3.inference.loading import load_inference
 
 inference = load_inference("runs/tiny/bank")           # the bank, its weights and tokenizer
 out = generate(inference, ["Ada Lovelace was born in"], max_new_tokens=64)
@@ -32,7 +32,7 @@ for chunk in out.provenance[0]:                        # which references each c
 Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
 mode with an empty pool: the reference prefix and positions stay as in training), and
 `mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
-their texts before the prompt (`rag_references`, `rag_context`), reading no memories.
+their texts before the prompt (`m3.inference.rag`), reading no memories.
 """
 
 from __future__ import annotations
@@ -41,262 +41,27 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor
 
 from m3.core.errors import UserError
+from m3.inference.loading import Inference, load_inference
+from m3.inference.rag import (
+    RAG_TEMPLATE,
+    RetrievedReference,
+    rag_context,
+    rag_references,
+    reference_texts,
+)
 
 if TYPE_CHECKING:
-    from m3.bank.build import Bank
     from m3.data.tokenizer import Tokenizer
-    from m3.model.memory3 import Memory3
-    from m3.recipes import Recipe
-    from m3.retrieval.retriever import Retriever
 
 #: What `generate` can do: read explicit memories, read none, or read references as text.
 Mode = Literal["memory", "none", "rag"]
 MODES: tuple[str, ...] = ("memory", "none", "rag")
-
-#: How `rag_context` lays out each reference before the prompt (`{text}` is the reference).
-RAG_TEMPLATE = "Reference: {text}\n"
-
-
-# ------------------------------------------------------------------------------ loading
-@dataclass
-class Inference:
-    """A model with its tokenizer and the retriever over its memory bank, checked to fit.
-
-    Build one with `load_inference`. `close` (or a `with` block) closes the bank's files.
-
-    Attributes:
-        model: The model, in eval mode, without gradients.
-        tokenizer: The tokenizer the bank's references were written with.
-        retriever: Embedder + index + store + RAM cache + leakage filter over the bank.
-        bank: The opened bank (store, index, embedder, manifest).
-        prefix: `(b,)` long ids of the reference prefix `<s>Reference:`, on the model's device.
-        recipe: The recipe everything was read from.
-        weights: The weights file (or Hugging Face folder) loaded into the model.
-    """
-
-    model: Memory3
-    tokenizer: Tokenizer
-    retriever: Retriever
-    bank: Bank
-    prefix: Tensor
-    recipe: Recipe
-    weights: Path
-
-    @property
-    def device(self) -> torch.device:
-        """Where the model runs."""
-        return self.model.lm_head.weight.device
-
-    def close(self) -> None:
-        """Stop the retriever's reader thread and close the bank's store."""
-        self.retriever.close()
-        self.bank.store.close()
-
-    def __enter__(self) -> Inference:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-def _resolve_source(
-    source: Recipe | str | Path, overrides: Sequence[str]
-) -> tuple[Recipe, Path | None, Path | None]:
-    """The recipe, plus the bank or weights that a folder given as source stands for."""
-    from m3.bank.build import MANIFEST
-    from m3.recipes import Recipe, load_recipe
-
-    if isinstance(source, Recipe):
-        if overrides:
-            raise UserError("overrides apply to a recipe file or folder, not to a loaded recipe")
-        return source, None, None
-    path = Path(source)
-    if path.is_file():
-        return load_recipe(path, overrides), None, None
-    if not path.is_dir():
-        raise UserError(f"{path}: no such recipe file, bank folder or run folder")
-    if not (path / "recipe.yaml").is_file():
-        raise UserError(f"{path} is not a run folder of m3 (it has no recipe.yaml)")
-    recipe = load_recipe(path / "recipe.yaml", overrides)
-    if (path / MANIFEST).is_file():
-        return recipe, path, None
-    if (path / "model.pt").is_file():
-        return recipe, None, path / "model.pt"
-    raise UserError(f"{path} holds neither a memory bank (manifest.json) nor weights (model.pt)")
-
-
-def _weights_path(path: str | Path, key: str) -> Path:
-    path = Path(path)
-    if path.is_dir() and (path / "model.pt").is_file():  # a stage's run folder
-        return path / "model.pt"
-    if not path.exists():
-        raise UserError(f"{key}: {path} does not exist (train the model first?)")
-    return path
-
-
-def load_inference(
-    source: Recipe | str | Path,
-    *,
-    overrides: Sequence[str] = (),
-    bank: str | Path | None = None,
-    weights: str | Path | None = None,
-    k: int | None = None,
-    threshold: float | Literal["recipe"] | None = "recipe",
-    cache_size: int | None = None,
-    device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
-) -> Inference:
-    """Open a model, its tokenizer and its memory bank for inference, checked to fit.
-
-    What comes from where:
-
-    - the recipe: `source` itself, a recipe file, or the `recipe.yaml` of a folder: a bank
-      folder (`m3 build-memory`) also names the bank, a stage's run folder (`m3 fit`) the
-      weights (its `model.pt`);
-    - the bank: `bank`, else `retrieval.bank`, else the folder given as `source`;
-    - the weights: `weights`, else the run folder's `model.pt`, else
-      `training.init_weights`, else the weights that wrote the bank (its recipe's
-      `training.init_weights`); a run folder stands for its `model.pt`;
-    - retrieval settings: the arguments, else the recipe's `retrieval:` section, else
-      its defaults (k 5, threshold 2/3, over-fetch 3, a cache of 4096 references).
-
-    Checks, each a `UserError` naming the recipe key to change: the tokenizer fits the
-    model's vocabulary and is the one the bank was written with (same fingerprint and
-    reference prefix); the model's settings and weights are the ones that wrote the memories
-    (the store's model fingerprint); the saved embedder is the one that built the index; `k`
-    is at most the number of references.
-
-    Args:
-        source: A checked recipe, a recipe file, a bank folder or a stage's run folder.
-        overrides: `key=value` overrides applied to a recipe file or a folder's recipe.
-        bank: The bank folder; overrides `retrieval.bank`.
-        weights: A `model.pt`, a Lightning `.ckpt`, a Hugging Face folder or a run folder;
-            overrides the recipe.
-        k: Memories per chunk (and RAG references); overrides `retrieval.k`.
-        threshold: Leakage threshold; None turns the filter off; "recipe" keeps
-            `retrieval.threshold`.
-        cache_size: References the RAM cache keeps; overrides `retrieval.cache_size`.
-        device: Where the model runs (the CPU when None).
-        dtype: The model's dtype (its parameters' as loaded, fp32, when None).
-
-    Returns:
-        The `Inference` bundle.
-
-    Raises:
-        UserError: For a missing bank or weights, or parts that do not belong together.
-    """
-    from m3.bank.build import open_bank
-    from m3.model.checkpoints import load_weights
-    from m3.model.memory3 import Memory3
-    from m3.recipes import RetrievalSection, build_tokenizer, load_recipe
-    from m3.retrieval.retriever import Retriever
-
-    recipe, folder_bank, folder_weights = _resolve_source(source, overrides)
-    settings = recipe.retrieval or RetrievalSection()
-    bank_path = bank if bank is not None else settings.bank
-    if bank_path is None:
-        bank_path = folder_bank
-    if bank_path is None:
-        raise UserError(
-            "retrieval.bank: name the memory bank folder that m3 build-memory wrote "
-            "(e.g. retrieval.bank=runs/tiny/bank)"
-        )
-    bank_path = Path(bank_path)
-    if not bank_path.is_dir():
-        raise UserError(f"retrieval.bank: {bank_path} does not exist (run m3 build-memory first?)")
-    if weights is not None:
-        weights_path = _weights_path(weights, "weights")
-    elif folder_weights is not None:
-        weights_path = folder_weights
-    elif recipe.training.init_weights is not None:
-        weights_path = _weights_path(recipe.training.init_weights, "training.init_weights")
-    else:
-        writer = None
-        if (bank_path / "recipe.yaml").is_file():
-            writer = load_recipe(bank_path / "recipe.yaml").training.init_weights
-        if writer is None:
-            raise UserError(
-                "training.init_weights: name the model's weights (a stage's run folder or its "
-                "model.pt); the bank's recipe does not name the weights that wrote it"
-            )
-        weights_path = _weights_path(writer, f"training.init_weights (from {bank_path})")
-    if recipe.tokenizer is None:
-        raise UserError("tokenizer: inference needs the tokenizer the bank was written with")
-
-    config = recipe.model.config()
-    tokenizer = build_tokenizer(recipe)
-    try:
-        opened = open_bank(bank_path)
-    except UserError as error:
-        raise UserError(f"retrieval.bank: {error}") from None
-    try:
-        info = opened.store.info
-        if info.tokenizer_fingerprint and info.tokenizer_fingerprint != tokenizer.fingerprint():
-            raise UserError(
-                f"tokenizer: {bank_path} was written with tokenizer "
-                f"{info.tokenizer_fingerprint[:16]}, the recipe's {type(tokenizer).__name__} "
-                f"has fingerprint {tokenizer.fingerprint()[:16]}"
-            )
-        prefix_ids = tokenizer.reference_prefix()
-        if info.reference_prefix and list(info.reference_prefix) != prefix_ids:
-            raise UserError(
-                f"tokenizer: {bank_path} was written with the reference prefix "
-                f"{list(info.reference_prefix)}, the tokenizer's is {prefix_ids}"
-            )
-        written = {k: v for k, v in info.model_config.items() if k != "name"}
-        ours = {k: v for k, v in config.to_dict().items() if k != "name"}
-        differ = [k for k in sorted(set(written) | set(ours)) if written.get(k) != ours.get(k)]
-        if written and differ:
-            shown = ", ".join(
-                f"model.{k} is {ours.get(k)!r}, the bank's {written.get(k)!r}" for k in differ
-            )
-            raise UserError(
-                f"model: {bank_path} was written by a model with other settings: {shown}"
-            )
-        model = Memory3(config)
-        load_weights(model, weights_path)
-        model = model.to(device=device or "cpu", dtype=dtype).eval().requires_grad_(False)
-        try:
-            opened.store.info.check_model(
-                config.memory_shape, model.memory_fingerprint(), where=str(bank_path)
-            )
-        except UserError as error:
-            raise UserError(f"training.init_weights: {weights_path}: {error}") from None
-        k = settings.k if k is None else k
-        stored = len(opened.store)
-        if isinstance(k, int) and not isinstance(k, bool) and k > stored:
-            raise UserError(
-                f"retrieval.k: k={k} references per chunk asked for, but the bank {bank_path} "
-                f"holds only {stored} reference{'s' if stored != 1 else ''}"
-            )
-        try:
-            retriever = Retriever(
-                embedder=opened.embedder,
-                index=opened.index,
-                store=opened.store,
-                tokenizer=tokenizer,
-                k=k,
-                threshold=settings.threshold if threshold == "recipe" else threshold,
-                overfetch=settings.overfetch,
-                cache_size=settings.cache_size if cache_size is None else cache_size,
-                chunk_length=config.chunk_length,
-                expected_embedder_fingerprint=str(opened.manifest["embedder"]["fingerprint"]),
-                where=str(bank_path),
-            )
-        except UserError as error:
-            raise UserError(f"retrieval: {error}") from None
-    except BaseException:
-        opened.store.close()
-        raise
-    prefix = torch.tensor(prefix_ids, dtype=torch.long, device=model.lm_head.weight.device)
-    return Inference(model, tokenizer, retriever, opened, prefix, recipe, weights_path)
 
 
 # ------------------------------------------------------------------------------ results
@@ -437,76 +202,6 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"generation.top_p must be in (0, 1] or null, got {top_p!r}")
 
 
-# ------------------------------------------------------------------------------ RAG
-@dataclass
-class RetrievedReference:
-    """One reference retrieved as text (the RAG baseline).
-
-    Attributes:
-        id: The reference's id in the bank.
-        score: Its similarity to the query.
-        text: Its text.
-    """
-
-    id: int
-    score: float
-    text: str
-
-
-def rag_references(
-    retriever: Retriever, prompts: Sequence[str], *, k: int | None = None
-) -> list[list[RetrievedReference]]:
-    """Retrieve references once per prompt, with the whole prompt as query text (RAG).
-
-    The same embedder, index and leakage filter as for memories (the filter checks the
-    prompt's tokens); no memory is read from the store.
-
-    Args:
-        retriever: The retriever over the bank.
-        prompts: `B` prompts.
-        k: References per prompt; the retriever's `k` when None (it must not exceed it).
-
-    Returns:
-        Per prompt, up to `k` references, best first (fewer when the filter left fewer).
-    """
-    k = retriever.k if k is None else k
-    if k > retriever.k:
-        raise UserError(
-            f"retrieval.k: RAG asked for {k} references, the retriever has k={retriever.k}"
-        )
-    found_ids, found_scores = retriever.search(list(prompts))
-    ids = [[i for i in row.tolist() if i >= 0][:k] for row in found_ids]
-    scores = [row.tolist() for row in found_scores]
-    texts = _reference_texts(retriever, [i for row in ids for i in row])
-    return [
-        [RetrievedReference(i, float(s), texts[i]) for i, s in zip(row, score, strict=False)]
-        for row, score in zip(ids, scores, strict=True)
-    ]
-
-
-def rag_context(prompt: str, references: Sequence[str], *, template: str = RAG_TEMPLATE) -> str:
-    """The RAG baseline's prompt: each reference's text, then the prompt.
-
-    Args:
-        prompt: The user's prompt.
-        references: Reference texts, best first; they appear in this order.
-        template: How one reference is laid out; `{text}` is replaced by its text.
-
-    Returns:
-        `"".join(template.format(text=r) for r in references) + prompt`.
-    """
-    return "".join(template.format(text=text) for text in references) + prompt
-
-
-def _reference_texts(retriever: Retriever, ids: Sequence[int]) -> dict[int, str]:
-    unique = sorted(set(ids))
-    if not unique:
-        return {}
-    references = retriever.store.references(unique)
-    decode = retriever.tokenizer.decode if retriever.tokenizer is not None else str
-    return {i: decode(list(r.ids)) for i, r in zip(unique, references, strict=True)}
-
-
 # ------------------------------------------------------------------------------ generation
 def encode_prompts(
     tokenizer: Tokenizer, prompts: Sequence[str], *, block_size: int, what: str = "prompt"
@@ -638,7 +333,7 @@ def generate(
     if mode == "memory":
         start = clock.start()
         found = retriever.retrieve_context(contexts)
-        texts = _reference_texts(retriever, found.ids[found.ids >= 0].tolist())
+        texts = reference_texts(retriever, found.ids[found.ids >= 0].tolist())
         clock.stop("retrieve", start)
         for b, ids in enumerate(contexts):
             for c in range(-(-len(ids) // chunk)):
@@ -754,7 +449,7 @@ def _swap_at_boundaries(
         return
     retriever = inference.retriever
     found = retriever.retrieve_next(queries)
-    texts = _reference_texts(retriever, found.ids[found.ids >= 0].tolist())
+    texts = reference_texts(retriever, found.ids[found.ids >= 0].tolist())
     for n, b in enumerate(retrieve):
         c = lengths[b] // chunk
         provenance[b].append(

@@ -496,7 +496,7 @@ def load_weights(model: Memory3, path: str | Path) -> None:
     """Load weights into a model from a state dict, a Lightning checkpoint or a HF folder.
 
     The one loader behind `training.init_weights` (`Memory3Module.load_weights`) and
-    inference (`m3.inference.generate.load_inference`).
+    inference (`m3.inference.loading.load_inference`).
 
     Args:
         model: The model to fill, in place.

@@ -41,11 +41,10 @@ from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -56,6 +55,7 @@ from m3.core.errors import UserError
 from m3.core.memories import Memories, SparseMemory
 from m3.data.chunking import query_chunks
 from m3.data.tokenizer import Tokenizer
+from m3.retrieval.cache import CacheStats, LRUCache
 from m3.retrieval.embedders import Embedder
 from m3.retrieval.overlap import leak_mask
 
@@ -72,7 +72,6 @@ TokenIds = Sequence[int] | Tensor | np.ndarray
 PHASES = ("embed", "search", "filter", "cache", "read", "assemble")
 
 _Row = tuple[Tensor, Tensor, Tensor, Tensor]  # keys, values, valid, positions of one memory
-_V = TypeVar("_V")
 
 
 @dataclass
@@ -91,97 +90,6 @@ class Retrieval:
     ids: Tensor
     scores: Tensor
     memories: Memories
-
-
-class CacheStats(NamedTuple):
-    """Counters of the retriever's memory cache.
-
-    Attributes:
-        hits: Lookups served from the cache.
-        misses: Lookups read from the store.
-        size: References cached now.
-        capacity: Most references the cache holds (0 = off).
-        hit_rate: `hits / (hits + misses)`, 0.0 before any lookup.
-    """
-
-    hits: int
-    misses: int
-    size: int
-    capacity: int
-    hit_rate: float
-
-
-class LRUCache(Generic[_V]):
-    """A fixed-size least-recently-used map from reference id to a value.
-
-    Args:
-        capacity: Most entries kept; 0 keeps nothing (every lookup misses).
-    """
-
-    def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise UserError(f"cache capacity must be an int ≥ 0, got {capacity!r}")
-        self.capacity = capacity
-        self.hits = 0
-        self.misses = 0
-        self._data: OrderedDict[int, _V] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._data)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._data
-
-    def keys(self) -> list[int]:
-        """Cached ids, least recently used first."""
-        return list(self._data)
-
-    def get(self, key: int) -> _V | None:
-        """Look an id up, counting a hit or a miss; a hit becomes the most recently used.
-
-        Args:
-            key: Reference id.
-
-        Returns:
-            The cached value, or None on a miss.
-        """
-        value = self._data.get(key)
-        if value is None:
-            self.misses += 1
-            return None
-        self.hits += 1
-        self._data.move_to_end(key)
-        return value
-
-    def put(self, key: int, value: _V) -> None:
-        """Insert (or refresh) an id as the most recently used, evicting the least recent.
-
-        Args:
-            key: Reference id.
-            value: What to keep for it.
-        """
-        if self.capacity == 0:
-            return
-        self._data[key] = value
-        self._data.move_to_end(key)
-        while len(self._data) > self.capacity:
-            self._data.popitem(last=False)
-
-    def clear(self) -> None:
-        """Drop every entry and zero the counters."""
-        self._data.clear()
-        self.hits = self.misses = 0
-
-    def stats(self) -> CacheStats:
-        """The counters (see `CacheStats`)."""
-        total = self.hits + self.misses
-        return CacheStats(
-            self.hits,
-            self.misses,
-            len(self._data),
-            self.capacity,
-            self.hits / total if total else 0.0,
-        )
 
 
 class _Query(NamedTuple):
@@ -299,7 +207,7 @@ class Retriever:
                 )
             expected = str(fingerprint)
         actual = self.embedder.fingerprint()
-        if expected is not None and expected != actual:
+        if expected is not None and not self.embedder.matches(expected):
             raise UserError(
                 f"the index was built with embedder {expected[:16]}, but the retriever's "
                 f"embedder {type(self.embedder).__name__} has fingerprint {actual[:16]}: use "

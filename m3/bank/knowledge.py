@@ -1,0 +1,87 @@
+"""A knowledge base read into references: the one definition of reference ids.
+
+A reference's id is its position in the list `read_knowledge` returns: documents of the
+sources in order, each cut by the chunker. The bank and the continual stage's pairing
+(`m3.training.datamodule.TextDataModule.build_references`) both read it, so a retriever maps
+ids back to the same token ids everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from m3.core.errors import UserError
+from m3.core.references import Reference
+from m3.data.chunking import Chunker, chunk_documents
+from m3.data.sources import FilesSource, TextSource
+
+if TYPE_CHECKING:
+    from m3.data.tokenizer import Tokenizer
+
+
+@dataclass
+class KnowledgeBase:
+    """The references of a knowledge base and what reading it found.
+
+    Attributes:
+        references: The references; a reference's id is its position in this list.
+        documents: Documents that gave at least one reference.
+        skipped: Documents left out: empty, whitespace-only or tokenizing to nothing.
+    """
+
+    references: list[Reference]
+    documents: int
+    skipped: int
+
+
+def read_knowledge(
+    sources: Sequence[TextSource], tokenizer: Tokenizer, *, chunker: Chunker
+) -> KnowledgeBase:
+    """Tokenize the knowledge base's documents and cut them into references.
+
+    This is the one definition of reference ids, shared by the continual stage's pairing
+    (`m3.training.datamodule.TextDataModule.build_references`) and the bank: documents of the
+    sources in order, each cut by the chunker.
+
+    Args:
+        sources: The knowledge base's sources (`data.knowledge`).
+        tokenizer: Tokenizes the documents.
+        chunker: Cuts each document into references of at most `max_tokens` tokens.
+
+    Returns:
+        The references and the counts of documents read and skipped.
+
+    Raises:
+        UserError: When the sources hold no text at all (naming them), or for files with
+            undecodable bytes (naming the file).
+    """
+    from m3.data.documents import read_corpus
+
+    names = "; ".join(s.describe() for s in sources) or "(no sources)"
+    docs: list[tuple[str, list[int]]] = []
+    skipped = 0
+    for source in sources:
+        if isinstance(source, FilesSource):
+            try:
+                corpus = read_corpus(source.paths, text_field=source.text_field)
+            except UserError as error:
+                if not str(error).startswith("no text in"):
+                    raise
+                raise UserError(f"data.knowledge: the knowledge base is empty: {error}") from None
+            documents, skipped = corpus.documents, skipped + corpus.skipped
+        else:
+            documents = source.documents()
+        for document in documents:
+            ids = tokenizer.encode(document.text) if document.text.strip() else []
+            if ids:
+                docs.append((document.id, ids))
+            else:
+                skipped += 1
+    if not docs:
+        raise UserError(
+            f"data.knowledge: the knowledge base is empty: no document with text in {names} "
+            f"({skipped} empty documents skipped)"
+        )
+    return KnowledgeBase(chunk_documents(docs, chunker), len(docs), skipped)
