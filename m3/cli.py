@@ -4,16 +4,9 @@ Each verb is a small function that imports what it needs only when it runs, so t
 `m3 --help` answers without loading torch or Lightning. User errors (`m3.core.errors.UserError`)
 are printed as one message, without a traceback, and exit with status 2.
 
-A verb that runs a recipe takes `RECIPE… [KEY=VALUE…]` through `add_recipe_arguments` and
-reads it with `recipe_from_args`; adding one is a function that adds its parser, plus an
-entry in `_VERBS`:
-
-```python
-def _add_fit(verbs: Subparsers) -> None:
-    fit = verbs.add_parser("fit", help="train a model", description="...")
-    add_recipe_arguments(fit)
-    fit.set_defaults(handler=_fit)   # _fit(args) starts with recipe_from_args(args)
-```
+Adding a verb is a function that adds its parser and sets its handler (see `_add_fit`),
+plus an entry in `_VERBS`; a verb that runs a recipe takes `RECIPE… [KEY=VALUE…]` through
+`add_recipe_arguments` and reads it with `recipe_from_args`.
 """
 
 from __future__ import annotations
@@ -25,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from m3 import __version__
 from m3.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -110,6 +104,19 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
 
     files, overrides = split_recipe_arguments(args.recipe_items)
     return load_recipe(files, overrides)
+
+
+def _add_overwrite(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--overwrite", action="store_true", help=help)
+
+
+def _add_batch_size(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="references per forward pass (default: the recipe's bank.batch_size, 64)",
+    )
 
 
 def _count(n: int) -> str:
@@ -204,10 +211,7 @@ def _components(args: argparse.Namespace) -> int:
         if i:
             print()
         print(f"{kind}: subclasses of {registry.class_path_of(base)}")
-        rows = [
-            (name, registry.class_path_of(cls), registry.describe(cls))
-            for name, cls in table.items()
-        ]
+        rows = [(n, registry.class_path_of(c), registry.describe(c)) for n, c in table.items()]
         width = [max((len(row[c]) for row in rows), default=0) for c in range(2)]
         for name, path, doc in rows:
             print(f"  {name:<{width[0]}}  {path:<{width[1]}}  {doc}".rstrip())
@@ -240,7 +244,7 @@ def _add_components(verbs: Subparsers) -> None:
 
 
 def _size(args: argparse.Namespace) -> int:
-    from m3.sizing import PAPER_REFERENCES, format_report, parse_references, size_report
+    from m3.sizing import PAPER_REFERENCES, format_report, parse_references, recipe_size_report
 
     # A bare number among the recipe arguments is N; paths and KEY=VALUE are the recipe.
     counts, items = [], []
@@ -256,19 +260,11 @@ def _size(args: argparse.Namespace) -> int:
     if len(counts) > 1:
         raise UserError(f"give N, the number of references, once; got {' and '.join(counts)}")
     references = parse_references(counts[0]) if counts else PAPER_REFERENCES
-    recipe = recipe_from_args(argparse.Namespace(recipe_items=items))
-    bytes_per_number, code_bytes = args.bytes_per_number, args.code_bytes
-    if recipe.bank is not None:  # what m3 build-memory would store
-        from m3.sizing import bank_sizes
-
-        number, code = bank_sizes(recipe)
-        bytes_per_number = number if bytes_per_number is None else bytes_per_number
-        code_bytes = code if code_bytes is None and code is not None else code_bytes
-    report = size_report(
-        recipe.model.config(),
+    report = recipe_size_report(
+        recipe_from_args(argparse.Namespace(recipe_items=items)),
         references,
-        bytes_per_number=2 if bytes_per_number is None else bytes_per_number,
-        code_bytes=14 if code_bytes is None else code_bytes,
+        bytes_per_number=args.bytes_per_number,
+        code_bytes=args.code_bytes,
         train_length=args.train_length,
     )
     files, _ = split_recipe_arguments(items)
@@ -337,9 +333,7 @@ def _add_fit(verbs: Subparsers) -> None:
         ),
     )
     add_recipe_arguments(fit)
-    fit.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder another recipe wrote"
-    )
+    _add_overwrite(fit, "replace an output folder another recipe wrote")
     fit.set_defaults(handler=_fit)
 
 
@@ -374,15 +368,8 @@ def _add_build_memory(verbs: Subparsers) -> None:
         ),
     )
     add_recipe_arguments(build)
-    build.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder another recipe wrote"
-    )
-    build.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="references per forward pass (default: the recipe's bank.batch_size, 64)",
-    )
+    _add_overwrite(build, "replace an output folder another recipe wrote")
+    _add_batch_size(build)
     build.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -417,22 +404,8 @@ def _generate(args: argparse.Namespace) -> int:
     }
     with load_inference(source, overrides=overrides) as inference:
         out = generate(inference, args.prompt, seed=args.seed, **chosen)
-    for n, prompt in enumerate(out.prompts):
-        tokens, reason = len(out.tokens[n]), out.finish_reasons[n]
-        print(f"=== {n + 1}: {out.mode}, {tokens} new tokens, stopped at {reason} ===")
-        print(prompt + out.texts[n])
-        if args.show_references:
-            print("references:")
-            for chunk in out.provenance[n]:
-                where = "rag prompt" if chunk.chunk < 0 else f"chunk {chunk.chunk}"
-                print(
-                    f"  {where}, tokens {chunk.start}-{chunk.end - 1} "
-                    f"(retrieved with {chunk.retrieved_with}):"
-                )
-                for i, score, text in zip(chunk.ids, chunk.scores, chunk.texts, strict=True):
-                    shown = " ".join(text.split())
-                    shown = shown if len(shown) <= 72 else shown[:71] + "…"
-                    print(f"    #{i} ({score:.3f}) {shown}")
+    for row in range(len(out.prompts)):
+        print(out.describe(row, references=args.show_references))
     return 0
 
 
@@ -491,9 +464,7 @@ def _add_evaluate(verbs: Subparsers) -> None:
         ),
     )
     add_recipe_arguments(evaluate)
-    evaluate.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder of another recipe"
-    )
+    _add_overwrite(evaluate, "replace an output folder of another recipe")
     evaluate.set_defaults(handler=_evaluate)
 
 
@@ -587,12 +558,7 @@ def _add_edit(verbs: Subparsers) -> None:
     edit.add_argument(
         "--resume", action="store_true", help="finish an interrupted edit of the bank"
     )
-    edit.add_argument(
-        "--batch-size",
-        type=int,
-        default=None,
-        help="references per forward pass (default: the recipe's bank.batch_size, 64)",
-    )
+    _add_batch_size(edit)
     edit.set_defaults(handler=_edit)
 
 
@@ -621,17 +587,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="m3",
         description="Memory³: language modeling with explicit memory.",
     )
-    parser.add_argument("--version", action="version", version=f"m3 {_version()}")
+    parser.add_argument("--version", action="version", version=f"m3 {__version__}")
     verbs = parser.add_subparsers(title="commands", metavar="COMMAND")
     for add_verb in _VERBS:
         add_verb(verbs)
     return parser
-
-
-def _version() -> str:
-    from m3 import __version__
-
-    return __version__
 
 
 def main(argv: Sequence[str] | None = None) -> int:

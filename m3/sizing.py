@@ -341,6 +341,39 @@ def size_report(
     )
 
 
+def recipe_size_report(
+    recipe: Any,
+    references: int = PAPER_REFERENCES,
+    *,
+    bytes_per_number: int | None = None,
+    code_bytes: int | None = None,
+    train_length: int | None = None,
+) -> SizeReport:
+    """The size report of a recipe's model, storing what its `bank` section would store.
+
+    Args:
+        recipe: A checked `m3.recipes.Recipe`.
+        references: Number of references `N`.
+        bytes_per_number: Bytes per stored number; the bank's dtype when None (else bf16).
+        code_bytes: Bytes per key/value code; the bank quantizer's when None (else 14).
+        train_length: Training context of the cost model; the model's `block_size` when None.
+
+    Returns:
+        The report.
+    """
+    if recipe.bank is not None:  # what m3 build-memory would store
+        number, code = bank_sizes(recipe)
+        bytes_per_number = number if bytes_per_number is None else bytes_per_number
+        code_bytes = code if code_bytes is None and code is not None else code_bytes
+    return size_report(
+        recipe.model.config(),
+        references,
+        bytes_per_number=BF16_BYTES if bytes_per_number is None else bytes_per_number,
+        code_bytes=PAPER_CODE_BYTES if code_bytes is None else code_bytes,
+        train_length=train_length,
+    )
+
+
 def parse_references(text: str) -> int:
     """Read a number of references from the command line.
 

@@ -123,6 +123,33 @@ class Generation:
         """Tokens generated over all rows."""
         return sum(len(t) for t in self.tokens)
 
+    def describe(self, row: int, *, references: bool = False) -> str:
+        """A row for people, as `m3 generate` prints it.
+
+        Args:
+            row: The row.
+            references: Also list the references (id, score, text) each chunk read.
+
+        Returns:
+            A header line, the prompt with its continuation, and optionally the references.
+        """
+        tokens, reason = len(self.tokens[row]), self.finish_reasons[row]
+        lines = [f"=== {row + 1}: {self.mode}, {tokens} new tokens, stopped at {reason} ==="]
+        lines.append(self.prompts[row] + self.texts[row])
+        if references:
+            lines.append("references:")
+            for chunk in self.provenance[row]:
+                where = "rag prompt" if chunk.chunk < 0 else f"chunk {chunk.chunk}"
+                lines.append(
+                    f"  {where}, tokens {chunk.start}-{chunk.end - 1} "
+                    f"(retrieved with {chunk.retrieved_with}):"
+                )
+                for i, score, text in zip(chunk.ids, chunk.scores, chunk.texts, strict=True):
+                    shown = " ".join(text.split())
+                    shown = shown if len(shown) <= 72 else shown[:71] + "…"
+                    lines.append(f"    #{i} ({score:.3f}) {shown}")
+        return "\n".join(lines)
+
 
 # ------------------------------------------------------------------------------ sampling
 def allowed_logits(logits: Tensor, tokenizer: Tokenizer) -> Tensor:
