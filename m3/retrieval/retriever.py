@@ -7,9 +7,8 @@ to turn chunk token ids into text for the embedder). For every 64-token query ch
 2. drops candidates whose overlap (Eq. 6, `overlap`) with the chunk's *leak text* exceeds
    the threshold, checking candidates best first and searching wider when too many leak, so
    that `k` memories remain whenever the index holds enough clean references;
-3. reads the kept references' memories, first from an LRU cache of decoded memories, then
-   the missing ones from the store, and arranges them as `m3.core.memories.Memories` in the
-   per-chunk layout (chunk `c` sees exactly its own `k`).
+3. reads the kept references' memories (the LRU cache first, then the store) and arranges
+   them as `Memories` in the per-chunk layout (chunk `c` sees exactly its own `k`).
 
 ```python
 retriever = Retriever(embedder=embedder, index=index, store=store, tokenizer=tokenizer,
@@ -51,6 +50,7 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryIndex, MemoryStore
+from m3.core.checks import as_ids
 from m3.core.errors import UserError
 from m3.core.memories import Memories, SparseMemory
 from m3.data.chunking import query_chunks
@@ -303,7 +303,7 @@ class Retriever:
         where: list[tuple[int, int]] = []
         for b, row in enumerate(chunks):
             given = None if leak_texts is None else leak_texts[b]
-            fixed = None if given is None else _ids(given, "leak_texts")
+            fixed = None if given is None else _tokens(given, "leak_texts")
             so_far: list[int] = []
             for c, chunk in enumerate(row):
                 if chunk is None:
@@ -346,7 +346,7 @@ class Retriever:
             given = None if leak_texts is None else leak_texts[n]
             leak = None
             if self.threshold is not None:
-                leak = ids if given is None else _ids(given, "leak_texts")
+                leak = ids if given is None else _tokens(given, "leak_texts")
             queries.append(_Query(text, leak))
         ids = np.full((len(queries), self.k), -1, dtype=np.int64)
         scores = np.full((len(queries), self.k), -np.inf, dtype=np.float32)
@@ -376,7 +376,7 @@ class Retriever:
         """
         rows = []
         for context in contexts:
-            ids = _ids(context, "contexts")
+            ids = _tokens(context, "contexts")
             rows.append([ids[s.start : s.end] for s in query_chunks(len(ids), self.chunk_length)])
         return self.retrieve(rows, leak_texts=leak_texts)
 
@@ -405,14 +405,14 @@ class Retriever:
             raise UserError(f"got {len(leak_texts)} leak texts for {len(contexts)} rows")
         queries = []
         for b, context in enumerate(contexts):
-            ids = _ids(context, "contexts")
+            ids = _tokens(context, "contexts")
             if not ids:
                 raise UserError(f"context {b} is empty: nothing to retrieve with")
             start = (len(ids) - 1) // self.chunk_length * self.chunk_length
             leak = None
             if self.threshold is not None:
                 given = None if leak_texts is None else leak_texts[b]
-                leak = ids if given is None else _ids(given, "leak_texts")
+                leak = ids if given is None else _tokens(given, "leak_texts")
             queries.append(_Query(self._decode(ids[start:]), leak))
         where = [(b, 0) for b in range(len(contexts))]
         return self._run(queries, where, len(contexts), 1)
@@ -433,7 +433,7 @@ class Retriever:
                     "the leakage filter needs a tokenizer to check chunks given as text"
                 )
             return chunk, self.tokenizer.encode(chunk)
-        ids = _ids(chunk, "chunks")
+        ids = _tokens(chunk, "chunks")
         return self._decode(ids), ids
 
     def _timed(self, phase: str, start: float) -> float:
@@ -636,8 +636,5 @@ class Retriever:
         return Retrieval(ids=out_ids, scores=out_scores, memories=memories)
 
 
-def _ids(tokens: TokenIds | Sequence[int], name: str) -> list[int]:
-    values = tokens.tolist() if isinstance(tokens, (Tensor, np.ndarray)) else list(tokens)
-    if values and not isinstance(values[0], int):
-        raise UserError(f"{name} must hold 1-D token ids, got {values[0]!r}")
-    return values
+def _tokens(ids: TokenIds | Sequence[int], what: str) -> list[int]:
+    return as_ids(ids, where="retriever", what=what).tolist()
