@@ -24,8 +24,8 @@ from m3.data.tokenizer import ByteTokenizer
 from m3.memory.encoder import encode_references
 from m3.model.config import Config
 from m3.model.memory3 import Memory3
-from m3.retrieval.embedders import HashedNgramEmbedder
 from m3.retrieval.cache import LRUCache
+from m3.retrieval.embedders import HashedNgramEmbedder
 from m3.retrieval.retriever import Retriever
 
 CONFIG = Config(

@@ -4,8 +4,8 @@
 ids), `writer` (the Lightning parts that encode references into a rank's shard), `build`
 (`m3 build-memory`: every reference encoded, one shard per rank, resumable, then the
 index), `layout` (what a bank folder holds), `open` (a finished bank as one store, its index
-and its embedder), `edit` (`m3 edit`: knowledge edits of store and index together,
-journaled).
+and its embedder), `edit` (`m3 edit`: knowledge edits of store and index together),
+`journal` (the redo journal that makes an edit atomic and resumable).
 
 May import: `m3.core`, `m3.model`, `m3.data`, `m3.recipes`, `m3.memory`, `m3.backends`,
 `m3.retrieval`.

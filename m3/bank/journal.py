@@ -104,7 +104,14 @@ class EditSummary:
 
 
 def journal_state(folder: Path) -> str:
-    """'clean', 'pending' (an uncommitted journal) or 'committed'."""
+    """Where a bank's edit stands.
+
+    Args:
+        folder: The bank folder.
+
+    Returns:
+        'clean', 'pending' (an uncommitted journal) or 'committed'.
+    """
     if (folder / JOURNAL).is_dir():
         return "committed"
     if (folder / PENDING).is_dir():
@@ -113,7 +120,11 @@ def journal_state(folder: Path) -> str:
 
 
 def roll_back(folder: Path) -> None:
-    """Drop an uncommitted journal: nothing of it was applied."""
+    """Drop an uncommitted journal: nothing of it was applied.
+
+    Args:
+        folder: The bank folder.
+    """
     pending = folder / PENDING
     if (pending / DONE).is_file() and not (folder / DONE).exists():
         os.replace(pending / DONE, folder / DONE)
@@ -207,7 +218,12 @@ def read_journal(
 
 
 def remove_from_index(index: MemoryIndex, ids: Sequence[int]) -> None:
-    """Remove ids from an index, skipping those already gone (a resumed edit)."""
+    """Remove ids from an index, skipping those already gone (a resumed edit).
+
+    Args:
+        index: The bank's index.
+        ids: The reference ids to remove.
+    """
     if not ids:
         return
     try:
@@ -219,12 +235,28 @@ def remove_from_index(index: MemoryIndex, ids: Sequence[int]) -> None:
 
 
 def shard_owners(ids: Sequence[int], held: Sequence[set[int]]) -> list[int]:
-    """The shard each written id goes to: the one that holds it, else `id % shards`."""
+    """The shard each written id goes to: the one that holds it, else `id % shards`.
+
+    Args:
+        ids: The reference ids written.
+        held: Per shard, the ids it holds now.
+
+    Returns:
+        Per id, the index of its shard.
+    """
     return [next((n for n, shard in enumerate(held) if i in shard), i % len(held)) for i in ids]
 
 
 def apply_journal(folder: Path, index: MemoryIndex | None = None) -> EditSummary:
-    """Apply the committed journal of `folder` (idempotent), then finish the edit."""
+    """Apply the committed journal of `folder` (idempotent), then finish the edit.
+
+    Args:
+        folder: The bank folder.
+        index: The bank's index, when the caller has it open already; loaded when None.
+
+    Returns:
+        What the edit changed.
+    """
     from m3.backends.hdf5_store import HDF5Store
 
     journal = folder / JOURNAL

@@ -101,17 +101,34 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         self.moved = dict(moved)
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        """A spec for an old module path, None for every other name."""
+        """A spec for an old module path, None for every other name.
+
+        Args:
+            fullname: The module being imported.
+            path: The parent package's path (unused).
+            target: A module being reloaded (unused).
+
+        Returns:
+            A spec whose loader is this finder, or None.
+        """
         if fullname not in self.moved:
             return None
         return importlib.machinery.ModuleSpec(fullname, self)
 
     def create_module(self, spec: Any) -> None:
-        """The default module object: `exec_module` replaces it."""
+        """The default module object: `exec_module` replaces it.
+
+        Args:
+            spec: The spec `find_spec` returned.
+        """
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        """Point the old name at the new module, with a warning."""
+        """Point the old name at the new module, with a warning.
+
+        Args:
+            module: The placeholder module of the old name.
+        """
         old, new = module.__name__, self.moved[module.__name__]
         warnings.warn(
             f"{old} moved to {new}; the old path will be removed in the next release",

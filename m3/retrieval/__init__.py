@@ -1,8 +1,8 @@
 """The read path's search: which references each chunk of text reads (the paper's §3.1).
 
-`embedders` (text to vectors), `overlap` (the leakage filter, the paper's Eq. 6),
-`retriever` (`Retriever`: embed, search, filter, cache, read, batched over chunks), `cache`
-(the RAM cache of recently used memories).
+`embedders` (text to vectors; `sentence`, a local sentence-embedding model), `overlap`
+(the leakage filter, the paper's Eq. 6), `retriever` (`Retriever`: embed, search, filter,
+cache, read, batched over chunks), `cache` (the RAM cache of recently used memories).
 
 May import: `m3.core`, `m3.model`, `m3.data`, `m3.recipes`, `m3.memory`, `m3.backends`.
 """
