@@ -211,36 +211,41 @@ def test_cached_decoding_with_swaps_equals_full_forward(memory_mode, device, dty
         assert_close(got, full[0], dtype)
 
 
-def test_the_memory_region_grows_and_matches_the_exact_decoding_path(device, dtype, prefix):
+def test_the_memory_region_grows_and_decoding_equals_the_full_forward(device, dtype, prefix):
     """Decoding reads memories from the cache's memory region (one attention call); swapping in
-    more memories than the prompt had grows it; the exact per-chunk path, used while attention
-    shares are recorded, gives the same logits."""
+    more memories than the prompt had grows it, and the steps still equal the one-pass forward
+    and the slow reference."""
     model = make_model(BASE, device, dtype, seed=6)
     chunk = BASE.chunk_length
     idx = torch.randint(0, BASE.vocab_size, (2, 2 * chunk), device=device)
     keys, values, valid = random_bank(BASE, 2, 2, 3, seed=3)
-    logits = {}
-    for recording in (False, True):
-        for block in model.layers:
-            block.self_attn.memory_shares = [] if recording else None
-        cache = model.new_cache(2, idx.shape[1], prefix=prefix)
-        first = Memories.per_chunk(keys[:, :1, :1], values[:, :1, :1], valid[:, :1, :1])
-        pieces = [model.prefill(idx[:, :chunk], cache, memories=cast(first, device, dtype))]
-        assert cache.memory_slots == BASE.memory_tokens  # one memory
-        one = Memories.per_chunk(keys[:, 1:], values[:, 1:], valid[:, 1:])  # three memories
-        cache.swap_memories(cast(one, device, dtype))
-        assert cache.memory_slots == 3 * BASE.memory_tokens
-        assert cache.capacity == idx.shape[1]
-        pieces += [model.decode(idx[:, t], cache)[:, None] for t in range(chunk, 2 * chunk)]
-        logits[recording] = torch.cat(pieces, dim=1)
-    for block in model.layers:
-        block.self_attn.memory_shares = None
-    assert_close(logits[False], logits[True].double(), dtype)
+    cache = model.new_cache(2, idx.shape[1], prefix=prefix)
+    first = Memories.per_chunk(keys[:, :1, :1], values[:, :1, :1], valid[:, :1, :1])
+    pieces = [model.prefill(idx[:, :chunk], cache, memories=cast(first, device, dtype))]
+    assert cache.memory_slots == BASE.memory_tokens  # one memory
+    one = Memories.per_chunk(keys[:, 1:], values[:, 1:], valid[:, 1:])  # three memories
+    cache.swap_memories(cast(one, device, dtype))
+    assert cache.memory_slots == 3 * BASE.memory_tokens
+    assert cache.capacity == idx.shape[1]
+    pieces += [model.decode(idx[:, t], cache)[:, None] for t in range(chunk, 2 * chunk)]
+    logits = torch.cat(pieces, dim=1)
     chunk_zero_reads_one = valid.clone()
     chunk_zero_reads_one[:, 0, 1:] = False
-    both = Memories.per_chunk(keys, values, chunk_zero_reads_one)
-    full = model(idx, cast(both, device, dtype), prefix=prefix)
-    assert_close(logits[False][:, : 2 * chunk - 1], full[:, : 2 * chunk - 1].double(), dtype)
+    both = cast(Memories.per_chunk(keys, values, chunk_zero_reads_one), device, dtype)
+    assert_close(logits, model(idx, both, prefix=prefix).double(), dtype)
+    assert_close(logits, reference_forward(model, idx, both, PREFIX), dtype)
+
+
+def test_hidden_states_are_the_blocks_outputs(device, dtype):
+    model = make_model(BASE, device, dtype)
+    idx = torch.randint(0, BASE.vocab_size, (2, 9), device=device)
+    seen = []
+    hook = model.layers[1].register_forward_hook(lambda module, args, out: seen.append(out))
+    logits = model(idx)
+    hook.remove()
+    assert torch.equal(model.hidden_states(idx, 2), seen[0])
+    assert torch.equal(model.hidden_states(idx, 0), model.embed_tokens(idx))
+    assert torch.equal(model.lm_head(model.norm(model.hidden_states(idx, BASE.n_layer))), logits)
 
 
 def test_chunk_by_chunk_loop_through_the_cache_equals_one_pass(device, dtype, prefix):

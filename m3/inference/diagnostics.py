@@ -38,7 +38,14 @@ def memory_attention(model: Memory3, idx: Tensor, memories: Memories, *, prefix:
     """The share of attention each token puts on its memory tokens, per memory layer and head.
 
     In memory mode a token's attention is one softmax over its memory tokens and its context
-    (paper §3.1–§3.2); the share is the softmax mass of the memory part.
+    (paper §3.1–§3.2); the share is the softmax mass of the memory part,
+    `Z_mem / (Z_mem + Z_ctx) = exp(lse_memory − lse_all)`.
+
+    It is measured by one ordinary forward pass, with no second implementation: the one-pass
+    memory attention already computes it, in the anchor key's extra value channel
+    (`m3.model.attention.anchored_causal_attention`), and each memory layer's `Attention`
+    keeps it while its `memory_shares` is a list. This function sets those lists, runs the
+    pass and clears them again.
 
     Args:
         model: The model.
@@ -55,7 +62,11 @@ def memory_attention(model: Memory3, idx: Tensor, memories: Memories, *, prefix:
         attention.memory_shares = []
     try:
         model(idx, memories, prefix=prefix)
-        return torch.stack([a.memory_shares[0].float() for a in layers])  # type: ignore[index]
+        # a layer records nothing when no chunk sees any memory: all its shares are 0
+        none = torch.zeros(idx.shape[0], model.config.n_head, idx.shape[1], device=idx.device)
+        return torch.stack(
+            [a.memory_shares[0].float() if a.memory_shares else none for a in layers]
+        )
     finally:
         for attention in layers:
             attention.memory_shares = None

@@ -18,10 +18,15 @@ __getattr__, __dir__ = lazy_exports(
         **dict.fromkeys(["Config", "PRESETS"], "m3.model.config"),
         **dict.fromkeys(
             [
-                "Attention", "Block", "GatedMLP", "KVCache", "LayerStates", "Memory3",
-                "RMSNorm", "RotaryEmbedding", "apply_rotary", "build_norm",
+                "Attention", "Block", "GatedMLP", "LayerStates", "Memory3", "RMSNorm",
+                "RotaryEmbedding", "apply_rotary", "build_norm",
             ],
             "m3.model.memory3",
         ),
+        **dict.fromkeys(
+            ["ChunkMemories", "anchored_causal_attention", "attend_with_memory", "memory_part"],
+            "m3.model.attention",
+        ),
+        "KVCache": "m3.model.kv_cache",
     },
 )  # fmt: skip

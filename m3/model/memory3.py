@@ -10,17 +10,15 @@ Two modes, one model (paper §3.2, §3.4):
   `b..b+reference_length−1` baked into their stored keys, the context's BOS sits at
   `b + context_offset`.
 
-A whole prompt or training sequence is processed in one pass. In a memory layer, the memory
-part is computed for all chunks at once (each chunk against its own few memory tokens), and
-merged into a single causal `scaled_dot_product_attention` call over the context through one
-extra *anchor* key whose score for query `i` equals the log-sum-exp of `i`'s memory scores:
-the kernel's softmax then spreads exactly the right mass over the context and reports the
-memory share in one extra value channel. The result is the paper's one softmax over memory
-and context, differentiable end to end, at the cost of the causal kernel plus one head
-dimension.
+Read top to bottom: the norm, MLP and rotary embedding, `Attention`, `Block`, then `Memory3`,
+whose `forward` is the whole pass (embed, prefix, blocks, norm, head). Two neighbours hold the
+rest (docs: The model and explicit-memory attention):
 
-Decoding keeps a KV cache of the prefix and context and a memory slot per sequence
-(`KVCache`), which is swapped every chunk without recomputing the context cache.
+- `m3.model.attention`: the memory part of a prompt's attention, computed for all chunks at
+  once and merged into one causal kernel call by log-sum-exp (the anchor key);
+- `m3.model.kv_cache`: the decoding cache, whose memory region in front of the context lets
+  a decoding step read memories and context in one attention call; it is swapped every chunk
+  without recomputing the context.
 """
 
 from __future__ import annotations
@@ -28,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -37,7 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from m3.core.memories import Memories
+from m3.model.attention import ChunkMemories, attend_with_memory
 from m3.model.config import Config
+from m3.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -178,54 +176,49 @@ class LayerStates(NamedTuple):
     values: Tensor
 
 
-@dataclass
-class _MemoryPlan:
-    """Which memories every chunk of this call sees, computed once and used by every layer."""
-
-    index: Tensor  # (B, C, M_c) pool indices
-    valid: Tensor  # (B, C, M_c * k) bool: memory token slot takes part
-    chunk_length: int  # queries per chunk (1 when decoding)
-
-    def gather(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """One layer's memories per chunk: `(B, M, H_kv, k, d)` -> `(B, C, M_c, H_kv, k, d)`."""
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None, None]
-        return keys[rows, self.index], values[rows, self.index]
-
-
-@dataclass
-class _Step:
-    """What one call of the model needs in every layer."""
-
-    prefix_length: int  # rows of the input that are the reference prefix
-    decode: bool  # one new token per row, keys taken from the cache
-    key_mask: Tensor | None = None  # (B, 1, T, S) when decoding
-    slots: Tensor | None = None  # (B, T) cache slots of each row's new tokens when decoding
-    memory: _MemoryPlan | None = None
-    # buffer index of cache slot 0 (the cache's memory region comes first) and the first
-    # buffer index a decoding step attends to: 0 in a layer reading its cached memories
-    cache_offset: int = 0
-    window_start: int = 0
-
-
 class Attention(nn.Module):
-    """Grouped-query self-attention with an optional explicit-memory part.
+    """Grouped-query self-attention; in a memory layer it also reads explicit memories.
+
+    It lives here, with the decoder, rather than in `m3.model.attention`: it is the Llama
+    attention every layer has (projections, RoPE, the cache), and in a memory layer it hands
+    the paper-specific part to `m3.model.attention.attend_with_memory`, which needs no weights.
+
+    What a call computes depends on what it is given:
+
+    - nothing more: causal attention over `x` (warmup mode, a layer without memory, or no
+      chunk seeing any memory);
+    - `memories`, in a memory layer: a prompt's one softmax over each chunk's memory tokens
+      and the causal prefix-plus-context (paper §3.2), all chunks in one pass;
+    - `kv_cache` alone: the same as without it, and the keys and values are stored (a prompt,
+      `Memory3.prefill`);
+    - `kv_cache`, `input_pos` and `mask`: a decoding step; the new tokens attend over the
+      cache, where a memory layer's window starts with the memory region, so memories and
+      context share one softmax.
 
     Args:
         config: The model config.
+        block_idx: Index of the layer; it says whether the layer reads memories.
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.n_kv_head
         self.head_dim = config.head_dim
+        self.chunk_length = config.chunk_length
+        self.block_idx = block_idx
+        memory_layers = tuple(config.memory_layers or ())
+        #: Position of this layer along the memories' `L_mem` axis; None if it reads none.
+        self.memory_index = memory_layers.index(block_idx) if block_idx in memory_layers else None
         self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
         self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
-        #: When a list, every memory-mode call appends the share of attention each query put
-        #: on memory tokens, `(B, H, T)` (`m3.inference.diagnostics.memory_attention`); None
-        #: records nothing.
+        #: When a list, every call that reads `memories` (a prompt in memory mode) appends the
+        #: share of attention each context query put on memory tokens, `(B, H, T)`: the
+        #: anchor channel of `m3.model.attention.anchored_causal_attention`,
+        #: `exp(lse_memory − lse_all)`. Decoding steps record nothing. None records nothing
+        #: (`m3.inference.diagnostics.memory_attention` sets and clears it).
         self.memory_shares: list[Tensor] | None = None
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -248,21 +241,29 @@ class Attention(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        step: _Step,
-        memory: tuple[Tensor, Tensor] | None,
-        cache: tuple[Tensor, Tensor] | None,
+        *,
+        mask: Tensor | None = None,
+        memories: ChunkMemories | None = None,
+        prefix_length: int = 0,
+        kv_cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         capture: list[LayerStates] | None = None,
     ) -> Tensor:
-        """Attend over the context (and memories in a memory layer).
+        """Attend over the context, and over memories in a memory layer.
 
         Args:
             x: `(B, T, n_embd)` normalised hidden states.
             cos: RoPE cosines `(B|1, 1, T, d_h)`.
             sin: RoPE sines, same shape.
-            step: The call's plan.
-            memory: This layer's memories per chunk, keys and values `(B, C, M_c, H_kv, k, d_h)`,
-                or None in a layer without memory.
-            cache: This layer's cached keys and values `(B, H_kv, S_max, d_h)`, or None.
+            mask: With `input_pos`, `(B, 1, T, S)` bool: the first `S` slots of this layer's
+                cache window each new token sees (`KVCache.update`); None for causal
+                attention over `x` itself.
+            memories: The memories each chunk of a prompt reads; only memory layers use them.
+            prefix_length: Leading rows `b` of `x` that are the reference prefix: they see no
+                memories.
+            kv_cache: The decoding cache; this call's keys and values are stored in it.
+            input_pos: `(B, T)` long cache slots of the new tokens of a decoding step (counted
+                from the prefix); None for a prompt.
             capture: When given, this layer's `LayerStates` are appended to it.
 
         Returns:
@@ -272,152 +273,31 @@ class Attention(nn.Module):
         q, k = apply_rotary(q_raw, cos, sin), apply_rotary(k_raw, cos, sin)
         if capture is not None:
             capture.append(LayerStates(q_raw, k_raw, k, v))
-        if cache is not None:
-            k, v = _write_cache(cache, k, v, step)
-        if memory is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=step.key_mask, is_causal=not step.decode, enable_gqa=True
+        if kv_cache is not None:
+            cached_k, cached_v = kv_cache.update(self.block_idx, k, v, input_pos)
+            if input_pos is not None:  # a decoding step reads the cache (memory region first)
+                assert mask is not None
+                k, v = cached_k[:, :, : mask.shape[-1]], cached_v[:, :, : mask.shape[-1]]
+        if memories is not None and self.memory_index is not None:
+            mem_k, mem_v = memories.layer(self.memory_index)
+            out, share = attend_with_memory(
+                q,
+                k,
+                v,
+                mem_k,
+                mem_v,
+                memories.valid,
+                chunk_length=self.chunk_length,
+                prefix_length=prefix_length,
             )
-        else:
-            out, share = _attend_with_memory(q, k, v, *memory, step)
             if self.memory_shares is not None:
-                self.memory_shares.append(share.detach()[..., step.prefix_length :])
+                self.memory_shares.append(share.detach()[..., prefix_length:])
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
         batch, _, length, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-
-
-def _write_cache(
-    cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor, step: _Step
-) -> tuple[Tensor, Tensor]:
-    """Store new keys/values in the cache; return the keys/values to attend over."""
-    cache_k, cache_v = cache
-    offset = step.cache_offset
-    if not step.decode:  # prefill: the whole (prefix +) prompt from slot 0
-        length = k.shape[2]
-        cache_k[:, :, offset : offset + length] = k
-        cache_v[:, :, offset : offset + length] = v
-        return k, v
-    assert step.slots is not None and step.key_mask is not None
-    rows = torch.arange(k.shape[0], device=k.device)[:, None]
-    # advanced indices first: the indexed view is (B, T, H_kv, d_h)
-    cache_k[rows, :, offset + step.slots] = k.transpose(1, 2)
-    cache_v[rows, :, offset + step.slots] = v.transpose(1, 2)
-    end = step.window_start + step.key_mask.shape[-1]
-    return cache_k[:, :, step.window_start : end], cache_v[:, :, step.window_start : end]
-
-
-def _memory_attention(
-    q: Tensor, mem_k: Tensor, mem_v: Tensor, valid: Tensor, chunk_length: int, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Each chunk's queries against that chunk's memory tokens, in fp32.
-
-    Args:
-        q: `(B, H, T, d)` context queries, token 0 starting chunk 0.
-        mem_k: `(B, C, M_c, H_kv, k, d)` memory keys per chunk.
-        mem_v: Same shape: memory values.
-        valid: `(B, C, M_c·k)` bool.
-        chunk_length: Queries per chunk.
-        scale: Softmax scale.
-
-    Returns:
-        `(out, lse)`: the memory-only attention output `(B, H, T, d)` (fp32) and the log-sum-exp
-        of the memory scores `(B, H, T)`; a query with no valid memory token gets a score far
-        below any real one (never −inf, so that gradients stay finite).
-    """
-    batch, heads, length, dim = q.shape
-    chunks, kv_heads = mem_k.shape[1], mem_k.shape[3]
-    groups = heads // kv_heads
-    padded = chunks * chunk_length
-    queries = F.pad(q.float(), (0, 0, 0, padded - length))
-    queries = queries.view(batch, kv_heads, groups, chunks, chunk_length, dim)
-    keys = mem_k.float().permute(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, chunks, -1, dim)
-    values = mem_v.float().permute(0, 3, 1, 2, 4, 5).reshape(batch, kv_heads, chunks, -1, dim)
-    scores = torch.einsum("bhgcld,bhcsd->bhgcls", queries, keys) * scale
-    blocked = ~valid[:, None, None, :, None, :]
-    scores = scores.masked_fill(blocked, torch.finfo(torch.float32).min)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - lse[..., None]).masked_fill(blocked, 0.0)
-    out = torch.einsum("bhgcls,bhcsd->bhgcld", probs, values)
-    out = out.reshape(batch, heads, padded, dim)[:, :, :length]
-    return out, lse.reshape(batch, heads, padded)[:, :, :length]
-
-
-def _attend_with_memory(
-    q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor, step: _Step
-) -> tuple[Tensor, Tensor]:
-    """One softmax over memory tokens and the causal context, in a single SDPA call.
-
-    The memory part of query `i` is summarised by its log-sum-exp `lse_i` and output `o_i`.
-    An extra *anchor* key (zero key, one extra channel set to 1) gets score `lse_i` for query
-    `i` through an extra query channel `lse_i / scale`; its value is the one-hot extra channel.
-    The kernel's softmax then returns `(Z_ctx · out_ctx) / (Z_ctx + Z_mem)` in the first `d`
-    channels and the memory share `Z_mem / (Z_ctx + Z_mem)` in the extra one.
-
-    Returns:
-        The attention output `(B, H, T, d)` and the memory share `(B, H, T)`.
-    """
-    assert step.memory is not None
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    prefix = step.prefix_length
-    mem_out, lse = _memory_attention(
-        q[:, :, prefix:], mem_k, mem_v, step.memory.valid, step.memory.chunk_length, scale
-    )
-    if step.decode:
-        return _decode_with_memory(q, k, v, mem_out, lse, step.key_mask, scale)
-    if prefix:  # the prefix's own rows see no memories
-        mem_out = F.pad(mem_out, (0, 0, prefix, 0))
-        lse = F.pad(lse, (prefix, 0), value=torch.finfo(torch.float32).min)
-    # far enough below any real score to vanish, small enough to stay finite in q's dtype
-    floor = -min(1e4, torch.finfo(q.dtype).max * scale / 4)
-    anchor_score = (lse.clamp(min=floor) / scale).to(q.dtype)
-
-    batch, kv_heads, _, dim = k.shape
-    q2 = torch.cat([q, anchor_score[..., None]], dim=-1)
-    k2 = F.pad(k, (0, 1))
-    v2 = F.pad(v, (0, 1))
-    anchor = k.new_zeros(batch, kv_heads, 1, dim + 1)
-    anchor[..., -1] = 1
-    k2, v2 = torch.cat([anchor, k2], dim=2), torch.cat([anchor, v2], dim=2)
-    # a leading dummy query keeps the causal alignment: query i sees the anchor and keys 0..i
-    q2 = F.pad(q2, (0, 0, 1, 0))
-    out = F.scaled_dot_product_attention(q2, k2, v2, is_causal=True, scale=scale, enable_gqa=True)
-    out = out[:, :, 1:]
-    memory_share = out[..., -1:]
-    return out[..., :-1] + memory_share * mem_out.to(out.dtype), memory_share[..., 0]
-
-
-def _decode_with_memory(
-    q: Tensor, k: Tensor, v: Tensor, mem_out: Tensor, mem_lse: Tensor, mask: Tensor, scale: float
-) -> tuple[Tensor, Tensor]:
-    """Decoding steps' attention: context and memory parts merged by their log-sum-exps.
-
-    A step has few queries, so the context part is computed directly (fp32) instead of
-    through the anchor key, which would copy the whole cache in every memory layer.
-
-    Args:
-        q: `(B, H, T, d)` queries of the new tokens.
-        k: `(B, H_kv, S, d)` cached keys, new ones included.
-        v: Same shape: cached values.
-        mem_out: `(B, H, T, d)` fp32 memory-only attention output.
-        mem_lse: `(B, H, T)` log-sum-exp of the memory scores.
-        mask: `(B, 1, T, S)` bool: cache slots each new token may attend to.
-        scale: Softmax scale.
-
-    Returns:
-        The attention output `(B, H, T, d)` and the memory share `(B, H, T)`.
-    """
-    batch, heads, length, dim = q.shape
-    kv_heads = k.shape[1]
-    queries = q.float().reshape(batch, kv_heads, heads // kv_heads * length, dim)
-    scores = queries @ k.float().transpose(-1, -2) * scale  # (B, H_kv, G·T, S)
-    scores = scores.view(batch, heads, length, -1).masked_fill(~mask, float("-inf"))
-    ctx_lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores - ctx_lse[..., None]).reshape(batch, kv_heads, -1, scores.shape[-1])
-    ctx_out = (probs @ v.float()).reshape(batch, heads, length, dim)
-    total = torch.logaddexp(ctx_lse, mem_lse)
-    share = torch.exp(mem_lse - total)
-    out = torch.exp(ctx_lse - total)[..., None] * ctx_out + share[..., None] * mem_out
-    return out.to(q.dtype), share.to(q.dtype)
 
 
 class Block(nn.Module):
@@ -425,12 +305,13 @@ class Block(nn.Module):
 
     Args:
         config: The model config.
+        block_idx: Index of the layer (see `Attention`).
     """
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, block_idx: int) -> None:
         super().__init__()
         self.input_layernorm = build_norm(config)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, block_idx)
         self.post_attention_layernorm = build_norm(config)
         self.mlp = GatedMLP(config)
 
@@ -439,158 +320,45 @@ class Block(nn.Module):
         x: Tensor,
         cos: Tensor,
         sin: Tensor,
-        step: _Step,
-        memory: tuple[Tensor, Tensor] | None = None,
-        cache: tuple[Tensor, Tensor] | None = None,
+        *,
+        mask: Tensor | None = None,
+        memories: ChunkMemories | None = None,
+        prefix_length: int = 0,
+        kv_cache: KVCache | None = None,
+        input_pos: Tensor | None = None,
         capture: list[LayerStates] | None = None,
     ) -> Tensor:
         """Apply the block: pre-norm attention, then the pre-norm MLP, each with a residual.
+
+        The arguments after `sin` go to the attention unchanged (see `Attention.forward`).
 
         Args:
             x: `(B, T, n_embd)` hidden states.
             cos: RoPE cosines `(B|1, 1, T, d_h)`.
             sin: RoPE sines, same shape.
-            step: The call's plan (see `Attention.forward`).
-            memory: This layer's memories per chunk, keys and values
-                `(B, C, M_c, H_kv, k, d_h)`, or None in a layer without memory.
-            cache: This layer's cached keys and values `(B, H_kv, S_max, d_h)`, or None.
+            mask: A decoding step's `(B, 1, T, S)` bool cache mask, or None (causal).
+            memories: The memories each chunk of a prompt reads (memory layers only).
+            prefix_length: Leading rows of `x` that are the reference prefix.
+            kv_cache: The decoding cache to store this call's keys and values in.
+            input_pos: `(B, T)` cache slots of a decoding step's new tokens; None for a prompt.
             capture: When given, this layer's `LayerStates` are appended to it.
 
         Returns:
             `(B, T, n_embd)`.
         """
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, step, memory, cache, capture)
+        h = self.self_attn(
+            self.input_layernorm(x),
+            cos,
+            sin,
+            mask=mask,
+            memories=memories,
+            prefix_length=prefix_length,
+            kv_cache=kv_cache,
+            input_pos=input_pos,
+            capture=capture,
+        )
+        x = x + h
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class KVCache:
-    """Decoding state: cached keys/values of the prefix and context, plus the memory slot.
-
-    Create one with `Memory3.new_cache`, fill it with `Memory3.prefill`, then call
-    `Memory3.decode` once per new token. Rows hold prompts of different lengths (right
-    padded); each row keeps its own length and chunk boundaries. In memory mode the memory
-    slot holds, for every row, the memories its current chunk reads; swap them with
-    `swap_memories` when a row starts a new chunk (`starts_chunk`). The context cache is
-    never recomputed.
-
-    The buffers start with a *memory region*: the current memories' keys and values laid out
-    as cache slots `(B, H_kv, M·k, d_h)` in every memory layer, so that a decoding step reads
-    memories and context in one attention call, as it would a longer context. It grows when
-    a row's memories need more slots and is rewritten on each swap.
-
-    Args:
-        keys: Per layer `(B, H_kv, b + capacity, d_h)` buffers.
-        values: Same shapes.
-        prefix: The reference prefix ids `(b,)` in memory mode, None in warmup mode.
-        chunk_length: Tokens per context chunk.
-        memory_layers: Indices of the layers that read memories, in the order of the
-            memories' `L_mem` axis.
-    """
-
-    def __init__(
-        self,
-        keys: list[Tensor],
-        values: list[Tensor],
-        *,
-        prefix: Tensor | None,
-        chunk_length: int,
-        memory_layers: Sequence[int] = (),
-    ) -> None:
-        self.keys = keys
-        self.values = values
-        self.prefix = prefix
-        self.chunk_length = chunk_length
-        self.memory_layers = tuple(memory_layers)
-        self.lengths = torch.zeros(keys[0].shape[0], dtype=torch.long, device=keys[0].device)
-        self.memories: Memories | None = None
-        #: Leading buffer slots of the memory region.
-        self.memory_slots = 0
-        #: `(B, memory_slots)` bool: the region's slots that hold a memory token of the row.
-        self.memory_mask: Tensor | None = None
-
-    @property
-    def batch_size(self) -> int:
-        """Number of rows `B`."""
-        return self.keys[0].shape[0]
-
-    @property
-    def prefix_length(self) -> int:
-        """Tokens of the reference prefix `b` (0 in warmup mode)."""
-        return 0 if self.prefix is None else self.prefix.numel()
-
-    @property
-    def capacity(self) -> int:
-        """Most context tokens a row can hold."""
-        return self.keys[0].shape[2] - self.memory_slots - self.prefix_length
-
-    @property
-    def starts_chunk(self) -> Tensor:
-        """`(B,)` bool: rows whose next token opens a new chunk."""
-        return (self.lengths > 0) & (self.lengths % self.chunk_length == 0)
-
-    def swap_memories(self, memories: Memories, rows: Tensor | None = None) -> None:
-        """Replace the memories that some rows read from their next token on.
-
-        Args:
-            memories: One-chunk memories (`C = 1`) for the rows being swapped.
-            rows: `(R,)` long indices of those rows; all rows when None.
-        """
-        if self.prefix is None:
-            raise ValueError("this cache was created without a prefix: it is in warmup mode")
-        if memories.num_chunks != 1:
-            raise ValueError(
-                f"swap_memories takes one-chunk memories, got {memories.num_chunks} chunks"
-            )
-        batch = self.batch_size
-        if rows is None:
-            rows = torch.arange(batch, device=self.lengths.device)
-        if memories.batch_size != rows.numel():
-            raise ValueError(f"got memories for {memories.batch_size} rows, {rows.numel()} to swap")
-        memories = memories.to(device=self.keys[0].device, dtype=self.keys[0].dtype)
-        current = self.memories
-        if current is None:
-            if rows.numel() != batch:
-                raise ValueError("the first memories of a cache must be given for every row")
-            layers, heads, tokens, dim = memories.keys.shape[2:]
-            current = Memories.empty(
-                batch,
-                1,
-                memory_shape=(layers, 2, heads, tokens, dim),
-                device=memories.keys.device,
-                dtype=memories.keys.dtype,
-            )
-        size = max(memories.num_memories, current.num_memories)
-        current, memories = current.with_pool_size(size), memories.with_pool_size(size)
-        # own the tensors before writing rows in place: they may be views of the caller's
-        fields = ("keys", "values", "valid", "visible")
-        current = Memories(*(getattr(current, name).clone() for name in fields))
-        for name in fields:
-            getattr(current, name)[rows] = getattr(memories, name)
-        self.hold_memories(current)
-
-    def hold_memories(self, memories: Memories) -> None:
-        """Make `memories` the ones every row reads, and lay them out in the memory region.
-
-        Args:
-            memories: One-chunk memories (`C = 1`) for every row, in the cache's dtype.
-        """
-        batch, count, _, heads, tokens, dim = memories.keys.shape
-        size = count * tokens
-        if size > self.memory_slots:  # grow the region in front: a one-off copy
-            grow = (0, 0, size - self.memory_slots, 0)
-            self.keys = [F.pad(buffer, grow) for buffer in self.keys]
-            self.values = [F.pad(buffer, grow) for buffer in self.values]
-            self.memory_slots = size
-        mask = memories.valid & memories.visible[:, 0, :, None]  # (B, M, k)
-        self.memory_mask = F.pad(mask.flatten(1), (0, self.memory_slots - size))
-        for j, layer in enumerate(self.memory_layers):
-            # (B, M, H_kv, k, d) -> (B, H_kv, M·k, d)
-            layout = (0, 2, 1, 3, 4)
-            keys = memories.keys[:, :, j].permute(layout).reshape(batch, heads, size, dim)
-            values = memories.values[:, :, j].permute(layout).reshape(batch, heads, size, dim)
-            self.keys[layer][:, :, :size] = keys
-            self.values[layer][:, :, :size] = values
-        self.memories = memories
 
 
 class Memory3(nn.Module):
@@ -611,14 +379,12 @@ class Memory3(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = RotaryEmbedding(config.head_dim, base=config.rope_base)
-        # layer index -> index along the memories' L_mem axis
-        self.memory_slot = {layer: j for j, layer in enumerate(config.memory_layers or ())}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -655,6 +421,71 @@ class Memory3(nn.Module):
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    # ----------------------------------------------------------------------------- full pass
+    def forward(
+        self,
+        idx: Tensor,
+        memories: Memories | None = None,
+        *,
+        prefix: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> Tensor:
+        """Logits for every position of a batch of sequences, in one pass.
+
+        Args:
+            idx: `(B, T)` token ids; token 0 is the context's BOS.
+            memories: None for warmup mode; otherwise the memory pool and its visibility map
+                with `C = ceil(T / chunk_length)` chunks (`Memories.empty` for none).
+            prefix: `(b,)` ids of the reference prefix `<s>Reference:`; required in memory mode.
+            cache: An empty cache to store every layer's keys and values in (what `prefill`
+                does, which also records the lengths and memories: call that instead).
+
+        Returns:
+            `(B, T, vocab_size)` logits.
+        """
+        batch, length = self._check_idx(idx)
+        if memories is None and prefix is not None:
+            raise ValueError("a prefix is only used in memory mode: pass memories too")
+        x = self.embed_tokens(idx)  # (B, T, n_embd)
+        positions = torch.arange(length, device=idx.device)
+        width, chunk_memories = 0, None
+        if memories is not None:
+            # memory mode (paper §3.2): the prefix in front of the context is the attention
+            # sink; positions are parallel: the prefix at 0..b−1, the memories at the
+            # reference positions b.. baked into their keys, the context after them
+            prefix = self._check_prefix(prefix)
+            self._check_memories(memories, batch, length)
+            width = prefix.numel()
+            x = torch.cat([self.embed_tokens(prefix).expand(batch, -1, -1), x], dim=1)
+            offset = width + self._offset
+            positions = torch.cat([torch.arange(width, device=idx.device), positions + offset])
+            chunk_memories = ChunkMemories.of(memories)  # once per call, for every memory layer
+        cos, sin = self.rotary(positions)
+        for block in self.layers:
+            x = block(x, cos, sin, memories=chunk_memories, prefix_length=width, kv_cache=cache)
+        x = self.norm(x[:, width:])  # the prefix's rows predict nothing
+        return self.lm_head(x)
+
+    def hidden_states(self, idx: Tensor, n_layers: int) -> Tensor:
+        """Warmup-mode hidden states after the first `n_layers` blocks, before the final norm.
+
+        Each sequence attends to itself, causally, with positions from 0 (as `forward`
+        without memories).
+
+        Args:
+            idx: `(B, T)` token ids.
+            n_layers: Blocks to run, `0..n_layer`.
+
+        Returns:
+            `(B, T, n_embd)`: the output of block `n_layers − 1` (the embeddings for 0).
+        """
+        self._check_ids(idx)
+        cos, sin = self.rotary(torch.arange(idx.shape[1], device=idx.device))
+        x = self.embed_tokens(idx)
+        for block in self.layers[:n_layers]:
+            x = block(x, cos, sin)
+        return x
+
     def reference_states(self, idx: Tensor) -> list[LayerStates]:
         """Run references through the memory layers only and capture their attention inputs.
 
@@ -668,40 +499,20 @@ class Memory3(nn.Module):
         Returns:
             One `LayerStates` per memory layer, in `config.memory_layers` order.
         """
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(
-                f"idx must be (N, T) long token ids, got {idx.dtype} {tuple(idx.shape)}"
-            )
+        self._check_ids(idx, rows="N")
         layers = self.config.memory_layers or ()
         if not layers:
             return []
         cos, sin = self.rotary(torch.arange(idx.shape[1], device=idx.device))
-        step = _Step(prefix_length=0, decode=False)
         x = self.embed_tokens(idx)
         states: list[LayerStates] = []
         for i, block in enumerate(self.layers[: layers[-1]]):
-            x = block(x, cos, sin, step, capture=states if i in self.memory_slot else None)
+            x = block(x, cos, sin, capture=states if i in layers else None)
         # the last memory layer needs only its projections
-        q, k, v = self.layers[layers[-1]].self_attn.qkv(self.layers[layers[-1]].input_layernorm(x))
+        last = self.layers[layers[-1]]
+        q, k, v = last.self_attn.qkv(last.input_layernorm(x))
         states.append(LayerStates(q, k, apply_rotary(k, cos, sin), v))
         return states
-
-    # ----------------------------------------------------------------------------- full pass
-    def forward(
-        self, idx: Tensor, memories: Memories | None = None, *, prefix: Tensor | None = None
-    ) -> Tensor:
-        """Logits for every position of a batch of sequences, in one pass.
-
-        Args:
-            idx: `(B, T)` token ids; token 0 is the context's BOS.
-            memories: None for warmup mode; otherwise the memory pool and its visibility map
-                with `C = ceil(T / chunk_length)` chunks (`Memories.empty` for none).
-            prefix: `(b,)` ids of the reference prefix `<s>Reference:`; required in memory mode.
-
-        Returns:
-            `(B, T, vocab_size)` logits.
-        """
-        return self._run_prompt(idx, memories, prefix, cache=None)
 
     # ----------------------------------------------------------------------------- decoding
     def new_cache(
@@ -779,7 +590,7 @@ class Memory3(nn.Module):
             )
         if cache.prefix is not None and memories is None:
             memories = self._no_memories(batch, length, idx.device)
-        logits = self._run_prompt(idx, memories, cache.prefix, cache=cache)
+        logits = self(idx, memories, prefix=cache.prefix, cache=cache)
         cache.lengths = lengths.to(device=cache.lengths.device, dtype=torch.long)
         if memories is not None:
             last_chunk = (cache.lengths - 1) // self.config.chunk_length
@@ -828,43 +639,54 @@ class Memory3(nn.Module):
             (cache.lengths // chunk != (cache.lengths + length - 1) // chunk).any()
         ):
             raise ValueError(f"tokens appended at once must lie in one chunk of {chunk} tokens")
-        prefix = cache.prefix_length
-        offsets = torch.arange(length, device=cache.lengths.device)
-        slots = prefix + cache.lengths[:, None] + offsets  # (B, T)
-        positions = slots - prefix + (0 if cache.prefix is None else prefix + self._offset)
-        used = int(slots.max()) + 1
-        key_mask = torch.arange(used, device=slots.device) <= slots[..., None]  # (B, T, S)
-        step = _Step(
-            prefix_length=0,
-            decode=True,
-            key_mask=key_mask[:, None],
-            slots=slots,
-            cache_offset=cache.memory_slots,
-            window_start=cache.memory_slots,
-        )
-        memory_step = None
-        if cache.memories is not None and self._recording_shares():
-            # the exact per-chunk path: it also measures the share of attention on memories
-            step.memory = self._memory_plan(cache.memories, chunk_length=length)
-        elif cache.memory_mask is not None:
-            # memory layers attend over the memory region and the context in one call
-            region = cache.memory_mask[:, None, None, :].expand(-1, 1, length, -1)
-            memory_step = replace(
-                step, key_mask=torch.cat([region, step.key_mask], dim=-1), window_start=0
+        steps = torch.arange(length, device=cache.lengths.device)
+        input_pos = cache.prefix_length + cache.lengths[:, None] + steps  # (B, T)
+        # RoPE positions: the slot, moved past the memories' window in memory mode
+        positions = input_pos + (0 if cache.prefix is None else self._offset)
+        # each new token sees the prefix, the row's context and itself; in a memory layer
+        # also the valid slots of the memory region, in the same softmax (paper §3.2)
+        seen = torch.arange(int(input_pos.max()) + 1, device=input_pos.device)
+        mask = (seen <= input_pos[..., None])[:, None]  # (B, 1, T, S)
+        memory_mask = cache.with_memory_region(mask)  # (B, 1, T, R + S)
+        memory_layers = self.config.memory_layers or ()
+        cos, sin = self.rotary(positions)
+        x = self.embed_tokens(tokens)
+        for i, block in enumerate(self.layers):
+            x = block(
+                x,
+                cos,
+                sin,
+                mask=memory_mask if i in memory_layers else mask,
+                kv_cache=cache,
+                input_pos=input_pos,
             )
-        logits = self._run_layers(tokens, positions, step, cache.memories, cache, memory_step)
         cache.lengths = cache.lengths + length
-        return logits
+        return self.lm_head(self.norm(x))
 
     # ----------------------------------------------------------------------------- internals
     @property
     def _offset(self) -> int:
         return int(self.config.context_offset or 0)
 
-    def _recording_shares(self) -> bool:
-        return any(block.self_attn.memory_shares is not None for block in self.layers)
+    @staticmethod
+    def _check_ids(idx: Tensor, rows: str = "B") -> None:
+        if idx.dim() != 2 or idx.dtype != torch.long:
+            raise ValueError(
+                f"idx must be ({rows}, T) long token ids, got {idx.dtype} {tuple(idx.shape)}"
+            )
 
-    def _check_prefix(self, prefix: Tensor) -> Tensor:
+    def _check_idx(self, idx: Tensor) -> tuple[int, int]:
+        self._check_ids(idx)
+        batch, length = idx.shape
+        if length > self.config.block_size:
+            raise ValueError(
+                f"sequence of {length} tokens exceeds block_size {self.config.block_size}"
+            )
+        return batch, length
+
+    def _check_prefix(self, prefix: Tensor | None) -> Tensor:
+        if prefix is None:
+            raise ValueError("memory mode needs the reference prefix ids (prefix=...)")
         if prefix.dim() != 1 or prefix.numel() == 0:
             raise ValueError(
                 "memory mode needs the reference prefix as a non-empty 1-D tensor of ids, "
@@ -891,66 +713,3 @@ class Memory3(nn.Module):
                 raise ValueError(
                     f"memories do not fit this model: {what} is {got}, expected {want}"
                 )
-
-    def _memory_plan(self, memories: Memories, *, chunk_length: int) -> _MemoryPlan | None:
-        index, present = memories.visible_index()
-        if index.shape[-1] == 0:
-            return None
-        rows = torch.arange(memories.batch_size, device=index.device)[:, None, None]
-        valid = memories.valid[rows, index] & present[..., None]
-        return _MemoryPlan(index=index, valid=valid.flatten(2), chunk_length=chunk_length)
-
-    def _run_prompt(
-        self, idx: Tensor, memories: Memories | None, prefix: Tensor | None, cache: KVCache | None
-    ) -> Tensor:
-        if idx.dim() != 2 or idx.dtype != torch.long:
-            raise ValueError(
-                f"idx must be (B, T) long token ids, got {idx.dtype} {tuple(idx.shape)}"
-            )
-        batch, length = idx.shape
-        if length > self.config.block_size:
-            raise ValueError(
-                f"sequence of {length} tokens exceeds block_size {self.config.block_size}"
-            )
-        positions = torch.arange(length, device=idx.device)
-        step = _Step(prefix_length=0, decode=False, cache_offset=cache.memory_slots if cache else 0)
-        if memories is None:
-            if prefix is not None:
-                raise ValueError("a prefix is only used in memory mode: pass memories too")
-            return self._run_layers(idx, positions, step, None, cache)
-        if prefix is None:
-            raise ValueError("memory mode needs the reference prefix ids (prefix=...)")
-        prefix = self._check_prefix(prefix)
-        self._check_memories(memories, batch, length)
-        width = prefix.numel()
-        idx = torch.cat([prefix.expand(batch, width), idx], dim=1)
-        positions = torch.cat(
-            [torch.arange(width, device=idx.device), positions + width + self._offset]
-        )
-        step.prefix_length = width
-        step.memory = self._memory_plan(memories, chunk_length=self.config.chunk_length)
-        return self._run_layers(idx, positions, step, memories, cache)[:, width:]
-
-    def _run_layers(
-        self,
-        idx: Tensor,
-        positions: Tensor,
-        step: _Step,
-        memories: Memories | None,
-        cache: KVCache | None,
-        memory_step: _Step | None = None,
-    ) -> Tensor:
-        # memory layers read `memories` per chunk or, with `memory_step`, the cache's region
-        cos, sin = self.rotary(positions)
-        x = self.embed_tokens(idx)
-        for i, block in enumerate(self.layers):
-            memory, layer_step = None, step
-            if i in self.memory_slot:
-                if memory_step is not None:
-                    layer_step = memory_step
-                elif step.memory is not None and memories is not None:
-                    j = self.memory_slot[i]
-                    memory = step.memory.gather(memories.keys[:, :, j], memories.values[:, :, j])
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x = block(x, cos, sin, layer_step, memory, layer_cache)
-        return self.lm_head(self.norm(x))
