@@ -9,6 +9,9 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -295,6 +298,70 @@ def test_describe_is_json_and_rebuilds_the_settings():
     assert small_composite().describe()["factory"] == "OPQ4_16,Residual2x6,PQ4x4"
     with pytest.raises(UserError, match="VectorQuantizer"):
         VectorQuantizer.from_description({"class_path": "m3.core.errors.UserError"})
+
+
+#: What m3 0.1 recorded for `MemoryQuantizer(Int8Quantizer(8))` (computed with its code, at
+#: commit 97a0075): a stateless quantizer's fingerprint hashes its settings and class names.
+M3_0_1_INT8_FINGERPRINT = "89e9acef6c64b1d7361eea09965aec3076c4d0781a18a8fb01ddcbdbcd3bd7a5"
+
+
+def test_quantizers_are_recorded_by_identity_and_m3_0_1_fingerprints_still_match():
+    quantizer = MemoryQuantizer(Int8Quantizer(8))
+    description = quantizer.store_description()
+    assert description["keys"]["class_path"] == "quantizer:int8"
+    assert quantizer.fingerprint() != M3_0_1_INT8_FINGERPRINT  # the names changed...
+    assert quantizer.fingerprint(legacy=True) == M3_0_1_INT8_FINGERPRINT
+    assert quantizer.matches(M3_0_1_INT8_FINGERPRINT)  # ...and what 0.1 recorded still fits
+    assert quantizer.matches(quantizer.fingerprint())
+    assert not MemoryQuantizer(Int8Quantizer(4)).matches(M3_0_1_INT8_FINGERPRINT)
+    assert not quantizer.matches(None)
+
+
+def _with_class_path(path: Path, old: str, new: str) -> None:
+    """Rewrite the class paths a saved quantizer file records (as an older m3 wrote them)."""
+    data = torch.load(path, weights_only=True)
+    for payload in (data, data.get("keys"), data.get("values")):
+        if isinstance(payload, dict) and "description" in payload:
+            payload["description"] = payload["description"].replace(old, new)
+    torch.save(data, path)
+
+
+@pytest.mark.parametrize("module", ["m3.quantize", "m3.memory.quantize"])
+def test_files_naming_the_old_module_paths_load_without_a_warning(tmp_path, module):
+    # files record `quantizer:<name>`; m3 0.1 recorded `m3.quantize.<class>`, and a dotted
+    # path of the package `m3.memory.quantize.<class>` names the class too: all load, and the old path's alias (which warns) is never
+    # imported. In a fresh interpreter, so that no earlier import hides the warning.
+    data = gaussian(600)
+    vector = ProductQuantizer(DIM, subspaces=4, bits=4).fit(data)
+    memory = MemoryQuantizer(Int8Quantizer(DIM), vector)
+    vector.save(tmp_path / "vector.pt")
+    memory.save(tmp_path / "memory.pt")
+    assert '"quantizer:product"' in torch.load(tmp_path / "vector.pt")["description"]
+    for name in ("vector.pt", "memory.pt"):
+        for short, cls in (("product", "ProductQuantizer"), ("int8", "Int8Quantizer")):
+            _with_class_path(tmp_path / name, f"quantizer:{short}", f"{module}.{cls}")
+    saved = torch.load(tmp_path / "memory.pt", weights_only=True)
+    assert f'"{module}.ProductQuantizer"' in saved["values"]["description"]
+    torch.save(vector.encode(data), tmp_path / "codes.pt")
+    torch.save(data, tmp_path / "data.pt")
+    script = """if True:
+        import sys, torch
+        from pathlib import Path
+        from m3.memory.quantize import MemoryQuantizer, ProductQuantizer, VectorQuantizer
+        root = Path(sys.argv[1])
+        data = torch.load(root / "data.pt")
+        vector = VectorQuantizer.load(root / "vector.pt")
+        assert type(vector) is ProductQuantizer
+        assert torch.equal(vector.encode(data), torch.load(root / "codes.pt"))
+        memory = MemoryQuantizer.load(root / "memory.pt")
+        assert torch.equal(memory.values.encode(data), torch.load(root / "codes.pt"))
+        assert "m3.quantize" not in sys.modules
+    """
+    subprocess.run(
+        [sys.executable, "-W", "error::DeprecationWarning", "-c", script, str(tmp_path)],
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def test_load_refuses_other_files_and_classes(tmp_path):

@@ -4,6 +4,7 @@ make reading memory necessary (held-out facts only in the KB, answers never in t
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import re
@@ -98,6 +99,26 @@ def test_output_does_not_depend_on_the_process(tmp_path: Path):
         )
         digests.append(out.stdout)
     assert digests[0] == digests[1] and digests[0].count("\n") == 7
+
+
+#: sha256 of the files `World.generate(0).write()` gives, as the generator wrote them before
+#: `m3.data.world` became a package (the same seed must keep giving the same world; a
+#: change of the text bumps WORLD_VERSION and these digests with it).
+WORLD_0_FILES = {
+    "cloze.jsonl": "b7ecdfe0d57f7be006799100fe8e80e2248d8b40d6b9121d377c13517a7e45ac",
+    "edits.jsonl": "e342e361828aaf7b40dbd3a463d66f7c93d2cf9eb9c5918fec5c67be4d39b783",
+    "entities.jsonl": "9b19c10c826a949658ab7261f7b3e2e4e1c370eb75b676027c9df0e26ffa2476",
+    "heldout.jsonl": "01165311e9fccde5c2ff83c938925406787b9a9c5789e18eb1a0823157269495",
+    "kb.jsonl": "1a629d364138c43599e2db54ab17acf87b38f625f134b94c8a7f8d3b46edc0e1",
+    "train.jsonl": "5b5c06d0f974abdaa6ebdf423b00682e51b6ddcded265d2c32a18a923e7807ca",
+    "world.json": "556066ed754f509462932c12e529e94c91282b59e79c8a107a9ec3b8ce8f748d",
+}
+
+
+def test_seed_0_writes_the_files_it_always_wrote(world: World, tmp_path: Path):
+    paths = world.write(tmp_path)
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths.values()}
+    assert digests == WORLD_0_FILES
 
 
 def test_results_do_not_depend_on_call_order():

@@ -1,7 +1,15 @@
 """Storage and search backends: `MemoryStore` and `MemoryIndex` and their implementations.
 
+`base` (the two contracts, `StoreInfo`), the stores `in_memory`, `hdf5_store` (with its file
+layout `hdf5_layout`, the h5py side `hdf5_file` and the `preadv` reader `hdf5_reader`),
+`sharded` and `cold_start`, the indexes `exact_index` and `scann_index`, and what backends
+share: `checks` (ids, vectors, writes and manifests checked at the door) and `slots` (where
+each id lives: a store's slots, an index's rows).
+
 Importing this package imports every built-in backend, so that the registry lists them
 (`m3 components store`); optional libraries (ScaNN) are imported only when used.
+
+May import: `m3.core`, `m3.model`, `m3.memory`.
 """
 
 from m3.backends.base import (

@@ -109,6 +109,17 @@ class StoreInfo:
         """Serialise to a JSON string."""
         return json.dumps(asdict(self), sort_keys=True)
 
+    def with_extra(self, **extra: Any) -> StoreInfo:
+        """A copy with more entries in `extra` (e.g. the rank that writes a shard).
+
+        Args:
+            **extra: JSON-serialisable entries, replacing those of the same name.
+
+        Returns:
+            The new store info.
+        """
+        return replace(self, extra={**self.extra, **extra})
+
     @classmethod
     def from_json(cls, text: str) -> StoreInfo:
         """Parse what `to_json` wrote.

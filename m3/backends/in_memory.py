@@ -16,13 +16,13 @@ memory = store.read(torch.tensor([3, 1, 3]))
 With `quantizer=` (a trained `m3.memory.quantize.MemoryQuantizer`) the store keeps codes in RAM and
 decodes on read, e.g. 14 bytes instead of 160 per 80-dim bf16 vector at the paper's settings.
 
-The module also holds the two pieces both shipped stores use to turn reference ids into
-storage slots: `SlotMap` (id -> slot) and `SlotAllocator` (which slots are free).
+Ids become slots through `m3.backends.slots` (`SlotMap`, `SlotAllocator`), and writes are
+checked by `m3.backends.checks`; the checks a store of your own needs (`as_reference_ids`,
+`check_write`, `normalise_reference`) import from there, and from here as before.
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -30,251 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from m3.backends.base import MemoryStore, MissingReferenceError, StoreInfo, with_quantizer
-from m3.core.errors import UserError
+from m3.backends.base import MemoryStore, StoreInfo, with_quantizer
+from m3.backends.checks import as_reference_ids, check_write, missing_error, normalise_reference
+from m3.backends.slots import SlotAllocator, SlotMap
+from m3.core.checks import check_int
 from m3.core.memories import SparseMemory
 from m3.core.references import Reference
 
 if TYPE_CHECKING:
     from m3.memory.quantize import MemoryQuantizer
-
-#: ids up to this bound always use the direct lookup table; beyond it, only while the table
-#: stays within `_LUT_SLACK` times the number of stored ids (else a dict is used).
-_LUT_MIN = 1 << 20
-_LUT_SLACK = 8
-
-
-def as_reference_ids(ids: Sequence[int] | Tensor | np.ndarray, *, where: str) -> np.ndarray:
-    """Turn reference ids into a 1-D int64 array, refusing anything that is not an integer.
-
-    Args:
-        ids: `(N,)` integer ids: a sequence, a tensor or an array.
-        where: Name of the store, for the message.
-
-    Returns:
-        `(N,)` int64 array (a copy when the input was a tensor on another device).
-
-    Raises:
-        UserError: For non-integer or non-1-D ids.
-    """
-    if isinstance(ids, Tensor):
-        if ids.dtype == torch.int64 and ids.dim() == 1 and ids.is_cpu:
-            return ids.numpy()  # the usual case, on every read: nothing to check or convert
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
-            raise UserError(f"{where}: reference ids must be integers, got a {ids.dtype} tensor")
-        if ids.dim() > 1:
-            raise UserError(f"{where}: reference ids must be 1-D, got shape {tuple(ids.shape)}")
-        return ids.detach().cpu().reshape(-1).numpy().astype(np.int64, copy=False)
-    array = np.asarray(ids)
-    if array.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    if array.dtype.kind not in "iu":
-        raise UserError(f"{where}: reference ids must be integers, got {list(ids)[:5]!r}")
-    if array.ndim != 1:
-        raise UserError(f"{where}: reference ids must be 1-D, got shape {array.shape}")
-    return array.astype(np.int64, copy=False)
-
-
-class SlotMap:
-    """Reference id -> storage slot, with vectorised lookups and O(batch) updates.
-
-    Ids in a compact range (the usual 0..N−1) live in a direct lookup table, so a lookup is
-    one gather; ids spread over a wide range (hashes) fall back to a dict.
-    """
-
-    def __init__(self) -> None:
-        self._table = np.full(0, -1, dtype=np.int64)  # id -> slot, −1 absent
-        self._dict: dict[int, int] | None = None  # used instead of the table for sparse ids
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def get(self, ids: np.ndarray) -> np.ndarray:
-        """Slots of ids.
-
-        Args:
-            ids: `(N,)` int64 reference ids.
-
-        Returns:
-            `(N,)` int64 slots, −1 where an id is not stored.
-        """
-        if self._dict is not None:
-            lookup = self._dict.get
-            return np.fromiter((lookup(i, -1) for i in ids.tolist()), np.int64, len(ids))
-        if len(self._table) == 0:
-            return np.full(len(ids), -1, dtype=np.int64)
-        # All inside the table (the usual case): one reduction, as negative ids read as
-        # huge unsigned ones.
-        if len(ids) and ids.view(np.uint64).max() < len(self._table):
-            return self._table[ids]
-        inside = (ids >= 0) & (ids < len(self._table))
-        return np.where(inside, self._table[np.where(inside, ids, 0)], -1)
-
-    def set(self, ids: np.ndarray, slots: np.ndarray) -> None:
-        """Map ids to slots (new ids or moved ones).
-
-        Args:
-            ids: `(N,)` distinct int64 ids, ≥ 0.
-            slots: `(N,)` int64 slots.
-        """
-        if len(ids) == 0:
-            return
-        self._count += int((self.get(ids) < 0).sum())
-        top = int(ids.max())
-        if self._dict is None and top >= len(self._table):
-            if top < max(_LUT_MIN, _LUT_SLACK * self._count):
-                grown = np.full(max(top + 1, 2 * len(self._table)), -1, dtype=np.int64)
-                grown[: len(self._table)] = self._table
-                self._table = grown
-            else:
-                used = np.flatnonzero(self._table >= 0)
-                self._dict = dict(zip(used.tolist(), self._table[used].tolist(), strict=True))
-                self._table = np.full(0, -1, dtype=np.int64)
-        if self._dict is not None:
-            self._dict.update(zip(ids.tolist(), slots.tolist(), strict=True))
-        else:
-            self._table[ids] = slots
-
-    def remove(self, ids: np.ndarray) -> None:
-        """Forget ids (each must be stored).
-
-        Args:
-            ids: `(N,)` distinct int64 ids.
-        """
-        self._count -= len(ids)
-        if self._dict is not None:
-            for i in ids.tolist():
-                del self._dict[i]
-        else:
-            self._table[ids] = -1
-
-    def ids(self) -> np.ndarray:
-        """All stored ids, `(N,)` int64, ascending."""
-        if self._dict is not None:
-            return np.sort(np.fromiter(self._dict, np.int64, len(self._dict)))
-        return np.flatnonzero(self._table >= 0).astype(np.int64)
-
-
-class SlotAllocator:
-    """Which storage slots are free: the lowest freed slot first, then fresh ones.
-
-    Args:
-        used: `(S,)` bool: which of the first `S` slots are taken; slots from `S` on are fresh.
-    """
-
-    def __init__(self, used: np.ndarray | None = None) -> None:
-        used = np.zeros(0, dtype=bool) if used is None else used
-        taken = np.flatnonzero(used)
-        self.end = int(taken[-1]) + 1 if len(taken) else 0  # one past the last taken slot
-        self._free = np.flatnonzero(~used[: self.end]).tolist()
-        heapq.heapify(self._free)
-
-    def take(self, count: int) -> np.ndarray:
-        """Reserve slots.
-
-        Args:
-            count: How many.
-
-        Returns:
-            `(count,)` int64 slots, freed ones (lowest first) before fresh ones.
-        """
-        reused = [heapq.heappop(self._free) for _ in range(min(count, len(self._free)))]
-        fresh = range(self.end, self.end + count - len(reused))
-        self.end += len(fresh)
-        return np.array([*reused, *fresh], dtype=np.int64)
-
-    def give_back(self, slots: np.ndarray) -> None:
-        """Free slots for reuse.
-
-        Args:
-            slots: `(N,)` int64 slots that were taken.
-        """
-        for slot in slots.tolist():
-            heapq.heappush(self._free, slot)
-
-
-def check_write(
-    info: StoreInfo,
-    ids: Sequence[int] | Tensor,
-    memory: SparseMemory,
-    references: Sequence[Reference],
-    *,
-    where: str,
-) -> np.ndarray:
-    """Validate a write before anything is stored.
-
-    Args:
-        info: The store's description.
-        ids: `(N,)` reference ids.
-        memory: `N` sparse memories.
-        references: `N` references.
-        where: Name of the store, for messages.
-
-    Returns:
-        The ids as a `(N,)` int64 array.
-
-    Raises:
-        UserError: For counts that disagree, repeated or negative ids, memories of another
-            shape or of a non-float dtype, or malformed references.
-    """
-    array = as_reference_ids(ids, where=where)
-    if not (len(array) == len(memory) == len(references)):
-        raise UserError(
-            f"{where}: write got {len(array)} ids, {len(memory)} memories and "
-            f"{len(references)} references; they must be as many"
-        )
-    if len(array) and array.min() < 0:
-        raise UserError(f"{where}: reference ids must be ≥ 0, got {int(array.min())}")
-    unique, counts = np.unique(array, return_counts=True)
-    if (counts > 1).any():
-        raise UserError(f"{where}: reference id {int(unique[counts > 1][0])} is written twice")
-    info.check_memory(memory, where=where)
-    if not memory.keys.dtype.is_floating_point:
-        raise UserError(f"{where}: memory keys must be floating point, got {memory.keys.dtype}")
-    for reference_id, reference in zip(array.tolist(), references, strict=True):
-        if not isinstance(reference, tuple) or len(reference) != 4:
-            raise UserError(
-                f"{where}: reference {reference_id} must be an m3.core.references.Reference, "
-                f"got {type(reference).__name__}"
-            )
-        doc_id = reference[0]
-        if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int, np.integer)):
-            raise UserError(
-                f"{where}: reference {reference_id} has doc_id {doc_id!r}; "
-                "a document id is a str or an int"
-            )
-    return array
-
-
-def missing_error(ids: np.ndarray, slots: np.ndarray, *, where: str) -> MissingReferenceError:
-    """The error for ids that are not stored.
-
-    Args:
-        ids: `(N,)` requested ids.
-        slots: `(N,)` their slots, −1 for the missing ones.
-        where: Name of the store.
-
-    Returns:
-        An error naming the first missing id and how many more there are.
-    """
-    absent = np.unique(ids[slots < 0])
-    more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
-    return MissingReferenceError(f"reference {int(absent[0])} is not in {where}{more}")
-
-
-def normalise_reference(reference: Reference) -> Reference:
-    """A reference with plain Python values (numpy or tensor token ids become ints).
-
-    Args:
-        reference: As written by the caller.
-
-    Returns:
-        An equal `Reference` of `str`/`int` doc id, `int` span and a tuple of `int` ids.
-    """
-    doc_id, start, end, ids = reference
-    doc_id = doc_id if isinstance(doc_id, str) else int(doc_id)
-    return Reference(doc_id, int(start), int(end), tuple(int(i) for i in ids))
 
 
 class InMemoryStore(MemoryStore):
@@ -304,8 +68,7 @@ class InMemoryStore(MemoryStore):
     def __init__(
         self, info: StoreInfo, *, capacity: int = 0, quantizer: MemoryQuantizer | None = None
     ) -> None:
-        if capacity < 0:
-            raise UserError(f"InMemoryStore capacity must be ≥ 0, got {capacity}")
+        capacity = check_int("InMemoryStore", "capacity", capacity, low=0)
         self.info = with_quantizer(info, quantizer, where="in-memory store")
         self.quantizer = quantizer
         layers, _, heads, tokens, dim = info.memory_shape

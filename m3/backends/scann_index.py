@@ -50,11 +50,9 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryIndex, SearchResult
-from m3.backends.exact_index import (
+from m3.backends.checks import (
     MANIFEST,
-    _Rows,
-    _VectorRows,
-    as_ids,
+    as_index_ids,
     as_vectors,
     check_dim,
     check_k,
@@ -62,6 +60,8 @@ from m3.backends.exact_index import (
     empty_result,
     read_manifest,
 )
+from m3.backends.slots import Rows, VectorRows
+from m3.core.checks import check_int
 from m3.core.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -120,14 +120,6 @@ def native_stderr_to_log() -> Iterator[None]:
             logger.debug("%s", line)
 
 
-def _positive(value: int | None, name: str, *, optional: bool) -> int | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise UserError(f"ScannIndex: {name} must be a positive int, got {value!r}")
-    return value
-
-
 class ScannIndex(MemoryIndex):
     """ScaNN tree + asymmetric hashing + exact reordering, keyed by int64 reference ids.
 
@@ -181,12 +173,15 @@ class ScannIndex(MemoryIndex):
     ):
         self.dim = check_dim(dim, where="ScannIndex")
         self.metric = check_metric(metric, where="ScannIndex")
-        self.num_leaves = _positive(num_leaves, "num_leaves", optional=True)
-        self.num_leaves_to_search = _positive(
-            num_leaves_to_search, "num_leaves_to_search", optional=True
+        owner = "ScannIndex"
+        self.num_leaves = (
+            None if num_leaves is None else check_int(owner, "num_leaves", num_leaves, low=2)
         )
-        if self.num_leaves is not None and self.num_leaves < 2:
-            raise UserError(f"ScannIndex: num_leaves must be ≥ 2, got {num_leaves}")
+        self.num_leaves_to_search = (
+            None
+            if num_leaves_to_search is None
+            else check_int(owner, "num_leaves_to_search", num_leaves_to_search, low=1)
+        )
         if (
             self.num_leaves is not None
             and self.num_leaves_to_search is not None
@@ -196,14 +191,14 @@ class ScannIndex(MemoryIndex):
                 f"ScannIndex: num_leaves_to_search ({num_leaves_to_search}) must be ≤ "
                 f"num_leaves ({num_leaves})"
             )
-        self.training_sample_size = _positive(
-            training_sample_size, "training_sample_size", optional=False
+        self.training_sample_size = check_int(
+            owner, "training_sample_size", training_sample_size, low=1
         )
         if spherical is not None and not isinstance(spherical, bool):
             raise UserError(f"ScannIndex: spherical must be True, False or None, got {spherical!r}")
         self.spherical = spherical
-        self.dimensions_per_block = _positive(
-            dimensions_per_block, "dimensions_per_block", optional=False
+        self.dimensions_per_block = check_int(
+            owner, "dimensions_per_block", dimensions_per_block, low=1
         )
         if dimensions_per_block > dim:
             raise UserError(
@@ -218,26 +213,14 @@ class ScannIndex(MemoryIndex):
                 f"None, got {anisotropic_quantization_threshold!r}"
             )
         self.anisotropic_quantization_threshold = anisotropic_quantization_threshold
-        self.reorder_num_neighbors = _positive(
-            reorder_num_neighbors, "reorder_num_neighbors", optional=False
+        self.reorder_num_neighbors = check_int(
+            owner, "reorder_num_neighbors", reorder_num_neighbors, low=1
         )
-        if isinstance(brute_force_below, bool) or not isinstance(brute_force_below, int):
-            raise UserError(
-                f"ScannIndex: brute_force_below must be an int, got {brute_force_below!r}"
-            )
-        self.brute_force_below = brute_force_below
-        if (
-            isinstance(training_threads, bool)
-            or not isinstance(training_threads, int)
-            or (training_threads < 0)
-        ):
-            raise UserError(
-                f"ScannIndex: training_threads must be an int ≥ 0, got {training_threads!r}"
-            )
-        self.training_threads = training_threads
+        self.brute_force_below = check_int(owner, "brute_force_below", brute_force_below, low=None)
+        self.training_threads = check_int(owner, "training_threads", training_threads, low=0)
         _scann()  # fail at construction, not after an hour of encoding, when scann is missing
-        self._staged: _VectorRows | None = _VectorRows(dim)  # vectors before the first build
-        self._rows = _Rows()  # rows of the built searcher
+        self._staged: VectorRows | None = VectorRows(dim)  # vectors before the first build
+        self._rows = Rows()  # rows of the built searcher
         self._searcher: Any = None
         self._built = False
         self._changed = False  # vectors added or removed since the last build
@@ -268,7 +251,7 @@ class ScannIndex(MemoryIndex):
         vectors = as_vectors(
             embeddings, self.dim, metric=self.metric, name="embeddings", where=where
         )
-        ids_np = as_ids(ids, vectors.shape[0], where=where)
+        ids_np = as_index_ids(ids, vectors.shape[0], where=where)
         if ids_np.size == 0:
             return
         self._changed = True
@@ -297,7 +280,7 @@ class ScannIndex(MemoryIndex):
             MissingReferenceError: For an id that is not in the index.
         """
         where = "ScannIndex.remove"
-        ids_np = as_ids(ids, -1, where=where)
+        ids_np = as_index_ids(ids, -1, where=where)
         if ids_np.size == 0:
             return
         if self._staged is not None:
@@ -329,8 +312,8 @@ class ScannIndex(MemoryIndex):
         else:  # everything was removed
             vectors, ids = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
         self._searcher = self._train(vectors) if ids.size else None
-        self._rows = _Rows(ids)
-        self._staged = None if ids.size else _VectorRows(self.dim)
+        self._rows = Rows(ids)
+        self._staged = None if ids.size else VectorRows(self.dim)
         self._built, self._changed = True, False
 
     def _params_for(self, n: int) -> dict[str, Any]:
@@ -504,7 +487,7 @@ class ScannIndex(MemoryIndex):
         if (path / SCANN_DIR).is_dir():
             with native_stderr_to_log():
                 index._searcher = _scann().load_searcher(str(path / SCANN_DIR))
-            index._rows, index._staged = _Rows(ids), None
+            index._rows, index._staged = Rows(ids), None
             if index._searcher.size() != ids.size:
                 raise UserError(
                     f"{directory}: ScaNN holds {index._searcher.size()} vectors but ids.npy "
@@ -512,7 +495,7 @@ class ScannIndex(MemoryIndex):
                 )
         else:
             vectors = torch.from_numpy(np.load(path / "vectors.npy"))
-            index._staged = _VectorRows(index.dim, vectors, ids)
+            index._staged = VectorRows(index.dim, vectors, ids)
         index._built, index._changed = manifest["built"], manifest["changed"]
         index.build_params = manifest["build_params"]
         return index

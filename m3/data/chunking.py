@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import abc
 import bisect
-import operator
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from m3.core.checks import check_int
 from m3.core.errors import UserError
 from m3.core.references import DocId, Reference, Span
 
@@ -34,17 +34,6 @@ if TYPE_CHECKING:
 #: Characters after which `boundary_ids_for` lets a reference end: sentence ends (Latin and
 #: CJK) and line breaks.
 DEFAULT_BOUNDARIES = ".!?\n。！？"
-
-
-def _check_int(name: str, value: int, *, minimum: int) -> int:
-    # operator.index accepts numpy integers too, but not floats, strings or bools.
-    try:
-        number = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        number = None
-    if number is None or number < minimum:
-        raise UserError(f"{name} must be an integer of at least {minimum}, got {value!r}")
-    return number
 
 
 def _fixed_spans(length: int, size: int) -> list[Span]:
@@ -66,7 +55,7 @@ class Chunker(abc.ABC):
     """
 
     def __init__(self, max_tokens: int = 128) -> None:
-        self.max_tokens = _check_int("max_tokens", max_tokens, minimum=1)
+        self.max_tokens = check_int(None, "max_tokens", max_tokens, low=1)
 
     @abc.abstractmethod
     def chunk(self, ids: Sequence[int]) -> list[Span]:
@@ -136,12 +125,12 @@ class BoundaryChunker(Chunker):
         self, max_tokens: int = 128, *, boundary_ids: Sequence[int], min_tokens: int = 1
     ) -> None:
         super().__init__(max_tokens)
-        min_tokens = _check_int("min_tokens", min_tokens, minimum=1)
+        min_tokens = check_int(None, "min_tokens", min_tokens, low=1)
         if min_tokens > max_tokens:
             raise UserError(f"min_tokens ({min_tokens}) must not exceed max_tokens ({max_tokens})")
         if isinstance(boundary_ids, (str, bytes)):
             raise UserError(f"boundary_ids must be a list of token ids, got {boundary_ids!r}")
-        boundaries = [_check_int("each of boundary_ids", i, minimum=0) for i in boundary_ids]
+        boundaries = [check_int(None, "each of boundary_ids", i, low=0) for i in boundary_ids]
         if not boundaries:
             raise UserError(
                 "boundary_ids must hold at least one token id; "
@@ -286,8 +275,8 @@ def query_chunks(length: int, chunk_length: int = 64) -> list[Span]:
     Raises:
         UserError: When `length` is negative or `chunk_length` is not positive.
     """
-    length = _check_int("length", length, minimum=0)
-    chunk_length = _check_int("chunk_length", chunk_length, minimum=1)
+    length = check_int(None, "length", length, low=0)
+    chunk_length = check_int(None, "chunk_length", chunk_length, low=1)
     return _fixed_spans(length, chunk_length)
 
 
@@ -304,6 +293,6 @@ def chunk_index(position: int, chunk_length: int = 64) -> int:
     Raises:
         UserError: When `position` is negative or `chunk_length` is not positive.
     """
-    position = _check_int("position", position, minimum=0)
-    chunk_length = _check_int("chunk_length", chunk_length, minimum=1)
+    position = check_int(None, "position", position, low=0)
+    chunk_length = check_int(None, "chunk_length", chunk_length, low=1)
     return position // chunk_length
