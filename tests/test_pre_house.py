@@ -265,3 +265,29 @@ def test_bank_folder_is_complete_for_its_recipe(old_bank: Path) -> None:
     built = EXPECTED["bank"]
     again = load_recipe([FIXTURES / f for f in built["files"]], built["overrides"])
     assert recipe_fingerprint(again.to_dict()) == done["fingerprint"]
+
+
+# ------------------------------------------------------------------------------ quantized store
+def test_a_quantized_store_of_the_pre_change_code_opens_and_reads_the_same(tmp_path: Path) -> None:
+    """Its quantizer's fingerprint was a digest of m3 0.1's class paths; it still matches."""
+    import gzip
+    import shutil
+    import warnings
+
+    from m3.backends.hdf5_store import HDF5Store
+
+    folder = FIXTURES / "quantized"
+    path = tmp_path / "quantized.h5"
+    with gzip.open(folder / "quantized.h5.gz", "rb") as packed, open(path, "wb") as out:
+        shutil.copyfileobj(packed, out)
+    expected = torch.load(folder / "quantized_reads.pt", weights_only=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)  # no old module path imported
+        with HDF5Store(path) as store:
+            assert store.info.quantizer["fingerprint"] == expected["fingerprint"]
+            assert store.quantizer.matches(expected["fingerprint"])
+            assert store.quantizer.fingerprint() != expected["fingerprint"]  # named anew
+            read = store.read(torch.arange(6))
+            assert store.verify() == []
+    assert torch.equal(read.keys, expected["keys"])
+    assert torch.equal(read.values, expected["values"])
