@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from m3.backends.base import MemoryStore
+from m3.backends.checks import as_reference_ids
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.core.references import Reference
@@ -61,7 +62,7 @@ class ColdStartStore(MemoryStore):
         self.encoded = 0
 
     def _fill(self, ids: Sequence[int] | Tensor) -> None:
-        wanted = np.unique(torch.as_tensor(ids, dtype=torch.long).reshape(-1).numpy())
+        wanted = np.unique(as_reference_ids(ids, where=type(self).__name__))
         missing = wanted[~np.isin(wanted, self.store.ids().numpy())].tolist()
         bad = [i for i in missing if not 0 <= i < len(self.all_references)]
         if bad:
@@ -84,7 +85,10 @@ class ColdStartStore(MemoryStore):
 
     def references(self, ids: Sequence[int] | Tensor) -> list[Reference]:
         """The token ids and provenance of references (stored or not), in order."""
-        return [self.all_references[int(i)] for i in torch.as_tensor(ids).reshape(-1).tolist()]
+        return [
+            self.all_references[i]
+            for i in as_reference_ids(ids, where=type(self).__name__).tolist()
+        ]
 
     def write(
         self, ids: Sequence[int] | Tensor, memory: SparseMemory, references: Sequence[Reference]

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryStore, MissingReferenceError
+from m3.backends.checks import as_reference_ids
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.core.references import Reference
@@ -52,7 +53,7 @@ class ShardedStore(MemoryStore):
 
     def _route(self, ids: Sequence[int] | Tensor) -> tuple[np.ndarray, np.ndarray]:
 
-        array = np.asarray(torch.as_tensor(ids, dtype=torch.long).reshape(-1).numpy())
+        array = as_reference_ids(ids, where=type(self).__name__)
         where = np.searchsorted(self._ids, array).clip(max=max(len(self._ids) - 1, 0))
         if len(self._ids) == 0 or (self._ids[where] != array).any():
             missing = array if len(self._ids) == 0 else array[self._ids[where] != array]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from m3.backends.base import StoreInfo
 from m3.backends.hdf5_store import HDF5Store
+from m3.core.checks import right_pad
 from m3.core.errors import UserError
 from m3.core.references import Reference
 from m3.memory.encoder import MemoryEncoder
@@ -51,10 +52,7 @@ class ReferenceBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """One batch: `ids` `(N,)`, right-padded `tokens` `(N, T)` and `lengths` `(N,)`."""
         ids = self.batches[index]
-        lengths = torch.tensor([len(self.references[i].ids) for i in ids])
-        tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
-        for row, i in enumerate(ids):
-            tokens[row, : lengths[row]] = torch.tensor(self.references[i].ids)
+        tokens, lengths = right_pad([self.references[i].ids for i in ids], 0)
         return {"ids": torch.tensor(ids, dtype=torch.long), "tokens": tokens, "lengths": lengths}
 
 

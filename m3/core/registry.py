@@ -31,12 +31,12 @@ import importlib
 import inspect
 import re
 import sys
-import types
 import typing
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from m3.core.checks import import_class, import_module
 from m3.core.errors import UserError
 from m3.core.lazy import MOVED_MODULES
 
@@ -248,9 +248,8 @@ def class_of(identity: str, kind: str | None = None) -> type:
         if kind is not None and named_kind != kind:
             raise UserError(f"{identity!r} names a {named_kind}, expected a {kind}")
         return resolve(named_kind, name)
-    module, _, name = identity.rpartition(".")
     # m3 0.1 recorded module paths; read them at their new place, without the warning
-    found = _import_class(f"{MOVED_MODULES.get(module, module)}.{name}")
+    found = import_class(identity, moved=MOVED_MODULES)
     if not isinstance(found, type) or (
         kind is not None and not issubclass(found, base_class(kind))
     ):
@@ -308,42 +307,8 @@ def available(kind: str) -> dict[str, type]:
     return table
 
 
-def load_module(name: str) -> types.ModuleType:
-    """Import a user's module, turning any failure into a clear `UserError`.
-
-    Importing a module registers the components it defines.
-
-    Args:
-        name: A dotted module name, e.g. `my_lab.tokenizers`.
-
-    Returns:
-        The module.
-
-    Raises:
-        UserError: When it cannot be found or fails while importing.
-    """
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as err:
-        missing = err.name or name
-        hint = (
-            " (is it installed, or on PYTHONPATH, or in the current directory?)"
-            if name == missing or name.startswith(missing + ".")
-            else ""
-        )
-        message = f"cannot import {name!r}: no module named {missing!r}{hint}"
-        raise UserError(message) from err
-    except Exception as err:  # the user's module failed while importing: say how
-        message = f"importing {name!r} failed: {type(err).__name__}: {err}"
-        raise UserError(message) from err
-
-
-def _import_class(class_path: str) -> Any:
-    module_name, _, attr = class_path.rpartition(".")
-    module = load_module(module_name)
-    if not hasattr(module, attr):
-        raise UserError(f"module {module_name!r} has no attribute {attr!r}")
-    return getattr(module, attr)
+#: Import a user's module, which registers the components it defines.
+load_module = import_module
 
 
 def resolve(kind: str, class_path: str) -> type:
@@ -376,7 +341,7 @@ def resolve(kind: str, class_path: str) -> type:
             f"unknown {kind} {class_path!r}{hint} Available: {', '.join(names) or 'none'}, "
             f"or the dotted path of your own subclass of {class_path_of(base)}"
         )
-    found = _import_class(class_path)
+    found = import_class(class_path)
     if not (isinstance(found, type) and issubclass(found, base)):
         raise UserError(f"{class_path!r} is not a subclass of {class_path_of(base)}")
     if inspect.isabstract(found):

@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor
 
+from m3.core.checks import check_int, right_pad
 from m3.core.errors import UserError
 from m3.inference.loading import Inference, load_inference
 from m3.inference.rag import (
@@ -223,8 +224,8 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"generation.temperature must be a number ≥ 0, got {temperature!r}")
     if not temperature >= 0 or math.isinf(temperature):
         raise UserError(f"generation.temperature must be a finite number ≥ 0, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise UserError(f"generation.top_k must be an int ≥ 1 or null, got {top_k!r}")
+    if top_k is not None:
+        check_int(None, "generation.top_k", top_k, low=1)
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise UserError(f"generation.top_p must be in (0, 1] or null, got {top_p!r}")
 
@@ -316,10 +317,7 @@ def generate(
     """
     if mode not in MODES:
         raise UserError(f"generation.mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
-        raise UserError(f"generation.max_new_tokens must be an int ≥ 1, got {max_new_tokens!r}")
-    if max_new_tokens < 1:
-        raise UserError(f"generation.max_new_tokens must be ≥ 1, got {max_new_tokens}")
+    check_int(None, "generation.max_new_tokens", max_new_tokens, low=1)
     check_sampling(temperature, top_k, top_p)
     model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
     config = model.config
@@ -348,12 +346,9 @@ def generate(
                 )
             )  # fmt: skip
 
-    lengths = torch.tensor([len(c) for c in contexts], dtype=torch.long)
-    width = int(lengths.max())
+    idx, lengths = right_pad(contexts, tokenizer.pad_id)
+    width = idx.shape[1]
     budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
-    idx = torch.full((batch, width), tokenizer.pad_id, dtype=torch.long)
-    for b, ids in enumerate(contexts):
-        idx[b, : len(ids)] = torch.tensor(ids)
     cache = model.new_cache(batch, width + max(budget), prefix=inference.prefix)
 
     memories = None

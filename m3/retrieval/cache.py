@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Generic, NamedTuple, TypeVar
 
-from m3.core.errors import UserError
+from m3.core.checks import check_int
 
 _V = TypeVar("_V")
 
@@ -39,9 +39,7 @@ class LRUCache(Generic[_V]):
     """
 
     def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
-            raise UserError(f"cache capacity must be an int ≥ 0, got {capacity!r}")
-        self.capacity = capacity
+        self.capacity = check_int("cache", "capacity", capacity, low=0)
         self.hits = 0
         self.misses = 0
         self._data: OrderedDict[int, _V] = OrderedDict()

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from m3.core import registry
+from m3.core.checks import check_int, right_pad
 from m3.core.errors import UserError
 from m3.core.registry import InputPath
 
@@ -129,8 +130,7 @@ class HashedNgramEmbedder(Embedder):
     def __init__(
         self, *, dim: int = 2048, ngrams: Sequence[int] = (1, 2), lowercase: bool = True
     ) -> None:
-        if not isinstance(dim, int) or dim < 1:
-            raise UserError(f"dim must be a positive integer, got {dim!r}")
+        check_int("HashedNgramEmbedder", "dim", dim, low=1)
         orders = tuple(ngrams)
         if not orders or any(not isinstance(n, int) or n < 1 for n in orders):
             raise UserError(f"ngrams must be positive integers, got {list(orders)}")
@@ -294,8 +294,7 @@ class ModelStateEmbedder(Embedder):
         device: str = "cpu",
     ) -> None:
         for name, value in (("max_tokens", max_tokens), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UserError(f"ModelStateEmbedder: {name} must be a positive integer")
+            check_int("ModelStateEmbedder", name, value, low=1)
         self.weights = str(weights)
         self.layer = layer
         self.config_fields = None if config is None else dict(config)
@@ -417,10 +416,7 @@ class ModelStateEmbedder(Embedder):
             lengths = torch.tensor([len(r) for r in rows])
             if int(lengths.max()) == 0:
                 continue  # texts without tokens stay zero
-            idx = torch.full((len(rows), 1 + int(lengths.max())), tokenizer.pad_id)
-            idx[:, 0] = tokenizer.bos_id
-            for row, ids in enumerate(rows):
-                idx[row, 1 : 1 + len(ids)] = torch.tensor(ids)
+            idx, _ = right_pad([[tokenizer.bos_id, *ids] for ids in rows], tokenizer.pad_id)
             idx = idx.to(self.device)
             with torch.no_grad():
                 x = model.hidden_states(idx, block + 1)

@@ -50,7 +50,7 @@ import torch
 from torch import Tensor
 
 from m3.backends.base import MemoryIndex, MemoryStore
-from m3.core.checks import as_ids
+from m3.core.checks import as_ids, check_int
 from m3.core.errors import UserError
 from m3.core.memories import Memories, SparseMemory
 from m3.data.chunking import query_chunks
@@ -160,8 +160,7 @@ class Retriever:
             ("chunk_length", chunk_length, 1),
             ("group_size", group_size, 1),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise UserError(f"Retriever {name} must be an int ≥ {low}, got {value!r}")
+            check_int("Retriever", name, value, low=low)
         if threshold is not None and (
             isinstance(threshold, bool)
             or not isinstance(threshold, (int, float))
