@@ -3,9 +3,12 @@
 - `<!-- shipped-recipes -->` (docs/recipes.md): one row per file in `recipes/`, composed as
   its opening command composes it (stage, model, components);
 - `<!-- recipe-sections -->` (docs/guides/recipes.md): the top-level keys of a recipe, from
-  the attributes of `m3.recipes.Recipe` and its type hints.
+  the attributes of `m3.recipes.Recipe` and its type hints;
+- `<!-- section-options training -->` (and `data`, `trainer`; docs/guides/recipes.md): the
+  options of a section that is a component's constructor arguments, from that constructor's
+  signature and its `Args:` (`m3.recipes.sections`), so that each is documented once.
 
-`tests/test_docs.py` checks both.
+`tests/test_docs.py` and `tests/test_sections.py` check them.
 """
 
 from __future__ import annotations
@@ -24,19 +27,31 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- shipped-recipes -->"
 SECTIONS_MARKER = "<!-- recipe-sections -->"
+OPTIONS_MARKER = re.compile(r"<!-- section-options (\w+) -->")
 
 
 def _components(section: Any, prefix: str = "") -> list[str]:
     """`name class_path` of every component a recipe section names, in field order."""
+    from m3.recipes import Section
+
+    if isinstance(section, Section):  # a component's arguments: its specs by signature
+        kinds = section.components()
+        entries = [(key, value, key in kinds) for key, value in section.items()]
+    else:
+        entries = [
+            (field.name, getattr(section, field.name), "kind" in field.metadata)
+            for field in dataclasses.fields(section)
+        ]
     found = []
-    for field in dataclasses.fields(section):
-        value = getattr(section, field.name)
-        if "kind" in field.metadata and value is not None:
+    for name, value, is_component in entries:
+        if is_component and value is not None:
             specs = value if isinstance(value, (list, tuple)) else [value]
             names = ", ".join(f"`{spec.class_path}`" for spec in specs)
-            found.append(f"{prefix}{field.name} {names}")
-        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-            found += _components(value, prefix=f"{prefix}{field.name}.")
+            found.append(f"{prefix}{name} {names}")
+        elif isinstance(value, Section) or (
+            dataclasses.is_dataclass(value) and not isinstance(value, type)
+        ):
+            found += _components(value, prefix=f"{prefix}{name}.")
     return found
 
 
@@ -69,6 +84,54 @@ def sections_table() -> str:
         for values in choices:
             text += " One of " + ", ".join(f"`{v}`" for v in values) + "."
         rows.append(f"| `{field.name}` | {text} |")
+    return "\n".join(rows)
+
+
+def _markdown(doc: str, *, lightning_default: bool) -> str:
+    # Lightning writes reST (``x``, :class:`x`) and its own defaults, which m3's may replace
+    doc = re.sub(r":\w+:`([^`]+)`", r"`\1`", doc).replace("``", "`")
+    if lightning_default:
+        doc = re.sub(r"\s*Default: (`[^`]*`|[^\s`]+?)\.?(?=\s|$)", "", doc).strip()
+    return doc.replace("|", "\\|")
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "null"
+    return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
+
+
+def options_table(section: str) -> str:
+    """The Markdown table of a section's options: key, default, the constructor's docs.
+
+    Args:
+        section: `training`, `data` or `trainer`, a field of `m3.recipes.Recipe` whose type
+            is a `m3.recipes.Section`.
+    """
+    _import_m3()
+    from m3.core.values import type_name
+    from m3.recipes import Recipe, Section
+
+    hint = typing.get_type_hints(Recipe)[section]
+    schema = next(
+        a for a in (hint, *typing.get_args(hint)) if isinstance(a, type) and issubclass(a, Section)
+    )
+    owner = schema.component.replace(":", ".")
+    written = schema.written is not None  # (the trainer: only m3's own defaults are listed)
+    keys = list(schema.written) if written else schema.options()
+    rows = ["| key | default | type | what it is |", "|---|---|---|---|"]
+    for key in keys:
+        doc = _markdown(schema.doc(key), lightning_default=written)
+        kind = schema.components().get(key)
+        shape = f"list of `{kind[0]}` components" if kind else type_name(schema.hint(key))
+        rows.append(f"| `{key}` | {_shown(schema.default(key))} | {shape} | {doc} |")
+    set_by_m3 = ", ".join(f"`{key}` ({where})" for key, where in schema.provided.items())
+    rows.append("")
+    rows.append(
+        f"The options are the arguments of `{owner}`, documented there"
+        + (" (every other argument may be set too, with Lightning's default)" if written else "")
+        + f"; m3 sets {set_by_m3} itself."
+    )
     return "\n".join(rows)
 
 
@@ -119,4 +182,4 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         markdown = markdown.replace(MARKER, recipes_table())
     if SECTIONS_MARKER in markdown:
         markdown = markdown.replace(SECTIONS_MARKER, sections_table())
-    return markdown
+    return OPTIONS_MARKER.sub(lambda found: options_table(found[1]), markdown)

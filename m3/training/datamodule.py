@@ -18,7 +18,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import lightning as L
 import torch
@@ -27,12 +27,15 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
 from m3.backends.base import MemoryIndex, MemoryStore
+from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
-from m3.data.chunking import Chunker, FixedChunker, Reference
+from m3.core.values import Bounds
+from m3.data.chunking import Chunker, Reference
 from m3.data.sources import TextSource, gather
 from m3.data.tokenizer import Tokenizer
-from m3.retrieval.embedders import Embedder, HashedNgramEmbedder
+from m3.recipes.defaults import default_spec
+from m3.retrieval.embedders import Embedder
 from m3.retrieval.overlap import leak_mask
 
 if TYPE_CHECKING:
@@ -165,7 +168,7 @@ class SequenceDataset(Dataset):
 def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
     """Open the store of a memory bank for `training.encode: store`, without its index.
 
-    `m3.bank.build.open_bank_store`, with problems reported under `training.memories`.
+    `m3.bank.open.open_bank_store`, with problems reported under `training.memories`.
 
     Args:
         folder: The bank folder (`training.memories`).
@@ -177,7 +180,7 @@ def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
         UserError: Naming `training.memories` and the folder, when it holds no finished bank
             or a shard that does not open.
     """
-    from m3.bank.build import open_bank_store
+    from m3.bank.open import open_bank_store
 
     if not Path(folder).is_dir():
         raise UserError(
@@ -201,7 +204,7 @@ class ContinualCollator:
 
     Args:
         references: The knowledge base's references (reference id = position, the ids
-            `m3.bank.build.read_knowledge` gives and the bank builder stores them under).
+            `m3.bank.knowledge.read_knowledge` gives and the bank builder stores them under).
         memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
             the references' memories from instead of encoding them; None to encode.
     """
@@ -311,28 +314,40 @@ class EpochSampler(Sampler[int]):
 class TextDataModule(L.LightningDataModule):
     """Text sources -> packed training and held-out sequences (+ reference pairing).
 
+    A recipe's `data:` section is this constructor's arguments (`m3.recipes.sections`): the
+    options below are documented here only, and `m3 check` holds a recipe to this
+    signature. `m3 fit` sets `tokenizer`, `seed`, `chunker`, `embedder` and `chunk_length`
+    from the rest of the recipe, and `memories` from `training.memories`.
+
     Args:
         tokenizer: Turns text into token ids.
-        train: Sources of training text (`m3.data.sources`, e.g. `FilesSource([paths])`).
+        train: Sources of training text (kind `source`, e.g. `FilesSource([paths])`),
+            concatenated; training stages need them.
         val: Sources of held-out text; when None, `val_fraction` of the training sequences
             is held out.
-        val_fraction: Share of sequences held out when `val` is None.
-        seq_length: Tokens per sequence (after the BOS).
-        batch_size: Sequences per batch.
-        num_workers: DataLoader worker processes.
-        seed: Seed of the split and of the shuffling.
         knowledge: For the continual stage: sources of the knowledge base; its documents are
             cut into references by `chunker` and each training chunk is paired with one.
-        chunker: Cuts knowledge documents into references; `FixedChunker(128)` when None.
-        embedder: Embeds chunks and references for the pairing; `HashedNgramEmbedder()`.
+        val_fraction: Share of training sequences held out when `val` is None.
+        seq_length: Tokens per training sequence after the BOS (the paper: 2048).
+        batch_size: Sequences per batch (per device).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the split and of the shuffling.
+        chunker: Cuts the knowledge base into references; required with `knowledge`. Give
+            the bank's, `m3.recipes.build(recipe, "chunker")` (by default fixed at the
+            model's `reference_length`), so that the pairing's reference ids are the bank's.
+        embedder: Embeds chunks and references for the pairing; m3's default embedder
+            (`m3.recipes.defaults`, `HashedNgramEmbedder()`) when None.
         chunk_length: Tokens per chunk (the model's `chunk_length`).
-        threshold: Leakage threshold of the pairing (the paper: 0.9).
-        candidates: Search hits tried per chunk.
-        pairing_file: Where the pairing is saved with a fingerprint of its inputs; reused
-            when the fingerprint matches, refused (naming both) when it does not.
-        memories: For the continual stage: a bank folder that `m3 build-memory` wrote from
-            the same knowledge base (`training.memories`); batches then carry the memories
-            of their references read from its store instead of their token ids to encode.
+        threshold: Leakage threshold of the reference pairing (the paper: 0.9).
+        candidates: Search hits tried per chunk when pairing.
+        pairing_file: Where the pairing is cached with a fingerprint of its inputs (`m3 fit`:
+            `pairing.pt` in the run folder); reused when the fingerprint matches, refused
+            (naming both) when it does not.
+        memories: For a continual stage with `encode="store"`, and only then: the bank
+            folder that `m3 build-memory` wrote from the same knowledge base, chunker and
+            tokenizer, with the weights training starts from (`training.memories`; `m3 fit`
+            checks all of that before training). Batches then carry the memories of their
+            references, read from its store, instead of their token ids to encode;
             `check_memories` checks that the bank fits.
     """
 
@@ -342,17 +357,17 @@ class TextDataModule(L.LightningDataModule):
         train: Sequence[TextSource],
         *,
         val: Sequence[TextSource] | None = None,
-        val_fraction: float = 0.05,
-        seq_length: int = 256,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        seed: int = 0,
         knowledge: Sequence[TextSource] | None = None,
+        val_fraction: Annotated[float, Bounds(ge=0, lt=1)] = 0.05,
+        seq_length: Annotated[int, Bounds(ge=1)] = 256,
+        batch_size: Annotated[int, Bounds(ge=1)] = 8,
+        num_workers: Annotated[int, Bounds(ge=0)] = 0,
+        seed: int = 0,
         chunker: Chunker | None = None,
         embedder: Embedder | None = None,
         chunk_length: int = 64,
-        threshold: float = 0.9,
-        candidates: int = 8,
+        threshold: Annotated[float, Bounds(ge=0, le=1)] = 0.9,
+        candidates: Annotated[int, Bounds(ge=1)] = 8,
         pairing_file: str | Path | None = None,
         memories: str | Path | None = None,
     ) -> None:
@@ -361,13 +376,19 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"val_fraction must lie in [0, 1), got {val_fraction}")
         if seq_length < chunk_length:
             raise UserError(f"seq_length ({seq_length}) is shorter than one chunk ({chunk_length})")
+        if knowledge is not None and chunker is None:
+            raise UserError(
+                "TextDataModule: knowledge needs the chunker that cuts it into references: the "
+                "bank's, m3.recipes.build(recipe, 'chunker'), e.g. "
+                "FixedChunker(config.reference_length)"
+            )
         self.tokenizer = tokenizer
         self.train_sources, self.val_sources = list(train), None if val is None else list(val)
         self.val_fraction, self.seq_length, self.batch_size = val_fraction, seq_length, batch_size
         self.num_workers, self.seed = num_workers, seed
         self.knowledge = None if knowledge is None else list(knowledge)
-        self.chunker = chunker or FixedChunker(128)
-        self.embedder = embedder or HashedNgramEmbedder()
+        self.chunker = chunker
+        self.embedder = embedder or registry.instantiate("embedder", default_spec("embedder"))
         self.chunk_length, self.threshold, self.candidates = chunk_length, threshold, candidates
         self.pairing_file = None if pairing_file is None else Path(pairing_file)
         self.memories = None if memories is None else Path(memories)
@@ -393,7 +414,7 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(
                 "the continual stage needs data.knowledge: the knowledge base's sources"
             )
-        from m3.bank.build import read_knowledge  # the one definition of reference ids
+        from m3.bank.knowledge import read_knowledge  # the one definition of reference ids
 
         return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
 

@@ -9,6 +9,11 @@ vocabulary, the warmup checkpoint of a continual stage and its knowledge base, a
 - `logs/metrics.csv` and `curves.png` (training and held-out loss per step),
 - `model.pt` (the model's weights, which the next stage's `training.init_weights` names),
 - `recipe.yaml` and `done.json` (written last: the stage is complete).
+
+The recipe's sections are the constructors' arguments (`m3.recipes.sections`): `training:`
+builds the `Memory3Module` (`training_module`), `data:` the `TextDataModule` (`data_module`)
+and `trainer:` the Trainer, each completed by the parts the rest of the recipe names
+(`m3.recipes.build`: the recipe's, or m3's defaults, the same as the bank builder's).
 """
 
 from __future__ import annotations
@@ -16,15 +21,77 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.runs import RunFolder
 from m3.recipes import Recipe, build, build_tokenizer
 
+if TYPE_CHECKING:
+    from m3.training.datamodule import TextDataModule
+    from m3.training.module import Memory3Module
 
-def _components(recipe: Recipe, kind_section: str, default: Any) -> Any:
-    return build(recipe, kind_section) if getattr(recipe, kind_section) is not None else default
+
+def data_module(
+    recipe: Recipe, tokenizer: Any, *, pairing_file: str | Path | None = None
+) -> TextDataModule:
+    """The data module of a training recipe: its `data:` section, completed.
+
+    Args:
+        recipe: A checked recipe with a `data` section (a continual stage reads
+            `data.knowledge`; other stages do not).
+        tokenizer: The recipe's tokenizer (`m3.recipes.build_tokenizer`).
+        pairing_file: Where the pairing is cached when `data.pairing_file` is unset.
+
+    Returns:
+        `TextDataModule(**recipe.data, ...)` with the sources built, and the recipe's seed,
+        chunker, embedder, model chunk length and `training.memories`.
+    """
+    from m3.training.datamodule import TextDataModule
+
+    assert recipe.data is not None
+    continual = recipe.stage == "continual"
+    arguments = dict(recipe.data)
+    for key in recipe.data.components():  # train, val, knowledge: lists of sources
+        specs = arguments[key] if continual or key != "knowledge" else None
+        arguments[key] = (
+            None if specs is None else [registry.instantiate("source", s) for s in specs]
+        )
+    arguments["pairing_file"] = arguments["pairing_file"] or pairing_file
+    return TextDataModule(
+        **arguments,
+        tokenizer=tokenizer,
+        seed=recipe.seed,
+        # the bank builder cuts the knowledge base the same way: reference ids must agree
+        chunker=build(recipe, "chunker"),
+        embedder=build(recipe, "embedder"),
+        chunk_length=recipe.model.config().chunk_length,
+        memories=recipe.training.memories,
+    )
+
+
+def training_module(recipe: Recipe, tokenizer: Any) -> Memory3Module:
+    """The LightningModule of a training recipe: its `training:` section, completed.
+
+    Args:
+        recipe: A checked recipe with `stage: warmup` or `stage: continual`.
+        tokenizer: The recipe's tokenizer, whose reference prefix the continual stage reads.
+
+    Returns:
+        `Memory3Module(**recipe.training.arguments(), ...)` with the recipe's model, stage,
+        encoder and sparsifier; `training.init_weights` loaded (or "random").
+    """
+    from m3.training.module import Memory3Module
+
+    return Memory3Module(
+        **recipe.training.arguments(),
+        model=recipe.model.config(),
+        stage=recipe.stage,
+        reference_prefix=tokenizer.reference_prefix(),
+        encoder=build(recipe, "encoder"),
+        sparsifier=build(recipe, "sparsifier"),
+    )
 
 
 def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
@@ -57,9 +124,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
             "(e.g. runs/<name>/warmup/model.pt) or a pretrained folder; 'random' trains with "
             "memory from random weights"
         )
-    if init == "random":
-        init = None
-    elif init is not None and not Path(init).exists():
+    if init is not None and init != "random" and not Path(init).exists():
         raise UserError(
             f"training.init_weights: {init} does not exist (run the warmup stage first?)"
         )
@@ -82,11 +147,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger
 
-    from m3.core import registry
     from m3.core.plots import plot_training_curves
-    from m3.data.chunking import FixedChunker
-    from m3.training.datamodule import TextDataModule
-    from m3.training.module import Memory3Module
 
     config = recipe.model.config()
     tokenizer = build_tokenizer(recipe)
@@ -94,50 +155,9 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     if run.complete and not overwrite:
         print(f"m3 fit: {run.path} is complete for this recipe; nothing to do")
         return run.path
-    data_spec = recipe.data
-
-    def sources(specs: list | None) -> list | None:
-        return None if specs is None else [registry.instantiate("source", s) for s in specs]
-
-    # the bank builder cuts the knowledge base the same way: reference ids must agree
-    chunker = _components(recipe, "chunker", FixedChunker(config.reference_length))
-    data = TextDataModule(
-        tokenizer,
-        sources(data_spec.train),
-        val=sources(data_spec.val),
-        val_fraction=data_spec.val_fraction,
-        seq_length=data_spec.seq_length,
-        batch_size=data_spec.batch_size,
-        num_workers=data_spec.num_workers,
-        seed=recipe.seed,
-        knowledge=sources(data_spec.knowledge) if continual else None,
-        chunker=chunker,
-        embedder=_components(recipe, "embedder", None),
-        chunk_length=config.chunk_length,
-        threshold=data_spec.threshold,
-        candidates=data_spec.candidates,
-        pairing_file=data_spec.pairing_file or run.path / "pairing.pt",
-        memories=memories,
-    )
-    training = recipe.training
+    data = data_module(recipe, tokenizer, pairing_file=run.path / "pairing.pt")
     L.seed_everything(recipe.seed, workers=True)
-    module = Memory3Module(
-        config,
-        stage=recipe.stage,
-        lr=training.lr,
-        weight_decay=training.weight_decay,
-        betas=training.betas,
-        schedule=training.schedule,
-        warmup_steps=training.warmup_steps,
-        decay_fraction=training.decay_fraction,
-        min_lr_ratio=training.min_lr_ratio,
-        reference_prefix=tokenizer.reference_prefix(),
-        window=training.window,
-        encode=training.encode,
-        encoder=_components(recipe, "encoder", None),
-        sparsifier=_components(recipe, "sparsifier", None),
-        init_weights=init,
-    )
+    module = training_module(recipe, tokenizer)
     if memories is not None:  # the bank was written by the initial weights: check it now
         data.check_memories(module.model)
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import lightning as L
 import torch
@@ -31,12 +31,15 @@ from torch import Tensor
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
 
+from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.memories import Memories, SparseMemory, sliding_window_visibility
+from m3.core.values import Bounds
 from m3.memory.encoder import MemoryEncoder
-from m3.memory.sparsifier import Sparsifier, TopKSparsifier
+from m3.memory.sparsifier import Sparsifier
 from m3.model.config import Config
 from m3.model.memory3 import Memory3
+from m3.recipes.defaults import default_spec
 
 Stage = Literal["warmup", "continual"]
 
@@ -83,14 +86,22 @@ def lr_multiplier(
 class Memory3Module(L.LightningModule):
     """Trains a `Memory3` model in one of the paper's two stages.
 
+    A recipe's `training:` section is this constructor's arguments (`m3.recipes.sections`):
+    the options below are documented here only, and `m3 check` holds a recipe to this
+    signature. `m3 fit` sets `model`, `stage`, `reference_prefix`, `encoder` and
+    `sparsifier` from the rest of the recipe, and leaves `total_steps` to `trainer.max_steps`.
+
     Args:
         model: A preset name, a `Config`, or a mapping of config fields (with an optional
             `preset` key whose fields the others override).
         stage: "warmup" or "continual".
         lr: Peak learning rate (the paper: ≈ 8e-4 warmup, ≈ 5e-5 continual).
-        weight_decay: AdamW weight decay on matrices (none on norms and embeddings).
+        weight_decay: AdamW weight decay of the weight matrices: the attention and MLP
+            projections and an untied `lm_head`. The token embedding gets none, nor does
+            the `lm_head` when `model.tie_embeddings` makes it the same tensor, nor any
+            parameter of fewer than two dimensions (the norms' weights).
         betas: AdamW betas.
-        schedule: "wsd", "cosine" or "constant".
+        schedule: "wsd" (warmup-stable-decay), "cosine" or "constant".
         warmup_steps: Linear warmup steps of the schedule.
         decay_fraction: Share of the steps in the final decay of "wsd".
         min_lr_ratio: Final learning rate as a fraction of `lr`.
@@ -98,15 +109,25 @@ class Memory3Module(L.LightningModule):
         reference_prefix: Token ids of `<s>Reference:` (from the tokenizer); needed by the
             continual stage.
         window: Chunks whose references a chunk reads (the paper: 5).
-        encode: "grad" (gradients flow through the memories), "no_grad" (forward-only
-            encoding) or "store" (continual batches must carry precomputed memories, read
-            from a bank's store by `m3.training.datamodule.ContinualCollator(memories=...)`).
-            Memories precomputed in a batch skip encoding whatever the mode.
-        encoder: Encodes references; `MemoryEncoder()` when None.
-        sparsifier: Keeps the top tokens; `TopKSparsifier(k=config.memory_tokens)` when None.
-        init_weights: A checkpoint to start from: a Lightning `.ckpt` of this module, a `.pt`
-            state dict of the model (e.g. the warmup stage's, for the continual stage), or a
-            Hugging Face Llama-family folder (`m3.model.checkpoints`).
+        encode: How the continual stage gets its references' memories. "grad": encoded on
+            the fly by the current weights, gradients flowing through the selected keys and
+            values (the paper's setting; ≈ 2× a warmup step); "no_grad": encoded on the fly,
+            forward-only (≈ 1.3×); "store": not encoded at all, but read from a bank's store
+            by the data pipeline (`training.memories`,
+            `m3.training.datamodule.ContinualCollator(memories=...)`): the paper's "frozen"
+            option, where the memories stay those of the weights that built the bank while
+            training changes the weights. Memories precomputed in a batch skip encoding
+            whatever the mode.
+        encoder: Encodes references; m3's default encoder (`m3.recipes.defaults`,
+            `MemoryEncoder()`) when None.
+        sparsifier: Keeps the top tokens; m3's default (`TopKSparsifier(k=memory_tokens)`)
+            when None.
+        init_weights: Weights to start from: a Lightning `.ckpt` of this module, a `.pt`
+            state dict of the model (a stage's `model.pt`, e.g. the warmup stage's for the
+            continual stage), or a Hugging Face Llama-family folder
+            (`m3.model.checkpoints`); None or "random": random weights. `m3 fit` requires a
+            continual stage to name them, or to say "random" to train with memory from
+            random weights (the paper's Figure 11 comparison).
     """
 
     def __init__(
@@ -114,16 +135,16 @@ class Memory3Module(L.LightningModule):
         model: str | Config | dict[str, Any] = "tiny",
         *,
         stage: Stage = "warmup",
-        lr: float = 8e-4,
-        weight_decay: float = 0.1,
+        lr: Annotated[float, Bounds(gt=0)] = 8e-4,
+        weight_decay: Annotated[float, Bounds(ge=0)] = 0.1,
         betas: Sequence[float] = (0.9, 0.95),
         schedule: Literal["wsd", "cosine", "constant"] = "wsd",
-        warmup_steps: int = 100,
-        decay_fraction: float = 0.1,
-        min_lr_ratio: float = 0.0,
+        warmup_steps: Annotated[int, Bounds(ge=0)] = 100,
+        decay_fraction: Annotated[float, Bounds(ge=0, le=1)] = 0.1,
+        min_lr_ratio: Annotated[float, Bounds(ge=0, le=1)] = 0.0,
         total_steps: int | None = None,
         reference_prefix: Sequence[int] = (),
-        window: int = 5,
+        window: Annotated[int, Bounds(ge=1)] = 5,
         encode: Literal["grad", "no_grad", "store"] = "grad",
         encoder: MemoryEncoder | None = None,
         sparsifier: Sparsifier | None = None,
@@ -146,8 +167,10 @@ class Memory3Module(L.LightningModule):
         )  # fmt: skip
         self.stage = stage
         self.model = Memory3(self.config)
-        self.encoder = encoder or MemoryEncoder()
-        self.sparsifier = sparsifier or TopKSparsifier(k=self.config.memory_tokens)
+        self.encoder = encoder or registry.instantiate("encoder", default_spec("encoder"))
+        self.sparsifier = sparsifier or registry.instantiate(
+            "sparsifier", default_spec("sparsifier", self.config)
+        )
         self.register_buffer(
             "prefix", torch.tensor(list(reference_prefix), dtype=torch.long), persistent=False
         )
@@ -157,7 +180,7 @@ class Memory3Module(L.LightningModule):
         self.train_accuracy = MulticlassAccuracy(vocab, average="micro")
         self.val_accuracy = MulticlassAccuracy(vocab, average="micro")
         self.train_perplexity, self.val_perplexity = Perplexity(), Perplexity()
-        if init_weights:
+        if init_weights and init_weights != "random":
             self.load_weights(init_weights)
 
     # ----------------------------------------------------------------------------- weights
