@@ -144,7 +144,7 @@ def measure_edits_stage(recipe: Recipe, *, overwrite: bool = False) -> Path:
     report = measure_edits(
         recipe.retrieval.bank, edits,  # type: ignore[union-attr]
         model=model, tokenizer=tokenizer, work_dir=run.path, k=k, threshold=threshold,
-        chunker=build(recipe, "chunker") if recipe.chunker is not None else None,
+        chunker=build(recipe, "chunker"),
     )  # fmt: skip
     after, before = report.after_score, report.before_score
     results = {

@@ -50,12 +50,6 @@ def test_default_specs_follow_the_model() -> None:
         assert registry.resolve(kind, default_spec(kind, config).class_path)
 
 
-def test_the_bank_builder_switches_to_scann_at_the_same_size() -> None:
-    from m3.bank import build as bank_build
-
-    assert bank_build.SCANN_ABOVE == defaults.SCANN_ABOVE
-
-
 def test_build_gives_the_recipes_part_or_the_default() -> None:
     recipe = load_recipe(TINY / "base.yaml", ["chunker=null", "model.reference_length=32"])
     chunker = build(recipe, "chunker")

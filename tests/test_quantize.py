@@ -329,8 +329,9 @@ def _with_class_path(path: Path, old: str, new: str) -> None:
 @pytest.mark.parametrize("module", ["m3.quantize", "m3.memory.quantize"])
 def test_files_naming_the_old_module_paths_load_without_a_warning(tmp_path, module):
     # files record `quantizer:<name>`; m3 0.1 recorded `m3.quantize.<class>`, and a dotted
-    # path of the package `m3.memory.quantize.<class>` names the class too: all load, and the old path's alias (which warns) is never
-    # imported. In a fresh interpreter, so that no earlier import hides the warning.
+    # path of the package `m3.memory.quantize.<class>` names the class too: all load, and
+    # the old path's alias (which warns) is never imported. In a fresh interpreter, so that
+    # no earlier import hides the warning.
     data = gaussian(600)
     vector = ProductQuantizer(DIM, subspaces=4, bits=4).fit(data)
     memory = MemoryQuantizer(Int8Quantizer(DIM), vector)

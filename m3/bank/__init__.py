@@ -22,9 +22,8 @@ __getattr__, __dir__ = lazy_exports(
         **dict.fromkeys(["KnowledgeBase", "read_knowledge"], "m3.bank.knowledge"),
         **dict.fromkeys(["BankEncoder", "BankWriter", "ReferenceBatches"], "m3.bank.writer"),
         **dict.fromkeys(["Bank", "open_bank", "open_bank_store"], "m3.bank.open"),
-        **dict.fromkeys(
-            ["SCANN_ABOVE", "bank_quantizer", "build_index", "build_memory"], "m3.bank.build"
-        ),
+        **dict.fromkeys(["bank_quantizer", "build_index", "build_memory"], "m3.bank.build"),
+        "SCANN_ABOVE": "m3.recipes.defaults",
     },
     # m3 0.1's `m3.bank` also held these stores, now backends
     moved={"ShardedStore": "m3.backends.sharded", "ColdStartStore": "m3.backends.cold_start"},

@@ -43,7 +43,6 @@ from m3.backends.hdf5_store import HDF5Store
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.references import Reference
-from m3.data.chunking import FixedChunker
 from m3.memory.encoder import MemoryEncoder, encode_references
 from m3.model.memory3 import Memory3
 
@@ -56,9 +55,6 @@ if TYPE_CHECKING:
 from m3.bank.knowledge import KnowledgeBase, read_knowledge
 from m3.bank.layout import EDIT_JOURNAL, MANIFEST, QUANTIZER, shard_name
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
-
-#: Knowledge bases with more references than this get a `ScannIndex`, smaller ones an exact one.
-SCANN_ABOVE = 200_000
 
 
 def _folder_bytes(paths: Sequence[Path]) -> int:
@@ -97,18 +93,12 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    from m3.backends import ExactIndex, ScannIndex
+    from m3.recipes.defaults import default_spec
 
     texts = [tokenizer.decode(r.ids) for r in references]
     embedder.fit(texts)
-    spec = index
-    index = (
-        registry.instantiate("index", spec, dim=embedder.dim)
-        if spec is not None
-        else ScannIndex(embedder.dim)
-        if len(texts) > SCANN_ABOVE
-        else ExactIndex(embedder.dim)
-    )
+    spec = index if index is not None else default_spec("index", references=len(texts))
+    index = registry.instantiate("index", spec, dim=embedder.dim)
     for start in tqdm(
         range(0, len(texts), batch_size), desc="embedding references", disable=not progress
     ):
@@ -184,14 +174,8 @@ def build_memory(
         )
     model = Memory3(config)
     load_weights(model, init)
-    chunker = build(recipe, "chunker") if recipe.chunker else FixedChunker(config.reference_length)
-    encoder = build(recipe, "encoder") if recipe.encoder else None
-    sparsifier = build(recipe, "sparsifier") if recipe.sparsifier else None
-    embedder = build(recipe, "embedder") if recipe.embedder else None
-    if embedder is None:
-        from m3.retrieval.embedders import HashedNgramEmbedder
-
-        embedder = HashedNgramEmbedder()
+    chunker, encoder = build(recipe, "chunker"), build(recipe, "encoder")
+    sparsifier, embedder = build(recipe, "sparsifier"), build(recipe, "embedder")
     sources = [registry.instantiate("source", s) for s in recipe.data.knowledge]
     knowledge = read_knowledge(sources, tokenizer, chunker=chunker)
     prefix = tokenizer.reference_prefix()

@@ -38,10 +38,12 @@ from m3.bank.journal import (
     write_journal,
 )
 from m3.bank.layout import MANIFEST
+from m3.core import registry
 from m3.core.errors import UserError
-from m3.data.chunking import Chunker, FixedChunker, Reference
+from m3.data.chunking import Chunker, Reference
 from m3.data.documents import Document, read_jsonl
 from m3.data.sources import TextSource
+from m3.recipes.defaults import default_spec
 
 if TYPE_CHECKING:
     from m3.data.tokenizer import Tokenizer
@@ -123,7 +125,7 @@ def edit_bank(
             (also `{"id", "text"}` mappings, as read from JSONL).
         delete: Ids of documents to remove.
         chunker: Cuts new texts into references: the one that built the bank;
-            `FixedChunker(model.config.reference_length)` (the build's default) when None.
+            the default (`m3.recipes.defaults`: the build's) when None.
         encoder: The memory encoder of the build; `MemoryEncoder()` when None.
         sparsifier: The sparsifier of the build; `TopKSparsifier(k=memory_tokens)` when None.
         batch_size: References per forward pass.
@@ -183,7 +185,9 @@ def edit_bank(
         # cut the new texts as the build cut the knowledge base
         new_refs: list[Reference] = []
         if documents:
-            chunker = chunker or FixedChunker(model.config.reference_length)
+            chunker = chunker or registry.instantiate(
+                "chunker", default_spec("chunker", model.config)
+            )
             cut = read_knowledge([_Documents(documents)], tokenizer, chunker=chunker).references
             by_doc: dict[str, list[Reference]] = {}
             for reference in cut:
@@ -360,9 +364,8 @@ def edit_from_recipe(
     model = Memory3(config)
     load_weights(model, weights_path)
     tokenizer = build_tokenizer(recipe)
-    chunker = build(recipe, "chunker") if recipe.chunker else None
-    encoder = build(recipe, "encoder") if recipe.encoder else None
-    sparsifier = build(recipe, "sparsifier") if recipe.sparsifier else None
+    chunker, encoder = build(recipe, "chunker"), build(recipe, "encoder")
+    sparsifier = build(recipe, "sparsifier")
     if batch_size is None:
         batch_size = recipe.bank.batch_size if getattr(recipe, "bank", None) else 64
     return edit_bank(

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from m3.backends.base import StoreInfo
 from m3.backends.hdf5_store import HDF5Store
+from m3.core import registry
 from m3.core.checks import right_pad
 from m3.core.errors import UserError
 from m3.core.references import Reference
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from m3.memory.quantize import MemoryQuantizer
 
 from m3.bank.layout import SHARD_FILE, shard_name
+from m3.recipes.defaults import default_spec
 
 
 class ReferenceBatches(torch.utils.data.Dataset):
@@ -75,11 +77,12 @@ class BankEncoder(L.LightningModule):
         sparsifier: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        from m3.memory.sparsifier import TopKSparsifier
 
         self.model = model.eval().requires_grad_(False)
-        self.encoder = encoder or MemoryEncoder()
-        self.sparsifier = sparsifier or TopKSparsifier(k=model.config.memory_tokens)
+        self.encoder = encoder or registry.instantiate("encoder", default_spec("encoder"))
+        self.sparsifier = sparsifier or registry.instantiate(
+            "sparsifier", default_spec("sparsifier", model.config)
+        )
         self.register_buffer(
             "prefix", torch.tensor(list(prefix), dtype=torch.long), persistent=False
         )
