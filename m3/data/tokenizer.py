@@ -196,7 +196,8 @@ class Tokenizer(abc.ABC):
             raise UserError(f"{str(manifest_path)!r} names unknown class {class_path!r}") from err
         if not (isinstance(found, type) and issubclass(found, cls)):
             raise UserError(
-                f"{str(manifest_path)!r} holds a {class_path}, not a {cls.__qualname__}"
+                f"{str(manifest_path)!r} holds a {getattr(found, '__qualname__', class_path)} "
+                f"({class_path}), not a {cls.__qualname__}"
             )
         tokenizer = found._from_saved(directory, init_args)
         if tokenizer.fingerprint() != expected:
