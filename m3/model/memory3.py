@@ -463,8 +463,10 @@ class Memory3(nn.Module):
         cos, sin = self.rotary(positions)
         for block in self.layers:
             x = block(x, cos, sin, memories=chunk_memories, prefix_length=width, kv_cache=cache)
-        x = self.norm(x[:, width:])  # the prefix's rows predict nothing
-        return self.lm_head(x)
+        # the prefix's rows predict nothing, but the head runs over them too: the same matmul
+        # shapes as always, so training rounds exactly as it did (the weight gradient sums
+        # over every row)
+        return self.lm_head(self.norm(x))[:, width:]
 
     def hidden_states(self, idx: Tensor, n_layers: int) -> Tensor:
         """Warmup-mode hidden states after the first `n_layers` blocks, before the final norm.
