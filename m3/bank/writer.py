@@ -176,7 +176,7 @@ class BankWriter(BasePredictionWriter):
                 )
             had = (stored.quantizer or {}).get("fingerprint")
             now = None if self.quantizer is None else self.quantizer.fingerprint()
-            if had != now and not (self.quantizer is not None and self.quantizer.matches(had)):
+            if not (had is None if self.quantizer is None else self.quantizer.matches(had)):
                 raise UserError(
                     f"{path} holds memories of another quantizer ({str(had)[:16]}, now "
                     f"{str(now)[:16]}): pass --overwrite to rebuild"

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from m3.backends.base import MemoryIndex, MemoryStore
 from m3.core import registry
+from m3.core.checks import right_pad
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.core.values import Bounds
@@ -248,10 +249,9 @@ class ContinualCollator:
         batch = {"tokens": tokens, "pool": pool, "slots": slots}
         if self.memories is not None:
             return batch | self._read(unique)
-        lengths = torch.tensor([len(self.reference_ids[i]) for i in unique.tolist()] or [1])
-        reference_tokens = torch.zeros(len(lengths), int(lengths.max()), dtype=torch.long)
-        for u, i in enumerate(unique.tolist()):
-            reference_tokens[u, : lengths[u]] = torch.tensor(self.reference_ids[i])
+        # a batch that retrieved nothing still carries one (padding) reference row
+        rows = [self.reference_ids[i] for i in unique.tolist()] or [[0]]
+        reference_tokens, lengths = right_pad(rows, 0)
         return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
 
     def _read(self, unique: Tensor) -> dict[str, Tensor]:
