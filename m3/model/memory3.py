@@ -446,7 +446,6 @@ class Memory3(nn.Module):
         batch, length = self._check_idx(idx)
         if memories is None and prefix is not None:
             raise ValueError("a prefix is only used in memory mode: pass memories too")
-        x = self.embed_tokens(idx)  # (B, T, n_embd)
         positions = torch.arange(length, device=idx.device)
         width, chunk_memories = 0, None
         if memories is not None:
@@ -456,10 +455,13 @@ class Memory3(nn.Module):
             prefix = self._check_prefix(prefix)
             self._check_memories(memories, batch, length)
             width = prefix.numel()
-            x = torch.cat([self.embed_tokens(prefix).expand(batch, -1, -1), x], dim=1)
+            # one embedding call over prefix and context: its weight gradient then sums in
+            # the same order as always, so training rounds exactly as it did
+            idx = torch.cat([prefix.expand(batch, width), idx], dim=1)
             offset = width + self._offset
             positions = torch.cat([torch.arange(width, device=idx.device), positions + offset])
             chunk_memories = ChunkMemories.of(memories)  # once per call, for every memory layer
+        x = self.embed_tokens(idx)  # (B, b + T, n_embd)
         cos, sin = self.rotary(positions)
         for block in self.layers:
             x = block(x, cos, sin, memories=chunk_memories, prefix_length=width, kv_cache=cache)
