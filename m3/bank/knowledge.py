@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from m3.core.errors import UserError
 from m3.core.references import Reference
 from m3.data.chunking import Chunker, chunk_documents
-from m3.data.sources import FilesSource, TextSource
+from m3.data.sources import TextSource
 
 if TYPE_CHECKING:
     from m3.data.tokenizer import Tokenizer
@@ -54,31 +54,35 @@ def read_knowledge(
         The references and the counts of documents read and skipped.
 
     Raises:
-        UserError: When the sources hold no text at all (naming them), or for files with
-            undecodable bytes (naming the file).
+        UserError: Before anything is tokenized: when the sources hold no text at all
+            (naming them), for files with undecodable bytes or documents longer than their
+            source's `max_document_bytes` (naming the file), or for two documents with the
+            same id, in one source or in two (naming where both were read: a bank's
+            documents are edited and deleted by id).
     """
-    from m3.data.documents import read_corpus
+    from m3.data.documents import check_unique_ids
 
     names = "; ".join(s.describe() for s in sources) or "(no sources)"
+    corpora = []
+    for source in sources:  # every source is read and checked before any tokenizing
+        try:
+            corpora.append(source.read())
+        except UserError as error:
+            if not str(error).startswith("no text in"):
+                raise
+            raise UserError(f"data.knowledge: the knowledge base is empty: {error}") from None
+    try:
+        check_unique_ids((d.id, place) for corpus in corpora for d, place in corpus.placed())
+    except UserError as error:
+        raise UserError(f"data.knowledge: {error}") from None
     docs: list[tuple[str, list[int]]] = []
-    skipped = 0
-    for source in sources:
-        if isinstance(source, FilesSource):
-            try:
-                corpus = read_corpus(source.paths, text_field=source.text_field)
-            except UserError as error:
-                if not str(error).startswith("no text in"):
-                    raise
-                raise UserError(f"data.knowledge: the knowledge base is empty: {error}") from None
-            documents, skipped = corpus.documents, skipped + corpus.skipped
+    skipped = sum(corpus.skipped for corpus in corpora)
+    for document in (d for corpus in corpora for d in corpus.documents):
+        ids = tokenizer.encode(document.text) if document.text.strip() else []
+        if ids:
+            docs.append((document.id, ids))
         else:
-            documents = source.documents()
-        for document in documents:
-            ids = tokenizer.encode(document.text) if document.text.strip() else []
-            if ids:
-                docs.append((document.id, ids))
-            else:
-                skipped += 1
+            skipped += 1
     if not docs:
         raise UserError(
             f"data.knowledge: the knowledge base is empty: no document with text in {names} "

@@ -4,6 +4,12 @@ A stage claims its folder with the recipe that runs it: the folder keeps `recipe
 fingerprint of the recipe. Running the same recipe again finds its outputs and continues or
 skips; a folder written by another recipe is never overwritten unless asked. A stage is
 complete only once `done.json` is written, after its last output.
+
+A stage claims its folder only once everything that can fail on the user's input is checked
+(the recipe, the weights, the text: `m3 fit` reads and checks its data with
+`TextDataModule.read_data`, `m3 build-memory` reads its knowledge base, both before
+`claim`): a refused run leaves no claimed folder, so that the corrected recipe runs without
+`--overwrite`.
 """
 
 from __future__ import annotations
@@ -66,6 +72,9 @@ class RunFolder:
 
     def claim(self, *, overwrite: bool = False) -> None:
         """Make the folder this recipe's, refusing one that another recipe wrote.
+
+        Call it after the checks of the user's input (see the module's docstring): a claimed
+        folder refuses every other recipe until `--overwrite`.
 
         Args:
             overwrite: Delete a folder written by another recipe instead of refusing.

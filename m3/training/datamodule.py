@@ -9,7 +9,7 @@
   encoded once, on the fly, by the LightningModule, or read from a memory bank's store:
   `training.encode: store`), each row's pool and each chunk's slot.
 - `TextDataModule` ties them together, with a held-out split, DataLoader workers, and a
-  data position that checkpoints save and restore.
+  data position that checkpoints save and restore; `read_data` checks the text first.
 """
 
 from __future__ import annotations
@@ -395,18 +395,72 @@ class TextDataModule(L.LightningDataModule):
         self.references: list[Reference] = []
         self.train_set: SequenceDataset | None = None
         self.val_set: SequenceDataset | None = None
+        self._split: tuple[Tensor, Tensor] | None = None  # (train, held-out), by read_data
         self._sampler: EpochSampler | None = None
         self._position = {"epoch": 0, "samples": 0}
 
     # ----------------------------------------------------------------------------- building
-    def _sequences(self, sources: Sequence[TextSource]) -> Tensor:
-        tokenized = (self.tokenizer.encode(d.text) for d in gather(list(sources)))
-        return pack(
-            tokenized,
-            length=self.seq_length,
-            bos_id=self.tokenizer.bos_id,
-            eos_id=self.tokenizer.eos_id,
-        )
+    def _sequences(self, sources: Sequence[TextSource], key: str) -> tuple[Tensor, int]:
+        """Packed sequences of some sources (maybe none) and their tokens, EOS included."""
+        try:
+            documents = gather(list(sources))
+        except UserError as error:
+            raise UserError(f"data.{key}: {error}") from None
+        tokens, tok = 0, self.tokenizer
+
+        def tokenized() -> Iterable[list[int]]:
+            nonlocal tokens
+            for document in documents:
+                tokens += len(ids := tok.encode(document.text)) + 1  # and the EOS
+                yield ids
+
+        try:
+            packed = pack(tokenized(), length=self.seq_length, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        except UserError:  # fewer tokens than one sequence: the caller names the split
+            packed = torch.empty(0, self.seq_length + 1, dtype=torch.long)
+        return packed, tokens
+
+    def read_data(self) -> None:
+        """Read, tokenize, pack, split the text, read the knowledge base; write nothing.
+
+        Every check of the user's data (`m3 fit` calls it before claiming its folder): the
+        training split must fill one batch (`batch_size` sequences: the last partial batch
+        is dropped, so fewer would train 0 steps), `val`'s text one sequence.
+
+        Raises:
+            UserError: Naming the split (`data.train`, `data.val`, `data.knowledge`) and, for
+                too little text, the tokens and sequences it holds and what is needed.
+        """
+        if self._split is not None:
+            return
+        sequences, tokens = self._sequences(self.train_sources, "train")
+        length, held = self.seq_length, ""
+        if self.val_sources is not None:
+            train, (held_out, val_tokens) = sequences, self._sequences(self.val_sources, "val")
+            if len(held_out) == 0:
+                raise UserError(
+                    f"data.val: the held-out text holds {val_tokens:,} tokens, fewer than one "
+                    f"sequence of data.seq_length {length} tokens: add text, or lower the length"
+                )
+        else:
+            seeded = torch.Generator().manual_seed(self.seed)
+            order = torch.randperm(len(sequences), generator=seeded)
+            n_val = max(1, round(len(sequences) * self.val_fraction)) if self.val_fraction else 0
+            train, held_out = sequences[order[n_val:]], sequences[order[:n_val]]
+            if len(held_out):
+                held = f", {len(held_out)} of them held out (data.val_fraction {self.val_fraction})"
+                held += f", which leaves {len(train)}"
+        if len(train) < self.batch_size:
+            raise UserError(
+                f"data.train: the training text holds {tokens:,} tokens: {len(sequences)} "
+                f"sequence(s) of data.seq_length {length} tokens{held}; one batch needs "
+                f"data.batch_size {self.batch_size} sequences ({self.batch_size} × {length} = "
+                f"{self.batch_size * length:,} tokens, the last partial batch is dropped): "
+                "give more training text, or lower data.batch_size or data.seq_length"
+            )
+        if self.knowledge is not None and not self.references:  # unless check_memories did
+            self.references = self.build_references()
+        self._split = train, held_out
 
     def build_references(self) -> list[Reference]:
         """Tokenize the knowledge base and cut it into references (ids = list positions)."""
@@ -478,7 +532,7 @@ class TextDataModule(L.LightningDataModule):
         store.info.check_model(model.config.memory_shape, model.memory_fingerprint(), where=where)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize, pack, split and (for the continual stage) pair with references.
+        """Tokenize, pack, split (`read_data`) and, for the continual stage, pair.
 
         Args:
             stage: Lightning's stage name ("fit", "validate", …); the work is the same for
@@ -486,21 +540,10 @@ class TextDataModule(L.LightningDataModule):
         """
         if self.train_set is not None:
             return
-        sequences = self._sequences(self.train_sources)
-        if self.val_sources is not None:
-            train, held_out = sequences, self._sequences(self.val_sources)
-        else:
-            order = torch.randperm(
-                len(sequences), generator=torch.Generator().manual_seed(self.seed)
-            )
-            n_val = max(1, round(len(sequences) * self.val_fraction)) if self.val_fraction else 0
-            train, held_out = sequences[order[n_val:]], sequences[order[:n_val]]
-        if len(train) == 0:
-            raise UserError("no training sequence left after the held-out split")
+        self.read_data()
+        train, held_out = self._split or ()
         train_pairs = val_pairs = None
         if self.knowledge is not None:
-            if not self.references:  # check_memories may have built them
-                self.references = self.build_references()
             train_pairs, val_pairs = self._pairing(train, held_out)
         self.train_set = SequenceDataset(train, train_pairs)
         self.val_set = SequenceDataset(held_out, val_pairs) if len(held_out) else None

@@ -1,9 +1,12 @@
 """`m3 fit`: train one stage (warmup or continual) from a recipe, with Lightning's Trainer.
 
-Everything is checked before training starts: the recipe, the tokenizer against the model's
-vocabulary, the warmup checkpoint of a continual stage and its knowledge base, and, with
-`training.encode: store`, the bank it reads memories from (`training.memories`). The run folder
-(`output`) then holds:
+Everything is checked before training starts and before the run folder is claimed (so that a
+refused run leaves no folder that the corrected recipe would need `--overwrite` for): the
+recipe, the tokenizer against the model's vocabulary, the text (readable, distinct document
+ids, documents within their size limit, enough for one batch of the training split and one
+sequence of `data.val`: `TextDataModule.read_data`), the warmup checkpoint of a continual
+stage and its knowledge base, and, with `training.encode: store`, the bank it reads memories
+from (`training.memories`). The run folder (`output`) then holds:
 
 - `checkpoints/` (Lightning checkpoints; an interrupted run resumes from `last.ckpt`),
 - `logs/metrics.csv` and `curves.png` (training and held-out loss per step),
@@ -106,7 +109,9 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
 
     Raises:
         UserError: For a recipe that cannot train (missing data, tokenizer, checkpoint or
-            knowledge base; a tokenizer larger than the model's vocabulary).
+            knowledge base; a tokenizer larger than the model's vocabulary; unreadable text,
+            duplicate document ids, too long documents, too little text for one batch), all
+            before the run folder is claimed.
     """
     if recipe.stage not in ("warmup", "continual"):
         raise UserError(
@@ -156,6 +161,7 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
         print(f"m3 fit: {run.path} is complete for this recipe; nothing to do")
         return run.path
     data = data_module(recipe, tokenizer, pairing_file=run.path / "pairing.pt")
+    data.read_data()  # the user's text: read, checked (enough for one batch), split
     L.seed_everything(recipe.seed, workers=True)
     module = training_module(recipe, tokenizer)
     if memories is not None:  # the bank was written by the initial weights: check it now
