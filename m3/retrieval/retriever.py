@@ -6,9 +6,18 @@ to turn chunk token ids into text for the embedder). For every 64-token query ch
 1. embeds the chunk's text and searches the index for `k · overfetch` candidates;
 2. drops candidates whose overlap (Eq. 6, `overlap`) with the chunk's *leak text* exceeds
    the threshold, checking candidates best first and searching wider when too many leak, so
-   that `k` memories remain whenever the index holds enough clean references;
+   that `k` memories remain whenever the index holds enough clean references (steps 1–2:
+   `candidates`);
 3. reads the kept references' memories (the LRU cache first, then the store) and arranges
    them as `Memories` in the per-chunk layout (chunk `c` sees exactly its own `k`).
+
+**A query that matches nothing retrieves nothing.** A chunk whose embedding is the zero
+vector (for `HashedNgramEmbedder`: a text without any token, e.g. only punctuation) is
+similar to no reference: it retrieves no reference at all (ids −1, its memories invalid)
+rather than `k` arbitrary ones that all score 0. With `min_score=` set, every candidate
+scoring at most `min_score` is dropped as well: `min_score=0.0` drops the references a
+lexical embedder finds no shared n-gram with, so a chunk shares its `k` slots only among
+references that match it.
 
 ```python
 retriever = Retriever(embedder=embedder, index=index, store=store, tokenizer=tokenizer,
@@ -43,7 +52,7 @@ import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -56,8 +65,8 @@ from m3.core.memories import Memories, SparseMemory
 from m3.data.chunking import query_chunks
 from m3.data.tokenizer import Tokenizer
 from m3.retrieval.cache import CacheStats, LRUCache
+from m3.retrieval.candidates import Query, select_references
 from m3.retrieval.embedders import Embedder
-from m3.retrieval.overlap import leak_mask
 
 if TYPE_CHECKING:
     from m3.model.memory3 import Memory3
@@ -80,7 +89,8 @@ class Retrieval:
 
     Attributes:
         ids: `(B, C, k)` int64 reference ids of each chunk's memories, best first; −1 where
-            fewer than `k` clean references were found (or the chunk is padding).
+            fewer than `k` clean references were found (all of them for a chunk whose
+            embedding is zero, which matches nothing, or that is padding).
         scores: `(B, C, k)` float32 similarities of those references; −inf where `ids` is −1.
         memories: The pool, `M = C · k` memories per row in the per-chunk layout
             (`Memories.per_chunk`): chunk `c` sees slots `c·k .. c·k + k − 1`, empty slots
@@ -90,11 +100,6 @@ class Retrieval:
     ids: Tensor
     scores: Tensor
     memories: Memories
-
-
-class _Query(NamedTuple):
-    text: str
-    leak: list[int] | None  # token ids checked by the leakage filter; None = unchecked
 
 
 class Retriever:
@@ -123,6 +128,11 @@ class Retriever:
             Smaller groups overlap more but search more often: with an exact index and small
             memories one group of 32 was faster than four of 8
             (`benchmarks/retrieval_latency.py`); overlap pays when reads are large or cold.
+        min_score: When set, candidates whose similarity is at most this are dropped, like
+            leaking ones but without searching wider (an index returns candidates best first,
+            so none further down scores more); e.g. 0.0 keeps only references that share
+            something with the chunk. None keeps `k` candidates whatever they score. Either
+            way a chunk whose embedding is zero retrieves nothing.
         expected_embedder_fingerprint: The embedder fingerprint recorded with the index; the
             embedder must match it.
         manifest: A memory bank's `manifest.json` (as a mapping): its embedder's fingerprint
@@ -149,6 +159,7 @@ class Retriever:
         cache_size: int = 4096,
         chunk_length: int = 64,
         group_size: int = 32,
+        min_score: float | None = None,
         expected_embedder_fingerprint: str | None = None,
         manifest: Mapping[str, Any] | None = None,
         where: str | None = None,
@@ -167,6 +178,14 @@ class Retriever:
             or not 0.0 <= threshold <= 1.0
         ):
             raise UserError(f"Retriever threshold must be in [0, 1] or None, got {threshold!r}")
+        if min_score is not None and (
+            isinstance(min_score, bool)
+            or not isinstance(min_score, (int, float))
+            or not np.isfinite(min_score)
+        ):
+            raise UserError(
+                f"Retriever min_score must be a finite number or None, got {min_score!r}"
+            )
         self.embedder = embedder
         self.index = index
         self.store = store
@@ -176,6 +195,7 @@ class Retriever:
         self.overfetch = overfetch
         self.chunk_length = chunk_length
         self.group_size = group_size
+        self.min_score = None if min_score is None else float(min_score)
         self.where = where or str(getattr(store, "path", type(store).__name__))
         self._check_embedder(expected_embedder_fingerprint, manifest)
         if model is not None:
@@ -298,7 +318,7 @@ class Retriever:
         if leak_texts is not None and len(leak_texts) != len(chunks):
             raise UserError(f"got {len(leak_texts)} leak texts for {len(chunks)} rows")
         width = max((len(row) for row in chunks), default=0)
-        queries: list[_Query] = []
+        queries: list[Query] = []
         where: list[tuple[int, int]] = []
         for b, row in enumerate(chunks):
             given = None if leak_texts is None else leak_texts[b]
@@ -313,7 +333,7 @@ class Retriever:
                     if fixed is None:
                         so_far = so_far + ids
                     leak = fixed if fixed is not None else so_far
-                queries.append(_Query(text, leak))
+                queries.append(Query(text, leak))
                 where.append((b, c))
         return self._run(queries, where, len(chunks), width)
 
@@ -334,8 +354,9 @@ class Retriever:
                 for all) checks a chunk against itself.
 
         Returns:
-            `ids` `(N, k)` int64 (−1 where fewer than `k` clean references were found) and
-            `scores` `(N, k)` float32, best first.
+            `ids` `(N, k)` int64 (−1 where fewer than `k` clean references were found, e.g.
+            all of them for a chunk whose embedding is zero) and `scores` `(N, k)` float32,
+            best first.
         """
         if leak_texts is not None and len(leak_texts) != len(chunks):
             raise UserError(f"got {len(leak_texts)} leak texts for {len(chunks)} chunks")
@@ -346,7 +367,7 @@ class Retriever:
             leak = None
             if self.threshold is not None:
                 leak = ids if given is None else _tokens(given, "leak_texts")
-            queries.append(_Query(text, leak))
+            queries.append(Query(text, leak))
         ids = np.full((len(queries), self.k), -1, dtype=np.int64)
         scores = np.full((len(queries), self.k), -np.inf, dtype=np.float32)
         for start in range(0, len(queries), self.group_size):
@@ -412,7 +433,7 @@ class Retriever:
             if self.threshold is not None:
                 given = None if leak_texts is None else leak_texts[b]
                 leak = ids if given is None else _tokens(given, "leak_texts")
-            queries.append(_Query(self._decode(ids[start:]), leak))
+            queries.append(Query(self._decode(ids[start:]), leak))
         where = [(b, 0) for b in range(len(contexts))]
         return self._run(queries, where, len(contexts), 1)
 
@@ -441,7 +462,7 @@ class Retriever:
         return now
 
     def _run(
-        self, queries: list[_Query], where: list[tuple[int, int]], batch: int, width: int
+        self, queries: list[Query], where: list[tuple[int, int]], batch: int, width: int
     ) -> Retrieval:
         k = self.k
         count = len(queries)
@@ -501,82 +522,22 @@ class Retriever:
         self._times["read"] += time.perf_counter() - clock
         return out  # type: ignore[return-value]
 
-    def _search_group(self, group: list[_Query]) -> tuple[np.ndarray, np.ndarray]:
+    def _search_group(self, group: list[Query]) -> tuple[np.ndarray, np.ndarray]:
         """Embed, search and filter a group of queries: `(G, k)` ids and scores."""
-        k, total = self.k, len(self.index)
         clock = time.perf_counter()
         vectors = self.embedder.embed([q.text for q in group])
-        clock = self._timed("embed", clock)
-        fetch = min(k * self.overfetch if self.threshold is not None else k, total)
-        found = self.index.search(vectors, fetch)
-        clock = self._timed("search", clock)
-        ids = np.full((len(group), k), -1, dtype=np.int64)
-        scores = np.full((len(group), k), -np.inf, dtype=np.float32)
-        cand_ids, cand_scores = found.ids.numpy(), found.scores.float().numpy()
-        if self.threshold is None:
-            ids[:, :fetch], scores[:, :fetch] = cand_ids, cand_scores
-            return ids, scores
-        kept: list[list[tuple[int, float]]] = [[] for _ in group]
-        checked: list[set[int]] = [set() for _ in group]
-        open_rows = list(range(len(group)))
-        while open_rows:
-            self._filter(group, open_rows, cand_ids, cand_scores, kept, checked)
-            short = [q for q in open_rows if len(kept[q]) < k]
-            if not short or fetch >= total:
-                break
-            clock = time.perf_counter()
-            fetch = min(fetch * 2, total)
-            wider = self.index.search(vectors[short], fetch)
-            clock = self._timed("search", clock)
-            cand_ids = np.full((len(group), fetch), -1, dtype=np.int64)
-            cand_scores = np.full((len(group), fetch), -np.inf, dtype=np.float32)
-            cand_ids[short], cand_scores[short] = wider.ids.numpy(), wider.scores.float().numpy()
-            open_rows = short
-        for q, hits in enumerate(kept):
-            for j, (reference_id, score) in enumerate(hits):
-                ids[q, j], scores[q, j] = reference_id, score
-        return ids, scores
-
-    def _filter(
-        self,
-        group: list[_Query],
-        rows: list[int],
-        cand_ids: np.ndarray,
-        cand_scores: np.ndarray,
-        kept: list[list[tuple[int, float]]],
-        checked: list[set[int]],
-    ) -> None:
-        """Check candidates best first, just enough of them to keep `k` per query if clean."""
-        clock = time.perf_counter()
-        position = dict.fromkeys(rows, 0)
-        while True:
-            todo: dict[int, list[tuple[int, float]]] = {}
-            for q in rows:
-                need = self.k - len(kept[q])
-                picked = []
-                line = cand_ids[q]
-                while need > len(picked) and position[q] < line.size:
-                    reference_id = int(line[position[q]])
-                    score = float(cand_scores[q, position[q]])
-                    position[q] += 1
-                    if reference_id >= 0 and reference_id not in checked[q]:
-                        checked[q].add(reference_id)
-                        picked.append((reference_id, score))
-                if picked:
-                    todo[q] = picked
-            if not todo:
-                break
-            tokens = self._reference_tokens({i for picked in todo.values() for i, _ in picked})
-            for q, picked in todo.items():
-                leak = group[q].leak
-                if leak is None:
-                    kept[q].extend(picked)
-                    continue
-                drop = leak_mask(leak, [tokens[i] for i, _ in picked], self.threshold)
-                kept[q].extend(
-                    hit for hit, dropped in zip(picked, drop.tolist(), strict=True) if not dropped
-                )
-        self._timed("filter", clock)
+        self._timed("embed", clock)
+        return select_references(
+            group,
+            vectors,
+            index=self.index,
+            k=self.k,
+            overfetch=self.overfetch,
+            threshold=self.threshold,
+            min_score=self.min_score,
+            reference_tokens=self._reference_tokens,
+            timed=self._timed,
+        )
 
     def _reference_tokens(self, ids: set[int]) -> dict[int, list[int]]:
         out: dict[int, list[int]] = {}
