@@ -106,6 +106,14 @@ def recipe_from_args(args: argparse.Namespace) -> Recipe:
     return load_recipe(files, overrides)
 
 
+def _folder_or_recipe(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    # a bank or stage folder named alone (its recipe.yaml, with the overrides), else a recipe
+    files, overrides = split_recipe_arguments(args.recipe_items)
+    if len(files) == 1 and os.path.isdir(files[0]):
+        return files[0], overrides
+    return recipe_from_args(args), []
+
+
 def _add_overwrite(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=help)
 
@@ -346,13 +354,8 @@ def _build_memory(args: argparse.Namespace) -> int:
         if not (rank.isdigit() and world.isdigit() and int(rank) < int(world)):
             raise UserError(f"--shard takes RANK/WORLD_SIZE, e.g. 0/4; got {args.shard!r}")
         shard = (int(rank), int(world))
-    build_memory(
-        recipe_from_args(args),
-        overwrite=args.overwrite,
-        batch_size=args.batch_size,
-        dtype=args.dtype,
-        shard=shard,
-    )
+    build_memory(recipe_from_args(args), overwrite=args.overwrite, batch_size=args.batch_size,
+                 dtype=args.dtype, shard=shard)  # fmt: skip
     return 0
 
 
@@ -368,7 +371,7 @@ def _add_build_memory(verbs: Subparsers) -> None:
         ),
     )
     add_recipe_arguments(build)
-    _add_overwrite(build, "replace an output folder another recipe wrote")
+    _add_overwrite(build, "start again: delete the output folder, whoever wrote it, and build anew")
     _add_batch_size(build)
     build.add_argument(
         "--dtype",
@@ -389,15 +392,9 @@ def _generate(args: argparse.Namespace) -> int:
     from m3.inference.loading import load_inference
     from m3.recipes import GenerationSection, load_recipe
 
-    files, overrides = split_recipe_arguments(args.recipe_items)
-    if len(files) == 1 and os.path.isdir(files[0]):  # a bank folder or a stage's run folder
-        source: Any = files[0]
-        settings = load_recipe(Path(files[0]) / "recipe.yaml", overrides).generation
-    else:
-        source = recipe_from_args(args)
-        overrides = []
-        settings = source.generation
-    settings = settings or GenerationSection()
+    source, overrides = _folder_or_recipe(args)
+    folder_recipe = isinstance(source, str) and load_recipe(Path(source) / "recipe.yaml", overrides)
+    settings = (folder_recipe or source).generation or GenerationSection()
     chosen = {
         name: getattr(settings, name) if getattr(args, name) is None else getattr(args, name)
         for name in ("max_new_tokens", "mode", "temperature", "top_k", "top_p")
@@ -506,11 +503,7 @@ def _add_run(verbs: Subparsers) -> None:
 def _edit(args: argparse.Namespace) -> int:
     from m3.bank.edit import edit_from_recipe, read_replacements, resolve_bank, resume_edit
 
-    files, overrides = split_recipe_arguments(args.recipe_items)
-    if len(files) == 1 and os.path.isdir(files[0]):  # a bank folder
-        source: Any = files[0]
-    else:
-        source, overrides = recipe_from_args(args), []
+    source, overrides = _folder_or_recipe(args)
     if args.resume:
         if args.replace or args.delete:
             raise UserError("--resume finishes an interrupted edit: give no --replace/--delete")
@@ -562,6 +555,28 @@ def _add_edit(verbs: Subparsers) -> None:
     edit.set_defaults(handler=_edit)
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from m3.bank.verify import verify_and_report
+
+    return 0 if verify_and_report(args.bank, repair=args.repair) else 1
+
+
+def _add_verify(verbs: Subparsers) -> None:
+    verify = verbs.add_parser(
+        "verify",
+        help="check every shard, the index and the manifest of a memory bank",
+        description=(
+            "Read the whole bank (every row's crc32, slot tables, provenance, the index's ids, "
+            "the manifest's files, fingerprints), print a summary and the damaged reference "
+            "ids; exit 0 only when every check holds. --repair rebuilds exactly the damaged "
+            "references with the bank's own recipe, then checks again."
+        ),
+    )
+    verify.add_argument("bank", metavar="BANK", help="the bank folder (m3 build-memory's output)")
+    verify.add_argument("--repair", action="store_true", help="rebuild the damaged references")
+    verify.set_defaults(handler=_verify)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
@@ -572,6 +587,7 @@ _VERBS: list[Callable[[Subparsers], None]] = [
     _add_evaluate,
     _add_generate,
     _add_edit,
+    _add_verify,
     _add_size,
     _add_smoke,
 ]

@@ -373,5 +373,15 @@ class MemoryIndex(ABC):
             The index.
         """
 
+    def ids(self) -> Tensor:
+        """The stored reference ids, `(N,)` int64, ascending.
+
+        `m3 verify` compares them with the store's.
+
+        Raises:
+            NotImplementedError: For an index that cannot list its ids.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot list its ids")
+
     @abstractmethod
     def __len__(self) -> int: ...

@@ -69,6 +69,9 @@ class ExactIndex(MemoryIndex):
     def __len__(self) -> int:
         return self._rows.n
 
+    def ids(self) -> Tensor:  # noqa: D102 (MemoryIndex.ids)
+        return torch.from_numpy(np.sort(self._rows.stored()))
+
     def add(self, embeddings: Tensor, ids: Tensor) -> None:
         """Add vectors; re-adding an id replaces its vector.
 

@@ -59,6 +59,13 @@ from m3.backends.hdf5_layout import (
     meta_crc,
 )
 from m3.backends.hdf5_reader import RowBuffers, read_rows
+from m3.backends.hdf5_salvage import (
+    begin_writing,
+    end_writing,
+    interrupted_writer,
+    refuse_interrupted,
+    salvage,
+)
 from m3.core.checks import check_int
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
@@ -165,14 +172,32 @@ class HDF5Store(MemoryStore):
         self._lock = threading.RLock()
         if mode == "r" and not self.path.exists():
             raise UserError(f"no memory store at {self.path}: the file does not exist")
-        if mode == "w" or (mode == "a" and not self.path.exists()):
-            if info is None:
-                raise UserError(f"creating the store {self.path} needs info=StoreInfo(...)")
+        if mode == "r" and not allow_incomplete:
+            refuse_interrupted(self.path)
+        creating = mode == "w" or (mode == "a" and not self.path.exists())
+        if creating and info is None:
+            raise UserError(f"creating the store {self.path} needs info=StoreInfo(...)")
+        if creating:
             segment_bytes = check_int("HDF5Store", "segment_bytes", segment_bytes, low=1)
-            self._create(info, segment_bytes)
-        else:
-            self._open_existing(info, allow_incomplete=allow_incomplete)
-            self._open_quantizer(quantizer)
+        if mode == "a" and not creating and interrupted_writer(self.path) is not None:
+            kept, lost = salvage(self.path, info=info, quantizer=quantizer)
+            print(
+                f"m3: {self.path} was being written when its writer stopped: kept the "
+                f"{kept} references that pass their checks, dropped {lost}",
+                file=sys.stderr,
+            )
+        if self._writable:
+            begin_writing(self.path)  # before the first byte changes; removed by close()
+        try:
+            if creating:
+                self._create(info, segment_bytes)
+            else:
+                self._open_existing(info, allow_incomplete=allow_incomplete)
+                self._open_quantizer(quantizer)
+        except BaseException:
+            if self._writable:
+                end_writing(self.path)
+            raise
 
     # ------------------------------------------------------------------------ opening
     def _create(self, info: StoreInfo, segment_bytes: int) -> None:
@@ -217,6 +242,8 @@ class HDF5Store(MemoryStore):
         self._own_process()
         with self._lock:
             if self._file is None:
+                if self._writable:
+                    begin_writing(self.path)  # reopened after close(): mark it again
                 self._file = self._open_h5()
             return self._file
 
@@ -533,6 +560,8 @@ class HDF5Store(MemoryStore):
         if self._pid == os.getpid():
             if self._file is not None:
                 self._file.close()
+                if self._writable:
+                    end_writing(self.path)  # the file is whole on disk: no salvage needed
             if self._fd is not None:
                 os.close(self._fd)
         self._file, self._fd, self._tables = None, None, None
@@ -565,9 +594,8 @@ class HDF5Store(MemoryStore):
         # Only this process's descriptor; h5py closes its own handle when collected. At
         # interpreter exit `os` may already be gone, hence the blanket suppress.
         with suppress(Exception):
-            if self._fd is not None and self._pid == os.getpid():
-                os.close(self._fd)
-                self._fd = None
+            if self._pid == os.getpid() and (self._fd is not None or self._writable):
+                self.close()  # a writer dropped without close() still leaves a clean file
 
     def __repr__(self) -> str:
         mode = "a" if self._writable else "r"

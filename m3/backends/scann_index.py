@@ -235,6 +235,10 @@ class ScannIndex(MemoryIndex):
     def __len__(self) -> int:
         return self._staged.n if self._staged is not None else self._rows.n
 
+    def ids(self) -> Tensor:  # noqa: D102 (MemoryIndex.ids)
+        rows = self._staged if self._staged is not None else self._rows
+        return torch.from_numpy(np.sort(rows.stored()))
+
     # --- writing -------------------------------------------------------------------------
 
     def add(self, embeddings: Tensor, ids: Tensor) -> None:

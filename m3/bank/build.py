@@ -29,6 +29,9 @@ Cold start (memories encoded when first retrieved, then kept) is
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,6 +55,8 @@ if TYPE_CHECKING:
     from m3.recipes import Recipe
     from m3.retrieval.embedders import Embedder
 
+from m3.backends.hdf5_salvage import interrupted_writer
+from m3.bank.inputs import BuildInputs, bank_problems, knowledge_fingerprint, open_shard
 from m3.bank.knowledge import KnowledgeBase, read_knowledge
 from m3.bank.layout import EDIT_JOURNAL, MANIFEST, QUANTIZER, shard_name
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
@@ -165,10 +170,7 @@ def build_memory(
     config = recipe.model.config()
     tokenizer = build_tokenizer(recipe)
     run = RunFolder(recipe.output, recipe.to_dict(), recipe.to_yaml())
-    if run.complete and not overwrite:
-        print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
-        return run.path
-    if (run.path / EDIT_JOURNAL).is_dir():
+    if (run.path / EDIT_JOURNAL).is_dir() and not overwrite:
         raise UserError(
             f"{run.path} has an interrupted edit: finish it with m3 edit {run.path} --resume"
         )
@@ -178,16 +180,26 @@ def build_memory(
     sparsifier, embedder = build(recipe, "sparsifier"), build(recipe, "embedder")
     sources = [registry.instantiate("source", s) for s in recipe.data.knowledge]
     knowledge = read_knowledge(sources, tokenizer, chunker=chunker)
+    inputs = BuildInputs(
+        knowledge=knowledge_fingerprint(knowledge.references),
+        tokenizer=tokenizer.fingerprint(),
+        model=model.memory_fingerprint(),
+    )
+    if run.complete and not overwrite and not _stale(run.path, inputs):
+        print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
+        return run.path
     prefix = tokenizer.reference_prefix()
     info = StoreInfo(
         memory_shape=config.memory_shape,
         dtype=dtype,
         model_config=config.to_dict(),
-        model_fingerprint=model.memory_fingerprint(),
-        tokenizer_fingerprint=tokenizer.fingerprint(),
+        model_fingerprint=inputs.model,
+        tokenizer_fingerprint=inputs.tokenizer,
         reference_prefix=tuple(prefix),
-        extra={"references": len(knowledge.references)},
+        extra={"references": len(knowledge.references), "knowledge": inputs.knowledge},
     )
+    if overwrite:
+        _start_again(run.path, shard)
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     quantizer = bank_quantizer(
         recipe, run.path, model, knowledge.references, prefix=prefix, encoder=encoder,
@@ -232,6 +244,7 @@ def build_memory(
         embedder_spec=recipe.to_dict().get("embedder"),
         index_spec=settings.index,
         quantizer=quantizer,
+        inputs=inputs,
         written=writer.written,
         seconds=seconds,
         progress=recipe.trainer.enable_progress_bar,
@@ -326,6 +339,53 @@ def bank_quantizer(
     return quantizer
 
 
+def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
+    """`--overwrite`: delete what an earlier build left, whoever wrote it.
+
+    Only the process that launched the build deletes (Lightning starts the other ranks
+    later, with `LOCAL_RANK` set, and they must not delete what rank 0 began); a rank
+    launched by hand (`shard`) deletes its own shard and the bank-wide outputs only.
+    """
+    if not folder.exists() or int(os.environ.get("LOCAL_RANK", 0)) > 0:
+        return
+    if shard is None:
+        shutil.rmtree(folder)
+        return
+    for name in (shard_name(shard[0]), shard_name(shard[0]) + ".writing", MANIFEST, "done.json"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "index", ignore_errors=True)
+
+
+def _stale(folder: Path, inputs: BuildInputs) -> bool:
+    """Whether a finished bank must be built again: refused when its inputs changed.
+
+    A bank whose files are missing or damaged is resumed: its `done.json` is removed, and a
+    shard that cannot be opened is moved aside (`.damaged`), so that the build encodes what
+    is missing, salvages interrupted shards and indexes again.
+
+    Raises:
+        UserError: Naming every input that changed since the bank was built.
+    """
+    changed, damaged = bank_problems(folder, inputs)
+    if changed:
+        raise UserError(
+            f"{folder} is complete for this recipe, but "
+            + "; ".join(changed)
+            + ": pass --overwrite to build it again"
+        )
+    if not damaged:
+        return False
+    print(
+        f"m3 build-memory: {folder} is not whole ({'; '.join(damaged)}): resuming",
+        file=sys.stderr,
+    )
+    (folder / "done.json").unlink()
+    for path in folder.glob("store-rank*.h5"):
+        if interrupted_writer(path) is None and isinstance(open_shard(path), str):
+            path.replace(path.with_name(path.name + ".damaged"))  # kept for a post-mortem
+    return True
+
+
 def _now() -> float:
     import time
 
@@ -342,6 +402,7 @@ def _finish(
     embedder_spec: Any,
     index_spec: Any = None,
     quantizer: MemoryQuantizer | None = None,
+    inputs: BuildInputs,
     written: int,
     seconds: float,
     progress: bool,
@@ -387,6 +448,8 @@ def _finish(
             "spec": embedder_spec,
         },
         "index": {"class": registry.identity(type(index))},
+        "built_from": inputs.to_dict(),
+        "saved": ["index"] + (["embedder"] if hasattr(embedder, "save") else []),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     outputs = [folder / s["file"] for s in shards]

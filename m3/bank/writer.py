@@ -169,6 +169,19 @@ class BankWriter(BasePredictionWriter):
                     f"this one has {world_size}: resume with the same number of devices, or "
                     "pass --overwrite to start again"
                 )
+            if stored.extra.get("knowledge", info.extra.get("knowledge")) != info.extra.get(
+                "knowledge"
+            ):
+                raise UserError(
+                    f"{path} holds memories of another knowledge base: its texts changed since "
+                    "the build was interrupted; pass --overwrite to start again"
+                )
+            if stored.tokenizer_fingerprint != info.tokenizer_fingerprint:
+                raise UserError(
+                    f"{path} holds references of another tokenizer "
+                    f"({stored.tokenizer_fingerprint[:16]}, now {info.tokenizer_fingerprint[:16]})"
+                    ": pass --overwrite to start again"
+                )
             if stored.model_fingerprint != info.model_fingerprint:
                 raise UserError(
                     f"{path} holds memories of other weights ({stored.model_fingerprint[:16]}, "

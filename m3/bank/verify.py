@@ -1,0 +1,239 @@
+"""`m3 verify BANK`: check every byte of a bank that can be checked, and repair it.
+
+`verify_bank` reads the whole bank: every shard's rows against their crc32 and its slot
+table against the rows (`HDF5Store.verify`), the provenance against its checksum, the shard
+each reference lives in (`id % world_size == rank`), the index's ids against the store's,
+the manifest against the files, and the fingerprints the shards record against the
+manifest's. `repair_bank` then rebuilds exactly the damaged references: it salvages shards
+whose writer died, deletes the damaged rows and resumes the bank's own build, which
+encodes what is missing and indexes again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from m3.backends.base import CorruptReferenceError
+from m3.backends.hdf5_salvage import interrupted_writer
+from m3.backends.hdf5_store import HDF5Store
+from m3.bank.inputs import bank_problems, read_manifest
+from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE
+from m3.core import registry
+from m3.core.errors import UserError
+
+
+@dataclass
+class BankReport:
+    """What `verify_bank` found.
+
+    Attributes:
+        folder: The bank folder.
+        references: References the manifest lists.
+        checked: References whose rows and provenance were read and checked.
+        damaged: Ids of references whose bytes fail a check, or that are missing, ascending.
+        problems: Everything else that is wrong, one sentence each.
+    """
+
+    folder: Path
+    references: int = 0
+    checked: int = 0
+    damaged: list[int] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """Whether every check held."""
+        return not self.damaged and not self.problems
+
+    def summary(self) -> str:
+        """The report as lines of text, for people."""
+        lines = [
+            f"m3 verify: {self.folder}: {self.checked} of {self.references} references "
+            f"checked, {len(self.damaged)} damaged or missing, {len(self.problems)} other "
+            "problems"
+        ]
+        lines += [f"  - {problem}" for problem in self.problems]
+        if self.damaged:
+            shown = ", ".join(map(str, self.damaged[:20]))
+            more = f" (and {len(self.damaged) - 20} more)" if len(self.damaged) > 20 else ""
+            lines.append(f"  damaged reference ids: {shown}{more}")
+        lines.append("  all checks hold" if self.ok else "  run m3 verify --repair to rebuild")
+        return "\n".join(lines)
+
+
+def verify_bank(folder: str | Path, *, progress: bool = True) -> BankReport:
+    """Check a bank that `m3 build-memory` wrote, reading all of it.
+
+    Args:
+        folder: The bank folder.
+        progress: Show a progress bar over the shards.
+
+    Returns:
+        The report; `ok` only when every check held.
+
+    Raises:
+        UserError: For a folder that holds no bank at all.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such bank folder")
+    report = BankReport(folder)
+    if (folder / EDIT_JOURNAL).is_dir():
+        report.problems.append(f"an edit was interrupted ({EDIT_JOURNAL}/ is left)")
+    if not (folder / DONE).is_file():
+        report.problems.append(f"{DONE} is missing: the build did not finish")
+    _, damaged_files = bank_problems(folder)
+    report.problems += damaged_files
+    try:
+        manifest = read_manifest(folder)
+    except UserError:
+        if not list(folder.glob("store-rank*.h5")):
+            raise UserError(f"{folder} holds no memory bank (no manifest, no shards)") from None
+        return report
+    report.references = int(manifest["references"])
+    world = int(manifest.get("world_size", len(manifest["shards"])))
+    stored: list[np.ndarray] = []
+    for shard in tqdm(manifest["shards"], desc="verifying shards", disable=not progress):
+        path = folder / shard["file"]
+        if not path.is_file() or interrupted_writer(path) is not None:
+            continue  # named by bank_problems; its references count as missing below
+        stored.append(_verify_shard(path, manifest, world, report))
+    held = np.concatenate(stored) if stored else np.zeros(0, dtype=np.int64)
+    missing = np.setdiff1d(np.arange(report.references), held)
+    report.damaged = sorted(set(report.damaged) | set(missing.tolist()))
+    _verify_index(folder, manifest, held, report)
+    return report
+
+
+def _verify_shard(path: Path, manifest: dict, world: int, report: BankReport) -> np.ndarray:
+    """Check one shard's rows, provenance, placement and fingerprints; its sound ids."""
+    try:
+        store = HDF5Store(path, mode="r", allow_incomplete=True, verify_reads="always")
+    except (UserError, CorruptReferenceError, OSError):
+        return np.zeros(0, dtype=np.int64)  # named by bank_problems
+    try:
+        ids = store.ids().numpy()
+        damaged = store.verify()
+        info = store.info
+    except CorruptReferenceError as error:
+        report.problems.append(f"{path.name}: {error}")
+        return np.zeros(0, dtype=np.int64)
+    finally:
+        store.close()
+    report.checked += len(ids)
+    report.damaged += damaged
+    match = SHARD_FILE.search(path.name)
+    rank = int(match.group(1)) if match else 0
+    elsewhere = ids[ids % world != rank]
+    if len(elsewhere):
+        report.problems.append(
+            f"{path.name} holds {len(elsewhere)} references of another rank (e.g. "
+            f"{int(elsewhere[0])})"
+        )
+    for key in ("model_fingerprint", "tokenizer_fingerprint"):
+        if key in manifest and getattr(info, key) != manifest[key]:
+            report.problems.append(f"{path.name}: its {key} is not the manifest's")
+    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
+    if (info.quantizer or {}).get("fingerprint") != recorded:
+        report.problems.append(f"{path.name}: its quantizer is not the manifest's")
+    built = (manifest.get("built_from") or {}).get("knowledge")
+    if built is not None and info.extra.get("knowledge", built) != built:
+        report.problems.append(f"{path.name} was built from another knowledge base")
+    return np.setdiff1d(ids, damaged)
+
+
+def _verify_index(folder: Path, manifest: dict, held: np.ndarray, report: BankReport) -> None:
+    """Check that the index holds exactly the manifest's references."""
+    index_folder = folder / "index"
+    if not index_folder.is_dir():
+        return  # named by bank_problems
+    try:
+        index = registry.class_of(manifest["index"]["class"], "index").load(index_folder)
+    except Exception as error:  # any failure to load is the finding itself
+        report.problems.append(f"index/ cannot be loaded ({type(error).__name__}: {error})")
+        return
+    expected = np.arange(report.references)
+    try:
+        ids = index.ids().numpy()
+    except NotImplementedError:
+        if len(index) != report.references:
+            report.problems.append(
+                f"index/ holds {len(index)} vectors, the manifest lists {report.references}"
+            )
+        return
+    extra, absent = np.setdiff1d(ids, expected), np.setdiff1d(expected, ids)
+    if len(extra) or len(absent):
+        report.problems.append(
+            f"index/ and the manifest disagree: {len(absent)} references not indexed, "
+            f"{len(extra)} indexed ids the bank does not list"
+        )
+
+
+def repair_bank(folder: str | Path, report: BankReport) -> None:
+    """Rebuild the damaged references of a bank, then index it again.
+
+    Shards whose writer died are salvaged (opening them to write does that), damaged rows
+    are deleted, and the build the bank folder's own `recipe.yaml` describes resumes: it
+    encodes exactly what is missing, marks the shards complete and indexes again.
+
+    Args:
+        folder: The bank folder.
+        report: `verify_bank(folder)`.
+
+    Raises:
+        UserError: When the folder's recipe cannot rebuild it (an interrupted edit, a
+            recipe that writes elsewhere) or its inputs changed since the build.
+    """
+    from m3.bank.build import build_memory
+    from m3.recipes import load_recipe
+
+    folder = Path(folder)
+    if (folder / EDIT_JOURNAL).is_dir():
+        raise UserError(f"{folder}: finish the interrupted edit first: m3 edit {folder} --resume")
+    recipe = load_recipe(folder / "recipe.yaml")
+    if Path(recipe.output).resolve() != folder.resolve():
+        raise UserError(
+            f"{folder}/recipe.yaml writes to {recipe.output}: run m3 verify --repair on the "
+            "folder from where the build ran (its output path is relative to there)"
+        )
+    damaged = np.array(report.damaged, dtype=np.int64)
+    for path in sorted(folder.glob("store-rank*.h5")):
+        try:
+            store = HDF5Store(path, mode="a")  # salvages a shard whose writer died
+        except (UserError, CorruptReferenceError) as error:
+            raise UserError(
+                f"{path} cannot be opened ({error}): rebuild the bank with m3 build-memory "
+                "--overwrite"
+            ) from None
+        try:
+            ids = store.ids().numpy()
+            drop = ids[np.isin(ids, damaged)]
+            if len(drop):
+                store.delete(drop)
+        finally:
+            store.close()
+    (folder / DONE).unlink(missing_ok=True)
+    build_memory(recipe)
+
+
+def verify_and_report(folder: str | Path, *, repair: bool = False) -> bool:
+    """`m3 verify`: check a bank, print the report; with `repair`, rebuild and check again.
+
+    Args:
+        folder: The bank folder.
+        repair: Rebuild the damaged references (`repair_bank`) when a check fails.
+
+    Returns:
+        Whether every check holds in the end.
+    """
+    report = verify_bank(folder)
+    print(report.summary())
+    if repair and not report.ok:
+        repair_bank(folder, report)
+        report = verify_bank(folder)
+        print(report.summary())
+    return report.ok
