@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -367,4 +369,81 @@ def test_a_quantized_bank_stores_the_new_memories_as_its_codes(parts, tmp_path):
     memory = encoded(parts, cut(LONG, "person-0001.1"))
     assert_same(bank.store.read(new), quantizer.decode(quantizer.encode(memory)))
     bank.store.close()
+    check_consistent(folder)
+
+
+# ------------------------------------------------------------------ edits and other processes
+def _bank_state(folder: Path) -> dict[str, bytes]:
+    """Every file of a bank folder, byte for byte (the edit lock's pid aside)."""
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != "edit.lock"
+    }
+
+
+def test_an_edit_while_a_reader_holds_the_bank_fails_cleanly_and_changes_nothing(
+    parts, tmp_path, capsys
+):
+    folder = copy_of(parts, "one", tmp_path)
+    before = _bank_state(folder)
+    reader = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from m3.bank.open import open_bank; "
+         f"b = open_bank({str(folder)!r}); b.store.read([0]); print('open', flush=True); "
+         "sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert reader.stdout.readline().strip() == b"open"
+        assert main(["edit", str(folder), "--delete", "person-0007.1"]) == 2
+        err = capsys.readouterr().err
+        assert "open in another process" in err and "nothing was changed" in err
+        assert "Traceback" not in err
+        assert _bank_state(folder) == before  # no journal, no marker, the same bytes
+    finally:
+        reader.communicate(b"")
+    assert main(["edit", str(folder), "--delete", "person-0007.1"]) == 0
+    check_consistent(folder)
+
+
+def test_a_second_edit_during_an_edit_is_refused_cleanly(parts, tmp_path, capsys):
+    from m3.bank.journal import edit_lock
+
+    folder = copy_of(parts, "one", tmp_path)
+    before = _bank_state(folder)
+    script = (
+        "import sys, time; from pathlib import Path; from m3.bank.journal import edit_lock\n"
+        f"with edit_lock(Path({str(folder)!r})):\n"
+        "    print('locked', flush=True); sys.stdin.read()\n"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, cwd=ROOT)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == b"locked"
+        for argv in (["--delete", "person-0007.1"], ["--resume"]):
+            assert main(["edit", str(folder), *argv]) == 2
+            err = capsys.readouterr().err
+            assert f"being edited by another process (pid {holder.pid})" in err
+            assert "Traceback" not in err
+        assert _bank_state(folder) == before
+    finally:
+        holder.communicate(b"")
+    with edit_lock(folder):  # released when its holder ended
+        pass
+
+
+def test_two_concurrent_edit_commands_never_leave_a_traceback_or_a_stale_folder(parts, tmp_path):
+    folder = copy_of(parts, "one", tmp_path)
+    commands = [
+        [sys.executable, "-m", "m3", "edit", str(folder), "--delete", doc]
+        for doc in ("person-0007.1", "person-0008.0")
+    ]
+    runs = [subprocess.Popen(c, cwd=ROOT, stderr=subprocess.PIPE, text=True) for c in commands]
+    outcomes = [(run.wait(), run.stderr.read()) for run in runs]
+    for code, err in outcomes:
+        assert code in (0, 2) and "Traceback" not in err, err
+        if code == 2:
+            assert "being edited by another process" in err
+    assert 0 in [code for code, _ in outcomes]
+    assert not (folder / "edit-journal").exists() and not (folder / "edit-journal.tmp").exists()
     check_consistent(folder)

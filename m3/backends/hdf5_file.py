@@ -312,8 +312,9 @@ def open_file(path: Path, *, writable: bool, shared_reader: bool) -> h5py.File:
                 f"{path} is truncated: the file is shorter than its contents ({text})"
             ) from error
         if "lock" in text:
+            holder = "reading or writing it" if writable else "writing it"
             raise UserError(
-                f"{path} is open for writing in another process: close it there first ({text})"
+                f"{path} is open in another process ({holder}): close it there first ({text})"
             ) from error
         raise UserError(f"cannot open {path} as an HDF5 memory store: {text}") from error
 

@@ -33,6 +33,8 @@ from m3.bank.journal import (
     EditSummary,
     apply_journal,
     check_no_journal,
+    edit_lock,
+    open_for_edit,
     resume_edit,
     shard_owners,
     write_journal,
@@ -138,13 +140,33 @@ def edit_bank(
             model or tokenizer that did not write the bank; an unknown document id, one
             named twice, empty text, or nothing to do (each naming the id).
     """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such bank folder")
+    with edit_lock(folder):
+        return _edit_locked(
+            folder, model=model, tokenizer=tokenizer, replace=replace, delete=delete,
+            chunker=chunker, encoder=encoder, sparsifier=sparsifier, batch_size=batch_size,
+        )  # fmt: skip
+
+
+def _edit_locked(
+    folder: Path,
+    *,
+    model: Memory3,
+    tokenizer: Tokenizer,
+    replace: Mapping[str, str] | Sequence[Document],
+    delete: Sequence[str],
+    chunker: Chunker | None,
+    encoder: MemoryEncoder | None,
+    sparsifier: nn.Module | None,
+    batch_size: int,
+) -> EditSummary:
+    """`edit_bank`, holding the bank's edit lock."""
     from m3.bank.knowledge import read_knowledge
     from m3.bank.open import open_bank
     from m3.memory.encoder import encode_references
 
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise UserError(f"{folder}: no such bank folder")
     check_no_journal(folder)
     documents = _as_documents(replace)
     deleted = [str(d) for d in delete]
@@ -258,8 +280,14 @@ def edit_bank(
         index = bank.index
     finally:
         bank.store.close()
-    write_journal(folder, plan, memory, new_refs, embeddings)
-    return apply_journal(folder, index)
+    stores = open_for_edit(folder, plan["manifest"])  # before the commit point: or nothing changes
+    try:
+        write_journal(folder, plan, memory, new_refs, embeddings)
+    except BaseException:
+        for store in stores:
+            store.close()
+        raise
+    return apply_journal(folder, index, stores)
 
 
 # ------------------------------------------------------------------------------ from a recipe

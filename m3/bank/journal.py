@@ -35,26 +35,24 @@ A `Retriever` caches memories by reference id: open the bank again after editing
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from m3.backends.base import MemoryIndex, MissingReferenceError
-from m3.bank.layout import DONE, EDIT_JOURNAL, MANIFEST
+from m3.backends.hdf5_store import HDF5Store
+from m3.bank.layout import DONE, EDIT_JOURNAL, EDIT_LOCK, MANIFEST
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.data.chunking import Reference
-
-if TYPE_CHECKING:
-    pass
-
 
 #: The committed journal of an edit in progress, in the bank folder.
 JOURNAL = EDIT_JOURNAL
@@ -101,6 +99,66 @@ class EditSummary:
             f"{self.bytes_written:,} bytes of memories written ({self.store_bytes:,} bytes "
             "in the store)"
         )
+
+
+@contextlib.contextmanager
+def edit_lock(folder: Path) -> Iterator[None]:
+    """Hold the bank's edit lock (`edit.lock`, an advisory `flock`) for one edit.
+
+    Taken before an edit reads its journal state, so that two edits never see each other's
+    half-written journal; released when the process ends, however it ends.
+
+    Args:
+        folder: The bank folder.
+
+    Raises:
+        UserError: When another process is editing the bank (nothing is changed then).
+    """
+    path = folder / EDIT_LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise UserError(
+                f"{folder} is being edited by another process (pid {holder}): wait for that "
+                "edit to finish, then run yours again"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def open_for_edit(folder: Path, manifest: dict[str, Any]) -> list[HDF5Store]:
+    """Open every shard of a bank to write, before an edit's commit point.
+
+    Args:
+        folder: The bank folder.
+        manifest: Its manifest (names the shards).
+
+    Returns:
+        The shards, writable; the caller closes them.
+
+    Raises:
+        UserError: When a shard is open in another process (a reader holds HDF5's file
+            lock): nothing is changed then.
+    """
+    stores: list[HDF5Store] = []
+    try:
+        for shard in manifest["shards"]:
+            stores.append(HDF5Store(folder / shard["file"], mode="a"))
+    except UserError as error:
+        for store in stores:
+            store.close()
+        raise UserError(
+            f"cannot edit {folder}: {error}. An edit changes the shards in place, so it needs "
+            "them to itself: close the processes that read the bank (m3 generate, m3 evaluate, "
+            "a Retriever) and edit again; nothing was changed"
+        ) from None
+    return stores
 
 
 def journal_state(folder: Path) -> str:
@@ -247,18 +305,20 @@ def shard_owners(ids: Sequence[int], held: Sequence[set[int]]) -> list[int]:
     return [next((n for n, shard in enumerate(held) if i in shard), i % len(held)) for i in ids]
 
 
-def apply_journal(folder: Path, index: MemoryIndex | None = None) -> EditSummary:
+def apply_journal(
+    folder: Path, index: MemoryIndex | None = None, stores: list[HDF5Store] | None = None
+) -> EditSummary:
     """Apply the committed journal of `folder` (idempotent), then finish the edit.
 
     Args:
         folder: The bank folder.
         index: The bank's index, when the caller has it open already; loaded when None.
+        stores: Its shards, open to write (`open_for_edit`); opened here when None. Closed
+            here either way.
 
     Returns:
         What the edit changed.
     """
-    from m3.backends.hdf5_store import HDF5Store
-
     journal = folder / JOURNAL
     plan, memory, references, embeddings = read_journal(journal)
     manifest = plan["manifest"]
@@ -266,7 +326,7 @@ def apply_journal(folder: Path, index: MemoryIndex | None = None) -> EditSummary
 
     # 1. the store: deletes, then writes, each shard marked complete again
     files = [folder / s["file"] for s in manifest["shards"]]
-    stores = [HDF5Store(path, mode="a") for path in files]
+    stores = open_for_edit(folder, manifest) if stores is None else stores
     try:
         held = [set(s.ids().tolist()) for s in stores]
         for store, ids in zip(stores, held, strict=True):
@@ -342,12 +402,13 @@ def resume_edit(folder: str | Path) -> EditSummary | None:
         The finished edit's summary; None when no committed edit was pending.
     """
     folder = Path(folder)
-    state = journal_state(folder)
-    if state == "pending":
-        roll_back(folder)
-    if state != "committed":
-        return None
-    return apply_journal(folder)
+    with edit_lock(folder):
+        state = journal_state(folder)
+        if state == "pending":
+            roll_back(folder)
+        if state != "committed":
+            return None
+        return apply_journal(folder)
 
 
 # ------------------------------------------------------------------------------ editing

@@ -8,6 +8,7 @@
 | `index/` | the search index over every reference (`bank.index`, default `ExactIndex`) |
 | `manifest.json` | shards, counts, fingerprints, dtype, quantizer, embedder and index |
 | `edit-journal/` | an edit in progress (`m3 edit`): the bank is unfinished while it exists |
+| `edit.lock` | the lock an edit holds while it runs (`flock`; the file itself stays) |
 | `recipe.yaml`, `fingerprint`, `done.json` | the run folder (`done.json` written last) |
 """
 
@@ -21,6 +22,8 @@ MANIFEST = "manifest.json"
 DONE = "done.json"
 #: The journal of an edit in progress (`m3.bank.edit`): the bank is unfinished while it exists.
 EDIT_JOURNAL = "edit-journal"
+#: The lock an edit holds (`m3.bank.journal.edit_lock`).
+EDIT_LOCK = "edit.lock"
 #: The trained quantizer of a quantized bank, in the bank folder.
 QUANTIZER = "quantizer.pt"
 #: A shard's file name; its group is the rank that wrote it.
