@@ -109,6 +109,8 @@ def interrupted_writer(path: Path) -> dict | None:
         return {"pid": None, "host": None}  # a marker cut short by the kill itself
     if host != socket.gethostname():
         return None
+    if pid <= 0:  # no process: os.kill would signal a whole process group
+        return record
     if pid == os.getpid():
         return None if path.resolve() in _WRITING else record
     return None if _alive(pid) else record
@@ -155,13 +157,14 @@ def begin_writing(path: Path) -> None:
     _WRITING.add(path.resolve())
 
 
-def end_writing(path: Path) -> None:
+def end_writing(path: Path, *, synced: bool = False) -> None:
     """Sync the closed file to disk, then remove its writing marker.
 
     Args:
         path: The store file, closed by this process.
+        synced: The file was synced after its last write already (`mark_complete`).
     """
-    if path.exists():
+    if path.exists() and not synced:
         _fsync(path)
     marker_path(path).unlink(missing_ok=True)
     _fsync(path.parent)

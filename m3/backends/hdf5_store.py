@@ -163,6 +163,7 @@ class HDF5Store(MemoryStore):
         if info is not None:
             info = with_quantizer(info, quantizer, where=str(self.path))
         self._writable = mode != "r"
+        self._synced = False  # synced to disk since the last write (mark_complete)
         self._shared_reader = False  # an unpickled copy of a writable store: no file lock
         self._file: h5py.File | None = None
         self._fd: int | None = None
@@ -275,6 +276,7 @@ class HDF5Store(MemoryStore):
         # A batch that fails midway leaves a complete store marked incomplete, and the
         # in-process tables are reloaded from the file next time.
         file = self._h5()
+        self._synced = False
         was_complete = bool(file.attrs["complete"])
         if was_complete:
             file.attrs["complete"] = False
@@ -373,6 +375,7 @@ class HDF5Store(MemoryStore):
         file.attrs["complete"] = True
         file.flush()
         self._sync()
+        self._synced = True
 
     def _sync(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
@@ -560,8 +563,8 @@ class HDF5Store(MemoryStore):
         if self._pid == os.getpid():
             if self._file is not None:
                 self._file.close()
-                if self._writable:
-                    end_writing(self.path)  # the file is whole on disk: no salvage needed
+                if self._writable:  # the file is whole on disk: no salvage needed
+                    end_writing(self.path, synced=self._synced)
             if self._fd is not None:
                 os.close(self._fd)
         self._file, self._fd, self._tables = None, None, None
@@ -585,6 +588,7 @@ class HDF5Store(MemoryStore):
         self.verify_reads = state["verify_reads"]
         self.quantizer = state.get("quantizer")
         self._writable, self._shared_reader = False, state["shared_reader"]
+        self._synced = False
         self._file, self._fd, self._tables = None, None, None
         self._buffers = RowBuffers()
         self._pid = os.getpid()

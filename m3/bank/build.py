@@ -162,7 +162,7 @@ def build_memory(
         raise UserError(f"training.init_weights: {init} does not exist (train the model first?)")
     from m3.core.runs import RunFolder
     from m3.model.checkpoints import load_weights
-    from m3.recipes import BankSection, build, build_tokenizer
+    from m3.recipes import BankSection, build, build_tokenizer, build_trainer
 
     settings = recipe.bank or BankSection()
     batch_size = settings.batch_size if batch_size is None else batch_size
@@ -198,26 +198,27 @@ def build_memory(
         reference_prefix=tuple(prefix),
         extra={"references": len(knowledge.references), "knowledge": inputs.knowledge},
     )
-    if overwrite:
-        _start_again(run.path, shard)
-    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
-    quantizer = bank_quantizer(
-        recipe, run.path, model, knowledge.references, prefix=prefix, encoder=encoder,
-        sparsifier=sparsifier, batch_size=batch_size,
-    )  # fmt: skip
-
-    writer = BankWriter(run.path, info, knowledge.references, shard=shard, quantizer=quantizer)
+    writer = BankWriter(run.path, info, knowledge.references, shard=shard)
     options = recipe.trainer.to_kwargs()
     keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
             "enable_progress_bar", "deterministic")  # fmt: skip
-    trainer = L.Trainer(
-        **{k: v for k, v in options.items() if k in keep},
+    trainer = build_trainer(  # before the claim: Lightning refuses some options only here
+        {k: v for k, v in options.items() if k in keep},
         default_root_dir=run.path,
         logger=False,
         enable_checkpointing=False,
         use_distributed_sampler=False,
         callbacks=[writer, *callbacks],
     )
+    if overwrite:
+        _start_again(run.path, shard)
+    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
+    # trained (or read) into the folder, so after the claim
+    writer.quantizer = bank_quantizer(
+        recipe, run.path, model, knowledge.references, prefix=prefix, encoder=encoder,
+        sparsifier=sparsifier, batch_size=batch_size,
+    )  # fmt: skip
+    quantizer = writer.quantizer
     encoding = BankEncoder(model, prefix, encoder=encoder, sparsifier=sparsifier)
     start = _now()
     with warnings.catch_warnings():

@@ -557,8 +557,8 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
     texts = [
         d.text for s in spec.heldout or [] for d in registry.instantiate("source", s).documents()
     ]
-    run.claim(overwrite=overwrite)
     with load_inference(recipe) as inference:
+        run.claim(overwrite=overwrite)  # the model and the bank load: now the folder is ours
         model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
         cloze = (
             evaluate_cloze(

@@ -30,7 +30,7 @@ What lives where (everything is importable from `m3.recipes` itself):
 - `defaults`: the parts m3 uses when a recipe names none (`default_spec`), and m3's
   `Trainer` defaults;
 - `building`: the parts a recipe names, or the defaults (`build`, `build_tokenizer`,
-  `bank_quantizer`);
+  `build_trainer`, `bank_quantizer`);
 - `shipped`: the recipes in `recipes/` (`shipped_recipes`);
 - `errors`: `RecipeError`.
 
@@ -47,7 +47,7 @@ from m3.core.errors import UserError as UserError
 from m3.core.registry import ComponentSpec
 from m3.core.values import Bounds, Problem
 from m3.model.config import PRESETS, Config
-from m3.recipes.building import bank_quantizer, build, build_tokenizer
+from m3.recipes.building import bank_quantizer, build, build_tokenizer, build_trainer
 from m3.recipes.checking import validate
 from m3.recipes.defaults import SCANN_ABOVE, default_spec
 from m3.recipes.errors import RecipeError
@@ -92,6 +92,7 @@ __all__ = [
     "bank_quantizer",
     "build",
     "build_tokenizer",
+    "build_trainer",
     "component_paths",
     "default_spec",
     "load_recipe",

@@ -88,6 +88,34 @@ def build_tokenizer(recipe: Recipe) -> Any:
     return tokenizer
 
 
+def build_trainer(options: dict[str, Any], **extra: Any) -> Any:
+    """Lightning's `Trainer` from a recipe's `trainer:` options, its refusals as a `UserError`.
+
+    Lightning checks some options only when it builds the Trainer (`devices: 0`, an
+    accelerator it does not know): build it before a run folder is claimed, so that a refused
+    option leaves nothing behind. Building it writes nothing.
+
+    Args:
+        options: `recipe.trainer.to_kwargs()`, or the subset a stage passes on.
+        **extra: What m3 itself sets (`default_root_dir`, `logger`, `callbacks`…).
+
+    Returns:
+        The `lightning.Trainer`.
+
+    Raises:
+        UserError: Naming the `trainer` section and Lightning's reason.
+    """
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**options, **extra)
+    except (ValueError, MisconfigurationException) as error:
+        named = [key for key in options if key in str(error)]
+        where = ", ".join(f"trainer.{key}={options[key]!r}" for key in named) or "trainer"
+        raise UserError(f"{where}: Lightning refuses it: {error}") from None
+
+
 def bank_quantizer(recipe: Recipe) -> Any:
     """The vector quantizer a recipe's `bank` section names, untrained, or None.
 

@@ -115,6 +115,32 @@ _YamlLoader.add_implicit_resolver(
 _YamlLoader.add_constructor("tag:yaml.org,2002:timestamp", _YamlLoader.construct_yaml_str)
 
 
+#: How deep a recipe's values may nest: far deeper than any recipe does (a stage's
+#: `stages.<name>.data.train[0].init_args.paths[0]` is 7), and shallow enough for OmegaConf,
+#: which recurses several frames per level.
+MAX_DEPTH = 32
+
+
+def _shape_problem(node: Any, parts: tuple[Any, ...] = ()) -> tuple[str, str] | None:
+    # A YAML alias can make a value contain itself (`a: &x [*x]`), and flow syntax can nest
+    # it hundreds deep: either would exhaust the stack of everything that walks the recipe.
+    # Returns the key path of the first such value and what is wrong with it.
+    stack: list[tuple[Any, tuple[Any, ...], tuple[int, ...]]] = [(node, parts, ())]
+    while stack:
+        value, where, ancestors = stack.pop()
+        if not isinstance(value, (dict, list)):
+            continue
+        if id(value) in ancestors:
+            return key_path(where), "refers to itself (a recursive YAML alias)"
+        if len(ancestors) >= MAX_DEPTH:
+            return key_path(where), f"nests deeper than {MAX_DEPTH} levels"
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        inner = (*ancestors, id(value))
+        for key, item in items:
+            stack.append((item, (*where, key if isinstance(value, list) else str(key)), inner))
+    return None
+
+
 def read_recipe_file(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     """Read one recipe file as plain values, without checking it.
 
@@ -123,7 +149,8 @@ def read_recipe_file(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
 
     Returns:
         Its mapping (None when it cannot be read) and the problems, each at the file's path:
-        a missing file, a YAML error, repeated keys, a document that is no mapping.
+        a missing file, a YAML error, repeated keys, a document that is no mapping, a value
+        that contains itself or nests deeper than `MAX_DEPTH`.
     """
     name = str(path)
     if not path.exists():
@@ -141,6 +168,9 @@ def read_recipe_file(path: Path) -> tuple[dict[str, Any] | None, list[Problem]]:
     if not isinstance(loaded, dict):
         kind = type(loaded).__name__
         return None, [Problem(name, f"a recipe must be a mapping of keys to values, not a {kind}")]
+    shape = _shape_problem(loaded)
+    if shape is not None:
+        return None, [Problem(name, f"{shape[0] or 'the recipe'} {shape[1]}")]
     return loaded, []
 
 
@@ -158,6 +188,9 @@ def _read_override(item: str) -> tuple[dict[str, Any] | None, list[Problem]]:
     except (ValueError, RecursionError, yaml.YAMLError) as err:
         detail = " ".join(str(err).split())
         return None, [Problem(key, f"cannot parse the value {text!r}: {detail}")]
+    shape = _shape_problem(value, tuple(key.split(".")))
+    if shape is not None:
+        return None, [Problem(*shape)]
     for part in reversed(key.split(".")):
         value = {part: value}
     return value, []
@@ -297,9 +330,10 @@ def load_recipe(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     # but not what the skipped override would have set.
     unresolved: list[str] = []
     command_line: dict[str, Any] = {}
+    unread: list[Problem] = []  # (from the command line, whatever the files set there)
     for item in overrides:
         layer, found = _read_override(item)
-        problems += found
+        unread += found
         unresolved += [p.path for p in found if p.path]
         if layer is not None:
             command_line = deep_merge(command_line, _normalise(layer, components))
@@ -313,10 +347,14 @@ def load_recipe(paths: str | Path | Sequence[str | Path], overrides: Sequence[st
     data = _resolve(config, (), problems, unresolved)
     recipe, found = validate(data)
     problems += [p for p in found if not _related(p.path, unresolved)]
-    if problems:
+    if problems or unread:
         if len(layers) > 1:
             problems = [_with_origin(p, layers) for p in problems]
-        raise RecipeError(problems, sources=sources)
+            unread = [
+                Problem(p.path, f"{p.message} (from {_COMMAND_LINE})") if p.path else p
+                for p in unread
+            ]
+        raise RecipeError([*unread, *problems], sources=sources)
     assert recipe is not None  # no problems means a recipe was built
     return recipe
 

@@ -39,6 +39,8 @@ from m3.recipes.defaults import TRAINER
 from m3.recipes.signatures import Signature, locate, signature, stands_for
 
 _EMPTY = inspect.Parameter.empty
+#: A coefficient of AdamW's running averages (`training.betas`).
+_BETA = Annotated[float, Bounds(ge=0, lt=1)]
 _KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 _LISTS = (list, tuple, collections.abc.Sequence, collections.abc.Collection)
 
@@ -74,6 +76,9 @@ class Section(Mapping[str, Any]):
     placed: ClassVar[Mapping[str, str]] = MappingProxyType({})
     #: Ranges m3 holds arguments to, beyond their annotations.
     bounds: ClassVar[Mapping[str, Bounds]] = MappingProxyType({})
+    #: Types m3 holds arguments to instead of their annotations, where an annotation is
+    #: looser than what the component accepts (`Sequence[float]` for two numbers in [0, 1)).
+    narrowed: ClassVar[Mapping[str, Any]] = MappingProxyType({})
     #: The values a recipe writes out when it leaves them unset (and so fingerprints); None:
     #: every option, with its constructor's default.
     written: ClassVar[Mapping[str, Any] | None] = None
@@ -118,9 +123,10 @@ class Section(Mapping[str, Any]):
             key: An option of the section.
 
         Returns:
-            The annotation (`Annotated[..., Bounds(...)]` where m3 narrows it).
+            The annotation, or the type m3 holds it to (`narrowed`), with its `bounds`
+            (`Annotated[..., Bounds(...)]`).
         """
-        hint = cls.owner(key).hint(key)
+        hint = cls.narrowed[key] if key in cls.narrowed else cls.owner(key).hint(key)
         return Annotated[hint, cls.bounds[key]] if key in cls.bounds else hint
 
     @classmethod
@@ -294,6 +300,8 @@ class TrainingSection(Section):
     )
     borrowed = MappingProxyType({"memories": "m3.training.datamodule:TextDataModule"})
     placed = MappingProxyType({"memories": "init_weights"})  # where recipes have written it
+    # AdamW takes exactly two coefficients, each in [0, 1); the annotation says Sequence[float]
+    narrowed = MappingProxyType({"betas": tuple[_BETA, _BETA]})
 
 
 class TrainerSection(Section):

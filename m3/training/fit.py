@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.runs import RunFolder
-from m3.recipes import Recipe, build, build_tokenizer
+from m3.recipes import Recipe, build, build_tokenizer, build_trainer
 
 if TYPE_CHECKING:
     from m3.training.datamodule import TextDataModule
@@ -166,18 +166,18 @@ def fit(recipe: Recipe, *, overwrite: bool = False) -> Path:
     module = training_module(recipe, tokenizer)
     if memories is not None:  # the bank was written by the initial weights: check it now
         data.check_memories(module.model)
-    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     options = recipe.trainer.to_kwargs()
     every = max(1, options["max_steps"] // 10)
     checkpoints = ModelCheckpoint(
         run.path / "checkpoints", save_last=True, every_n_train_steps=every, save_top_k=1
     )
-    trainer = L.Trainer(
-        **options,
+    trainer = build_trainer(  # before the claim: Lightning refuses some options only here
+        options,
         default_root_dir=run.path,
         logger=CSVLogger(run.path, name="", version="logs"),
         callbacks=[checkpoints],
     )
+    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     last = run.path / "checkpoints" / "last.ckpt"
     if last.is_file():
         print(f"m3 fit: resuming from {last}")
