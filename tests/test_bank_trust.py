@@ -12,14 +12,15 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from test_bank import Interrupt
 
 from m3.backends import HDF5Store
 from m3.backends.hdf5_salvage import marker_path
@@ -150,18 +151,6 @@ def adopt(folder: Path, inputs: dict[str, Path]) -> None:
     if (folder / "done.json").is_file():
         done = json.loads((folder / "done.json").read_text())
         (folder / "done.json").write_text(json.dumps({**done, "fingerprint": run.fingerprint}))
-
-
-class Interrupt(L.Callback):
-    """Fails the build after `after` batches were written."""
-
-    def __init__(self, after: int) -> None:
-        self.after, self.seen = after, 0
-
-    def on_predict_batch_end(self, *args: object, **kwargs: object) -> None:
-        self.seen += 1
-        if self.seen == self.after:
-            raise RuntimeError("simulated interruption")
 
 
 # ------------------------------------------------------------------ a writer that died
@@ -328,6 +317,28 @@ def test_verify_passes_a_sound_bank_and_names_damaged_references(
     assert main(["verify", str(out), "--repair"]) == 0
     assert os.getcwd() == cwd
     assert "all checks hold" in capsys.readouterr().out
+    assert json.loads((out / "done.json").read_text())["encoded_this_run"] == 2  # exactly those
+    assert_same_bank(contents(out), contents(reference_bank))
+
+
+def test_repair_salvages_a_shard_whose_writer_died_and_encodes_only_what_it_lost(
+    inputs, reference_bank, tmp_path, capsys
+):
+    out = copy_bank(reference_bank, tmp_path)
+    adopt(out, inputs)
+    shard = out / "store-rank0.h5"
+    store = HDF5Store(shard)
+    offset = store.row_location(9)[0]
+    store.close()
+    with shard.open("r+b") as f:  # the row a killed writer was writing
+        f.seek(offset + 8)
+        f.write(b"\0" * 24)
+    marker_path(shard).write_text(json.dumps({"pid": 0, "host": socket.gethostname()}))
+    assert main(["verify", str(out)]) == 1
+    assert "store-rank0.h5 was being written when its writer stopped" in capsys.readouterr().out
+    assert main(["verify", str(out), "--repair"]) == 0
+    assert json.loads((out / "done.json").read_text())["encoded_this_run"] == 1
+    assert not marker_path(shard).exists()
     assert_same_bank(contents(out), contents(reference_bank))
 
 

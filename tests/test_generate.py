@@ -345,3 +345,19 @@ def test_the_command_reports_bad_input_in_one_line(bank, capsys) -> None:
         err = capsys.readouterr().err
         assert err.startswith("m3: error: ") and message in err
         assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_retrieval_min_score_from_the_recipe_drops_weak_candidates(bank) -> None:
+    # nothing of it is in the (English) world's knowledge base: it scores only by hash
+    # collisions of its 8 tokens (about 0.1 here)
+    query = "漢字のテキスト 🙂"
+    with load_inference(bank) as loaded:
+        ids, _ = loaded.retriever.search([query])
+        assert (ids >= 0).all()  # the default: the k best, whatever they score
+    with load_inference(bank, overrides=["retrieval.min_score=0.3"], threshold=None) as loaded:
+        assert loaded.retriever.min_score == 0.3
+        ids, _ = loaded.retriever.search([query])
+        assert (ids == -1).all()
+        known = loaded.bank.store.references([0])[0]
+        ids, _ = loaded.retriever.search([loaded.tokenizer.decode(known.ids)])
+        assert ids[0, 0] == 0  # its own text (no leakage filter here) scores far above it

@@ -23,9 +23,11 @@ pays a marker file per open and nothing per write.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,7 +52,7 @@ from m3.core.errors import UserError
 if TYPE_CHECKING:
     from m3.memory.quantize import MemoryQuantizer
 
-#: rows copied at a time by `salvage`
+#: bytes of rows copied at a time by `salvage`
 _SALVAGE_BYTES = 64 << 20
 #: paths this process holds open for writing (a marker with our pid and a path not here is
 #: one that a store left behind without closing)
@@ -190,12 +192,15 @@ def refuse_interrupted(path: Path) -> None:
     )
 
 
-def _sound_references(
+def _sound_batches(
     file: h5py.File, path: Path, layout: RowLayout, tables: SlotTables
-) -> tuple[np.ndarray, np.ndarray, list]:
-    """The ids, raw rows and provenance of every reference that passes all its checks."""
+) -> Iterator[tuple[np.ndarray, np.ndarray, list]]:
+    """The ids, raw rows and provenance of the references that pass all their checks.
+
+    Yields one batch of at most `_SALVAGE_BYTES` of rows at a time, so that a shard of any
+    size is copied in bounded memory.
+    """
     used = np.flatnonzero(tables.slot_ids >= 0)
-    keep_ids, keep_rows, keep_refs = [], [], []
     buffers, step = RowBuffers(), max(1, _SALVAGE_BYTES // layout.row_bytes)
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -208,7 +213,7 @@ def _sound_references(
             which = np.flatnonzero(~bad)
             bad[which] = ~layout.crc_ok(rows, which)
             try:
-                found = read_meta(file, slots, path)
+                found: list = read_meta(file, slots, path)
             except CorruptReferenceError:  # one damaged entry spoils the batch: go one by one
                 found = []
                 for slot in slots.tolist():
@@ -216,22 +221,24 @@ def _sound_references(
                         found += read_meta(file, np.array([slot]), path)
                     except CorruptReferenceError:
                         found.append(None)
-            for j, entry in enumerate(found):
-                if bad[j] or entry is None or meta_crc(int(ids[j]), entry[0]) != entry[1]:
-                    continue
-                keep_ids.append(int(ids[j]))
-                keep_rows.append(rows[j].copy())
-                keep_refs.append(entry[0])
+            keep = [
+                j
+                for j, entry in enumerate(found)
+                if not bad[j] and entry is not None and meta_crc(int(ids[j]), entry[0]) == entry[1]
+            ]
+            yield ids[keep], rows[keep], [found[j][0] for j in keep]
     finally:
         os.close(fd)
-    rows = np.stack(keep_rows) if keep_rows else np.zeros((0, layout.row_bytes), np.uint8)
-    return np.array(keep_ids, dtype=np.int64), rows, keep_refs
 
 
 def salvage(
     path: Path, *, info: StoreInfo | None, quantizer: MemoryQuantizer | None
 ) -> tuple[int, int]:
     """Copy the sound references of an interrupted store into a fresh file, in its place.
+
+    Rows are copied raw (a quantized store's codes too), a batch at a time; the fresh file is
+    synced and renamed over the old one, so a kill during the salvage leaves the old file
+    and its marker, and the next writer salvages again.
 
     Args:
         path: The store file, whose writer died (its marker is left).
@@ -249,44 +256,43 @@ def salvage(
     """
     fresh = path.with_name(path.name + ".salvage")
     fresh.unlink(missing_ok=True)
+    old, tables, segment_rows, reason = None, None, None, None
     try:
         old = h5py.File(path, "r", locking=False)
-    except OSError as error:
-        old, reason = None, error
-    listed, kept_ids, kept_rows, kept_refs, segment_rows = 0, None, None, [], None
-    if old is not None:
-        try:
-            info = StoreInfo.from_json(old.attrs["info"])
-            layout = RowLayout.for_info(info)
-            quantizer = read_quantizer(old, path, info, None)
-            segment_rows = int(old.attrs["max_segment_rows"])
-            tables = load_tables(old, path, layout.row_bytes)
-            listed = int((tables.slot_ids >= 0).sum())
-            kept_ids, kept_rows, kept_refs = _sound_references(old, path, layout, tables)
-        except (OSError, KeyError, ValueError, UserError, CorruptReferenceError) as error:
-            reason = error
-        finally:
-            old.close()
+        info = StoreInfo.from_json(old.attrs["info"])
+        quantizer = read_quantizer(old, path, info, None)
+        segment_rows = int(old.attrs["max_segment_rows"])
+        tables = load_tables(old, path, RowLayout.for_info(info).row_bytes)
+    except (OSError, KeyError, ValueError, UserError, CorruptReferenceError) as error:
+        reason = error  # nothing (more) to copy: the fresh file starts empty
     if info is None:
         raise CorruptReferenceError(
-            f"{path}: cannot salvage it, its header is unreadable ({reason})"
+            f"{path}: cannot salvage it, its header is unreadable: {reason}"
         )
     layout = RowLayout.for_info(info)
     segment_bytes = (segment_rows or 1 << 30) * layout.row_bytes
+    listed = kept = 0
     file = create_file(fresh, info, layout, segment_bytes=segment_bytes, quantizer=quantizer)
     try:
-        if kept_ids is not None and len(kept_ids):
-            tables = load_tables(file, fresh, layout.row_bytes)
-            slots = tables.allocator.take(len(kept_ids))
-            while tables.allocator.end > tables.capacity:
-                add_segment(file, tables)
-            write_rows(file, tables, slots, kept_rows)
-            write_meta(file, slots, kept_ids, kept_refs)
+        if tables is not None:
+            listed = int((tables.slot_ids >= 0).sum())
+            target = load_tables(file, fresh, layout.row_bytes)
+            with contextlib.suppress(OSError):  # a batch HDF5 cannot read ends the copy
+                for ids, rows, references in _sound_batches(old, path, layout, tables):
+                    if not len(ids):
+                        continue
+                    slots = target.allocator.take(len(ids))
+                    while target.allocator.end > target.capacity:
+                        add_segment(file, target)
+                    write_rows(file, target, slots, rows)
+                    write_meta(file, slots, ids, references)
+                    kept += len(ids)
         file.flush()
     finally:
         file.close()
+        if old is not None:
+            old.close()
     _fsync(fresh)
     fresh.replace(path)
     _fsync(path.parent)
-    kept = 0 if kept_ids is None else len(kept_ids)
     return kept, max(0, listed - kept)

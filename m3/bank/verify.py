@@ -173,20 +173,21 @@ def _verify_index(folder: Path, manifest: dict, held: np.ndarray, report: BankRe
         )
 
 
-def repair_bank(folder: str | Path, report: BankReport) -> None:
+def repair_bank(folder: str | Path) -> None:
     """Rebuild the damaged references of a bank, then index it again.
 
-    Shards whose writer died are salvaged (opening them to write does that), damaged rows
-    are deleted, and the build the bank folder's own `recipe.yaml` describes resumes: it
-    encodes exactly what is missing, marks the shards complete and indexes again.
+    Each shard is opened to write, which salvages one whose writer died; the rows that fail
+    their checks are deleted; then the build that the bank folder's own `recipe.yaml`
+    describes resumes: it encodes exactly what is missing, marks the shards complete and
+    indexes again.
 
     Args:
         folder: The bank folder.
-        report: `verify_bank(folder)`.
 
     Raises:
         UserError: When the folder's recipe cannot rebuild it (an interrupted edit, a
-            recipe that writes elsewhere) or its inputs changed since the build.
+            recipe that writes elsewhere, a shard that cannot be opened) or its inputs
+            changed since the build.
     """
     from m3.bank.build import build_memory
     from m3.recipes import load_recipe
@@ -200,7 +201,6 @@ def repair_bank(folder: str | Path, report: BankReport) -> None:
             f"{folder}/recipe.yaml writes to {recipe.output}: run m3 verify --repair on the "
             "folder from where the build ran (its output path is relative to there)"
         )
-    damaged = np.array(report.damaged, dtype=np.int64)
     for path in sorted(folder.glob("store-rank*.h5")):
         try:
             store = HDF5Store(path, mode="a")  # salvages a shard whose writer died
@@ -210,10 +210,9 @@ def repair_bank(folder: str | Path, report: BankReport) -> None:
                 "--overwrite"
             ) from None
         try:
-            ids = store.ids().numpy()
-            drop = ids[np.isin(ids, damaged)]
-            if len(drop):
-                store.delete(drop)
+            damaged = store.verify()
+            if damaged:
+                store.delete(damaged)
         finally:
             store.close()
     (folder / DONE).unlink(missing_ok=True)
@@ -233,7 +232,7 @@ def verify_and_report(folder: str | Path, *, repair: bool = False) -> bool:
     report = verify_bank(folder)
     print(report.summary())
     if repair and not report.ok:
-        repair_bank(folder, report)
+        repair_bank(folder)
         report = verify_bank(folder)
         print(report.summary())
     return report.ok

@@ -22,6 +22,9 @@ from typing import Any
 
 from m3.core.errors import UserError
 
+#: (section, option) pairs added to the schema after run folders were fingerprinted
+_ADDED_OPTIONS = (("retrieval", "min_score"),)
+
 
 def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:
     """A sha256 digest of a recipe's plain values (what its outputs depend on).
@@ -38,6 +41,10 @@ def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:
     for section in ("retrieval", "generation", "bank", "world", "evaluation", "stages"):
         if keep.get(section, "set") is None:
             del keep[section]
+    # options added after runs were fingerprinted count only when set, likewise
+    for section, key in _ADDED_OPTIONS:
+        if isinstance(keep.get(section), dict) and keep[section].get(key, "set") is None:
+            keep[section] = {k: v for k, v in keep[section].items() if k != key}
     trainer = dict(keep.get("trainer") or {})
     trainer.pop("enable_progress_bar", None)
     keep["trainer"] = trainer

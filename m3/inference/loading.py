@@ -246,6 +246,7 @@ def load_inference(
                 threshold=settings.threshold if threshold == "recipe" else threshold,
                 overfetch=settings.overfetch,
                 cache_size=settings.cache_size if cache_size is None else cache_size,
+                min_score=settings.min_score,
                 chunk_length=config.chunk_length,
                 expected_embedder_fingerprint=str(opened.manifest["embedder"]["fingerprint"]),
                 where=str(bank_path),

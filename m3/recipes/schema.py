@@ -127,6 +127,9 @@ class RetrievalSection:
             filter off.
         overfetch: Candidates searched per chunk, as a multiple of `k`.
         cache_size: References whose decoded memories the RAM cache keeps; 0 turns it off.
+        min_score: Drop candidates whose similarity to the chunk is at most this (0.0: read
+            no reference that shares nothing with the text); null keeps the `k` best
+            whatever they score. A chunk whose embedding is all zero reads nothing either way.
     """
 
     bank: str | None = None
@@ -134,6 +137,7 @@ class RetrievalSection:
     threshold: Annotated[float, Bounds(ge=0, le=1)] | None = 2 / 3
     overfetch: Annotated[int, Bounds(ge=1)] = 3
     cache_size: Annotated[int, Bounds(ge=0)] = 4096
+    min_score: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
