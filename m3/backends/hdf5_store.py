@@ -90,7 +90,9 @@ class HDF5Store(MemoryStore):
     The file describes itself (`info` is read from it) and is opened lazily in each
     process: pickling drops open handles, so a store passed to DataLoader workers reopens
     the file in each worker (read-only). Writes flush after every call and leave the file
-    consistent between calls; a store is refused in read mode until `mark_complete()`.
+    consistent between calls; a store is refused in read mode until `mark_complete()`. A
+    writer leaves `<file>.writing` until it closes the file cleanly: a file whose writer
+    died is refused to readers and salvaged by the next writer (`m3.backends.hdf5_salvage`).
 
     Reads return keys and values `(N, L_mem, H_kv, k, d_h)` as views into one buffer of
     whole rows (not contiguous across references; `.contiguous()` copies them). A later
@@ -595,8 +597,8 @@ class HDF5Store(MemoryStore):
         self._lock = threading.RLock()
 
     def __del__(self) -> None:
-        # Only this process's descriptor; h5py closes its own handle when collected. At
-        # interpreter exit `os` may already be gone, hence the blanket suppress.
+        # Only this process's handles; a writer is closed as close() does (synced, its
+        # marker removed). At interpreter exit `os` may already be gone: the blanket suppress.
         with suppress(Exception):
             if self._pid == os.getpid() and (self._fd is not None or self._writable):
                 self.close()  # a writer dropped without close() still leaves a clean file

@@ -185,7 +185,7 @@ def build_memory(
         tokenizer=tokenizer.fingerprint(),
         model=model.memory_fingerprint(),
     )
-    if run.complete and not overwrite and not _stale(run.path, inputs):
+    if run.complete and not overwrite and not _reopen_if_unsound(run.path, inputs):
         print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
         return run.path
     prefix = tokenizer.reference_prefix()
@@ -357,12 +357,13 @@ def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
     shutil.rmtree(folder / "index", ignore_errors=True)
 
 
-def _stale(folder: Path, inputs: BuildInputs) -> bool:
-    """Whether a finished bank must be built again: refused when its inputs changed.
+def _reopen_if_unsound(folder: Path, inputs: BuildInputs) -> bool:
+    """Whether a finished bank must be built again, made ready to resume when it must.
 
-    A bank whose files are missing or damaged is resumed: its `done.json` is removed, and a
-    shard that cannot be opened is moved aside (`.damaged`), so that the build encodes what
-    is missing, salvages interrupted shards and indexes again.
+    Refused when its inputs changed. A bank whose files are missing or damaged is resumed:
+    its `done.json` is removed, and a shard that cannot be opened is moved aside
+    (`.damaged`), so that the build encodes what is missing, salvages interrupted shards and
+    indexes again.
 
     Raises:
         UserError: Naming every input that changed since the bank was built.

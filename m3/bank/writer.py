@@ -169,9 +169,8 @@ class BankWriter(BasePredictionWriter):
                     f"this one has {world_size}: resume with the same number of devices, or "
                     "pass --overwrite to start again"
                 )
-            if stored.extra.get("knowledge", info.extra.get("knowledge")) != info.extra.get(
-                "knowledge"
-            ):
+            knowledge = info.extra.get("knowledge")
+            if stored.extra.get("knowledge", knowledge) != knowledge:  # (older shards: unknown)
                 raise UserError(
                     f"{path} holds memories of another knowledge base: its texts changed since "
                     "the build was interrupted; pass --overwrite to start again"
