@@ -259,6 +259,21 @@ def test_an_argument_wins_over_the_files(folders) -> None:
     assert tok.fingerprint() != HFTokenizer(str(folders["smollm2-instruct"])).fingerprint()
 
 
+@pytest.mark.parametrize("style", ["llama3", "tinyllama", "smollm2-base"])
+def test_generation_can_end_where_the_eos_also_pads_or_begins(folders, style) -> None:
+    import torch
+
+    from m3.inference.generate import allowed_logits
+
+    tok = HFTokenizer(str(folders[style]))
+    assert tok.eos_id in {tok.pad_id, tok.bos_id}
+    allowed = allowed_logits(torch.zeros(1, tok.vocab_size + 4), tok)[0]
+    assert allowed[tok.eos_id] == 0
+    ruled_out = {tok.bos_id, tok.pad_id} - {tok.eos_id}
+    assert all(allowed[i] == -torch.inf for i in ruled_out)
+    assert (allowed[tok.vocab_size :] == -torch.inf).all()
+
+
 # --- a tokenizer with no BOS (Qwen2.5, Qwen3) -----------------------------------------------
 
 
