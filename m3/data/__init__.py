@@ -1,6 +1,7 @@
 """Text, before any model sees it: tokenizers, chunking, documents, sources, the test world.
 
-`tokenizer` (byte and Hugging Face BPE tokenizers), `chunking` (tokenizer-agnostic
+`tokenizer` (byte and Hugging Face BPE tokenizers), `special_tokens` (the BOS, EOS and
+pad tokens a checkpoint's tokenizer files name), `chunking` (tokenizer-agnostic
 chunkers that cut a knowledge base into references, and the read path's 64-token query
 chunks), `documents` (documents and corpus files), `sources` (where text comes from),
 `stdlib_text` (general English text from Python's own docs), `world` (the seeded synthetic

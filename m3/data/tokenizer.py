@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from m3.core import registry
 from m3.core.errors import UserError
+from m3.data.special_tokens import AUTO, DEFAULTS, resolve_special_tokens
 
 if TYPE_CHECKING:
     import tokenizers
@@ -301,8 +302,9 @@ class HFTokenizer(Tokenizer):
 
     Build it in one of three ways:
 
-    - `HFTokenizer("tokenizer.json")` (or `HFTokenizer.from_file(...)`) loads a file, such
-      as one shipped with a Llama-family checkpoint;
+    - `HFTokenizer("checkpoints/llama-1b")` (or `HFTokenizer.from_file(...)`) loads the
+      `tokenizer.json` of a checkpoint's folder, with the BOS, EOS and pad tokens its
+      `tokenizer_config.json` or `special_tokens_map.json` name (`m3.data.special_tokens`);
     - `HFTokenizer.train(texts, vocab_size=2048)` trains a byte-level BPE from Python strings;
     - `HFTokenizer(train_files=[...], vocab_size=2048, cache="runs/bpe")` trains from files,
       which is how a recipe says it:
@@ -331,13 +333,18 @@ class HFTokenizer(Tokenizer):
             259: 256 bytes and 3 special tokens). A small corpus may yield fewer ids.
         min_frequency: Fewest occurrences of a pair for the BPE to merge it.
         cache: Directory to save the trained BPE in and to reuse it from.
-        bos_token: Text of the BOS token.
-        eos_token: Text of the EOS token.
-        pad_token: Text of the padding token; `None` for tokenizers that have none, in
-            which case the EOS id pads.
+        bos_token: Text of the token that starts every context and the reference prefix.
+            `"auto"`: the one the checkpoint's `tokenizer_config.json` (or
+            `special_tokens_map.json`) names, else `<s>`. A tokenizer trained without one
+            (Qwen2.5, Qwen3: `"bos_token": null`) needs it set, e.g. to `"<|endoftext|>"`.
+        eos_token: Text of the EOS token; `"auto"`: the checkpoint's, else `</s>`.
+        pad_token: Text of the padding token; `None` pads with the EOS id. `"auto"`: the
+            checkpoint's (its `null` pads with the EOS id), else `<pad>` when the vocabulary
+            has it, else the EOS id.
 
     Raises:
-        UserError: For a missing file, a missing special token or inconsistent arguments.
+        UserError: For a missing file, a missing special token, a checkpoint that names no
+            BOS or EOS while the argument is `"auto"`, or inconsistent arguments.
     """
 
     def __init__(
@@ -348,9 +355,9 @@ class HFTokenizer(Tokenizer):
         vocab_size: int = 4096,
         min_frequency: int = 2,
         cache: str | None = None,
-        bos_token: str = "<s>",
-        eos_token: str = "</s>",
-        pad_token: str | None = "<pad>",
+        bos_token: str = AUTO,
+        eos_token: str = AUTO,
+        pad_token: str | None = AUTO,
     ) -> None:
         specials = {"bos_token": bos_token, "eos_token": eos_token, "pad_token": pad_token}
         if (path is None) == (train_files is None):
@@ -358,8 +365,15 @@ class HFTokenizer(Tokenizer):
         if train_files is None:
             if cache is not None:
                 raise UserError("HFTokenizer: cache applies to train_files, not to path")
-            self._init(_read_tokenizer_file(str(path)), source=str(path), **specials)
+            file = _tokenizer_file(str(path))
+            hf = _read_tokenizer_file(file)
+            specials = resolve_special_tokens(
+                specials, directory=file.parent, token_to_id=hf.token_to_id, source=str(file)
+            )
+            self._init(hf, source=str(path), **specials)
             return
+        # a BPE m3 trains has m3's own names: "auto" is <s>, </s>, <pad>
+        specials = {k: DEFAULTS[k] if v == AUTO else v for k, v in specials.items()}
         files = [Path(f) for f in train_files]
         if not files:
             raise UserError("HFTokenizer: train_files is empty")
@@ -422,17 +436,17 @@ class HFTokenizer(Tokenizer):
         cls,
         path: str | Path,
         *,
-        bos_token: str = "<s>",
-        eos_token: str = "</s>",
-        pad_token: str | None = "<pad>",
+        bos_token: str = AUTO,
+        eos_token: str = AUTO,
+        pad_token: str | None = AUTO,
     ) -> HFTokenizer:
         """Load a `tokenizer.json` file.
 
         Args:
             path: The file, or a directory holding `tokenizer.json`.
-            bos_token: Text of the BOS token.
-            eos_token: Text of the EOS token.
-            pad_token: Text of the padding token, or `None` to pad with the EOS id.
+            bos_token: Text of the BOS token; `"auto"` as in the constructor.
+            eos_token: Text of the EOS token; `"auto"` as in the constructor.
+            pad_token: Text of the padding token, `None` to pad with the EOS id, or `"auto"`.
 
         Returns:
             The tokenizer.
@@ -568,10 +582,13 @@ def _import_tokenizers() -> Any:
         ) from err
 
 
-def _read_tokenizer_file(path: str | Path) -> tokenizers.Tokenizer:
+def _tokenizer_file(path: str | Path) -> Path:
     file = Path(path)
-    if file.is_dir():
-        file = file / "tokenizer.json"
+    return file / "tokenizer.json" if file.is_dir() else file
+
+
+def _read_tokenizer_file(path: str | Path) -> tokenizers.Tokenizer:
+    file = _tokenizer_file(path)
     if not file.is_file():
         raise UserError(f"tokenizer file not found: {str(file)!r}")
     tk = _import_tokenizers()

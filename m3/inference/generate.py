@@ -156,6 +156,9 @@ class Generation:
 def allowed_logits(logits: Tensor, tokenizer: Tokenizer) -> Tensor:
     """Rule out ids a model should never generate: past the tokenizer's vocabulary, BOS, pad.
 
+    The EOS stays allowed, as it ends a generation, even where it is also the pad id (a
+    Llama 3 tokenizer has no pad token) or the BOS (SmolLM2's base tokenizer).
+
     Args:
         logits: `(B, V)` next-token logits (`V` the model's vocabulary, possibly padded).
         tokenizer: The tokenizer whose ids are allowed.
@@ -165,7 +168,7 @@ def allowed_logits(logits: Tensor, tokenizer: Tokenizer) -> Tensor:
     """
     out = logits.float().clone()
     out[:, tokenizer.vocab_size :] = -math.inf
-    out[:, [tokenizer.bos_id, tokenizer.pad_id]] = -math.inf
+    out[:, sorted({tokenizer.bos_id, tokenizer.pad_id} - {tokenizer.eos_id})] = -math.inf
     return out
 
 

@@ -81,9 +81,11 @@ def build_tokenizer(recipe: Recipe) -> Any:
     tokenizer = build(recipe, "tokenizer")
     vocab_size = recipe.model.config().vocab_size
     if tokenizer.vocab_size > vocab_size:
+        path = recipe.tokenizer.init_args.get("path") if recipe.tokenizer else None
+        named = f" (tokenizer.init_args.path: {path})" if path else ""
         raise UserError(
             f"model.vocab_size is {vocab_size}, but the tokenizer has {tokenizer.vocab_size} "
-            "ids: raise model.vocab_size, or use the tokenizer this model was trained with"
+            f"ids{named}: raise model.vocab_size, or use the tokenizer this model was trained with"
         )
     return tokenizer
 
