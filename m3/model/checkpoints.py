@@ -454,7 +454,9 @@ def load_hf_checkpoint(
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # a non-persistent buffer is not in the state dict: compute it for real
-    model.rotary = RotaryEmbedding(config.head_dim, base=config.rope_base)
+    model.rotary = RotaryEmbedding(
+        config.head_dim, base=config.rope_base, scaling=config.rope_scaling
+    )
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # pragma: no cover - a new parameter or buffer this loader does not know
         raise RuntimeError(f"m3.model.checkpoints does not know how to fill {left}")
