@@ -12,7 +12,9 @@ original max positions; the loaded model passes the memory-mode checks too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from test_model import BASE, PREFIX, assert_close, cast, random_bank
 from m3.core.errors import UserError
 from m3.core.memories import Memories
 from m3.memory.encoder import MemoryEncoder
+from m3.model.checkpoints import config_from_hf, load_hf_checkpoint, save_hf_checkpoint
 from m3.model.config import Config
 from m3.model.memory3 import Memory3
 from m3.model.rope import RopeScaling
@@ -236,3 +239,154 @@ def test_rope_scaling_is_parsed_once_into_a_typed_value() -> None:
     assert isinstance(config.rope_scaling, RopeScaling)
     assert config.rope_scaling.cos_sin_factor == pytest.approx(0.1 * math.log(4.0) + 1)
     assert Config(rope_scaling=config.rope_scaling) == config
+
+
+# ----------------------------------------------------------------------------- checkpoints
+HF_SMALL: dict[str, Any] = dict(
+    vocab_size=101,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+HF_LLAMA3 = {**LLAMA3, "rope_type": "llama3"}
+HF_FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama3.1": ("llama", dict(rope_scaling=HF_LLAMA3, rope_theta=500.0, head_dim=8)),
+    "llama-bias-linear": (
+        "llama",
+        dict(attention_bias=True, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
+    "smollm2-tied": ("llama", dict(tie_word_embeddings=True, rope_theta=100000.0)),
+    "qwen2.5-tied-2kv-sharded": (
+        "qwen2",
+        dict(tie_word_embeddings=True, num_attention_heads=8, head_dim=4, rope_theta=1e6),
+    ),
+    "qwen2.5-yarn": ("qwen2", dict(rope_scaling={"type": "yarn", **YARN}, head_dim=8)),
+    "qwen3": ("qwen3", dict(head_dim=12, tie_word_embeddings=True)),
+    "qwen3-bias-yarn": (
+        "qwen3",
+        dict(head_dim=8, attention_bias=True, rope_scaling={**YARN, "beta_fast": 8.0}),
+    ),
+}
+
+
+def write_family(directory: Path, name: str) -> torch.nn.Module:
+    """A random checkpoint written by the family's own transformers class."""
+    import transformers
+    from test_checkpoints import randomise
+
+    model_type, fields = HF_FAMILIES[name]
+    prefix = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[model_type]
+    config = getattr(transformers, f"{prefix}Config")(
+        **{**HF_SMALL, **fields}, attn_implementation="eager"
+    )
+    model = getattr(transformers, f"{prefix}ForCausalLM")(config)
+    randomise(model, seed=len(name))
+    model.eval()
+    model.save_pretrained(directory, **({"max_shard_size": "8KB"} if "sharded" in name else {}))
+    return model
+
+
+@pytest.mark.parametrize("name", list(HF_FAMILIES))
+def test_checkpoint_logits_equal_transformers_past_the_original_positions(
+    tmp_path: Path, name: str
+) -> None:
+    hf = write_family(tmp_path / name, name)
+    if "sharded" in name:
+        assert (tmp_path / name / "model.safetensors.index.json").is_file()
+    model = load_hf_checkpoint(tmp_path / name).eval()
+    model_type, fields = HF_FAMILIES[name]
+    config = model.config
+    assert config.qkv_bias == (model_type == "qwen2")
+    assert config.qk_norm == (model_type == "qwen3")
+    assert config.attention_bias == fields.get("attention_bias", False)
+    assert config.tie_embeddings == fields.get("tie_word_embeddings", False)
+    scaling = fields.get("rope_scaling")
+    assert (config.rope_scaling is None) == (scaling is None)
+    if scaling:
+        assert config.rope_scaling.rope_type == scaling.get("rope_type", scaling.get("type"))
+    idx = torch.randint(0, 101, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = hf(idx).logits, model(idx)
+    assert expected.abs().max() > 1  # logits that say something
+    error = (got - expected).abs().max().item()
+    print(f"{name}: max abs logit difference {error:.2e}")
+    assert error <= 1e-4
+    # and the comparison sees the scaling: without it, the logits past position 16 differ
+    if scaling:
+        plain = Memory3(dataclasses.replace(config, rope_scaling=None)).eval()
+        plain.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            assert (plain(idx) - expected)[:, 16:].abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("name", list(HF_FAMILIES))
+def test_loaded_checkpoints_agree_with_themselves_in_memory_mode(tmp_path: Path, name: str):
+    write_family(tmp_path / name, name)
+    model = load_hf_checkpoint(
+        tmp_path / name,
+        memory_layers=(0, 1),
+        memory_tokens=3,
+        chunk_length=4,
+        reference_length=8,
+    ).eval()
+    prefix = torch.tensor(PREFIX)
+    idx = torch.randint(0, 101, (2, 22), generator=torch.Generator().manual_seed(1))
+    keys, values, valid = random_bank(model.config, 2, 6, 3, seed=2)
+    memories = Memories.per_chunk(keys, values, valid)
+    with torch.no_grad():
+        logits = model(idx, memories, prefix=prefix)
+        assert_close(logits, reference_forward(model, idx, memories, PREFIX), torch.float32)
+        chunk_loop_and_decoding(model, prefix, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["llama3.1-scaled", "qwen2.5-yarn", "qwen3-bias-linear"])
+def test_saved_families_load_in_transformers_with_the_same_logits(tmp_path: Path, name: str):
+    from transformers import AutoModelForCausalLM
+
+    model = family_model(name, torch.device("cpu"), torch.float32, seed=7)
+    save_hf_checkpoint(model, tmp_path / name)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / name, attn_implementation="eager")
+    expected = {"llama3.1-scaled": "Llama", "qwen2.5-yarn": "Qwen2", "qwen3-bias-linear": "Qwen3"}
+    assert type(hf).__name__ == f"{expected[name]}ForCausalLM"
+    idx = torch.randint(0, BASE.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(idx).logits, model(idx), atol=1e-4, rtol=0)
+    loaded = load_hf_checkpoint(tmp_path / name)
+    assert loaded.config == model.config
+
+
+def test_a_bad_checkpoint_is_refused_naming_the_file_and_field(tmp_path: Path) -> None:
+    write_family(tmp_path / "ckpt", "qwen2.5-yarn")
+    config_path = tmp_path / "ckpt" / "config.json"
+    hf = json.loads(config_path.read_text())
+    for key in ("rope_scaling", "rope_parameters"):
+        if isinstance(hf.get(key), dict):
+            hf[key] = {**hf[key], "rope_type": "dynamic", "type": "dynamic"}
+    config_path.write_text(json.dumps(hf))
+    before = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    with pytest.raises(UserError, match=rf"{config_path}: .*rope_type 'dynamic' is not supported"):
+        load_hf_checkpoint(tmp_path / "ckpt")
+    config_path.write_text(json.dumps({**hf, "model_type": "smollm3"}))
+    with pytest.raises(UserError, match=rf"{config_path}: model_type 'smollm3'.*skip RoPE"):
+        load_hf_checkpoint(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == before  # nothing written
+    empty = tmp_path / "no-weights"
+    empty.mkdir()
+    (empty / "config.json").write_text(
+        json.dumps({**hf, "rope_scaling": None, "rope_parameters": None})
+    )
+    with pytest.raises(UserError, match=rf"{empty}: no weights found: expected model\.safetensors"):
+        load_hf_checkpoint(empty)
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
+
+
+def test_qwen_sliding_window_caps_the_context_only_when_used() -> None:
+    base = {"model_type": "qwen2", **HF_SMALL, "sliding_window": 24, "max_window_layers": 1}
+    assert config_from_hf(base).block_size == 64  # use_sliding_window is false by default
+    assert config_from_hf({**base, "use_sliding_window": True}).block_size == 24
+    full = {**base, "use_sliding_window": True, "layer_types": ["full_attention"] * 3}
+    assert config_from_hf(full).block_size == 64
+    assert config_from_hf({"model_type": "qwen3", **HF_SMALL}).head_dim == 128  # Qwen3's default
