@@ -30,14 +30,62 @@ def _act(x: Tensor, kind: str) -> Tensor:
     return 0.5 * x * (1 + torch.erf(x / math.sqrt(2)))
 
 
-def _rope(x: Tensor, positions: list[int], base: float) -> Tensor:
-    """x: (S, heads, d). Pair i rotates with pair i + d/2 by angle pos * base^(-2i/d)."""
+def _frequencies(dim: int, base: float, scaling) -> tuple[list[float], float]:
+    """Each pair's rotation frequency and the cos/sin factor, in Python floats.
+
+    Plain RoPE: base^(-2i/d). The scalings are written from their definitions (linear
+    position interpolation; Llama 3.1's wavelength bands; YaRN's ramp over the dimensions
+    by their rotations within the original context, and its attention factor).
+    """
+    plain = [base ** (-2 * i / dim) for i in range(dim // 2)]
+    if scaling is None:
+        return plain, 1.0
+    kind, factor = scaling.rope_type, scaling.factor
+    if kind == "linear":
+        return [f / factor for f in plain], 1.0
+    original = scaling.original_max_position_embeddings
+    if kind == "llama3":
+        low, high = scaling.low_freq_factor, scaling.high_freq_factor
+        out = []
+        for f in plain:
+            wavelength = 2 * math.pi / f
+            if wavelength < original / high:
+                out.append(f)
+            elif wavelength > original / low:
+                out.append(f / factor)
+            else:
+                smooth = (original / wavelength - low) / (high - low)
+                out.append((1 - smooth) * f / factor + smooth * f)
+        return out, 1.0
+    assert kind == "yarn"
+
+    def dimension(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo, hi = dimension(scaling.beta_fast or 32), dimension(scaling.beta_slow or 1)
+    if scaling.truncate is not False:
+        lo, hi = math.floor(lo), math.ceil(hi)
+    lo, hi = max(lo, 0), min(hi, dim - 1)
+    hi = hi + 0.001 if lo == hi else hi
+    out = []
+    for i, f in enumerate(plain):
+        ramp = min(max((i - lo) / (hi - lo), 0.0), 1.0)  # 0: keep f, 1: f / factor
+        out.append(f * (1 - ramp) + f / factor * ramp)
+    attention = scaling.attention_factor
+    if attention is None:
+        attention = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return out, attention
+
+
+def _rope(x: Tensor, positions: list[int], base: float, scaling=None) -> Tensor:
+    """x: (S, heads, d). Pair i rotates with pair i + d/2 by angle pos * frequency_i."""
     out = x.clone()
     half = x.shape[-1] // 2
+    frequencies, scale = _frequencies(x.shape[-1], base, scaling)
     for s, pos in enumerate(positions):
         for i in range(half):
-            angle = pos * base ** (-2 * i / x.shape[-1])
-            c, sn = math.cos(angle), math.sin(angle)
+            angle = pos * frequencies[i]
+            c, sn = scale * math.cos(angle), scale * math.sin(angle)
             a, b = x[s, :, i], x[s, :, i + half]
             out[s, :, i] = a * c - b * sn
             out[s, :, i + half] = b * c + a * sn
@@ -95,11 +143,24 @@ def reference_forward(
         for layer in range(cfg.n_layer):
             p = f"layers.{layer}."
             a = _norm(h, w[p + "input_layernorm.weight"], cfg.norm, cfg.norm_eps)
-            q = (a @ w[p + "self_attn.q_proj.weight"].T).view(length, heads, dim)
-            k = (a @ w[p + "self_attn.k_proj.weight"].T).view(length, kv_heads, dim)
-            v = (a @ w[p + "self_attn.v_proj.weight"].T).view(length, kv_heads, dim)
+            q, k, v = (
+                a @ w[p + f"self_attn.{n}_proj.weight"].T + w.get(p + f"self_attn.{n}_proj.bias", 0)
+                for n in "qkv"
+            )
+            q, k, v = (
+                q.view(length, heads, dim),
+                k.view(length, kv_heads, dim),
+                v.view(length, kv_heads, dim),
+            )
+            if cfg.qk_norm:  # per head, before RoPE
+                q = _norm(q, w[p + "self_attn.q_norm.weight"], "rmsnorm", cfg.norm_eps)
+                k = _norm(k, w[p + "self_attn.k_norm.weight"], "rmsnorm", cfg.norm_eps)
             q_raw, k_raw = q, k
-            q, k = _rope(q, positions, cfg.rope_base), _rope(k, positions, cfg.rope_base)
+            scaling = cfg.rope_scaling
+            q, k = (
+                _rope(q, positions, cfg.rope_base, scaling),
+                _rope(k, positions, cfg.rope_base, scaling),
+            )
             if capture is not None:
                 capture[-1].append((q_raw, k_raw, k, v))
             att = torch.zeros(length, heads, dim, dtype=torch.float64)
@@ -129,6 +190,7 @@ def reference_forward(
                         mass = weights[:, :n_mem].sum(-1)
                         shares[j, row, head, begin - width : end - width] = mass
             h = h + att.reshape(length, heads * dim) @ w[p + "self_attn.o_proj.weight"].T
+            h = h + w.get(p + "self_attn.o_proj.bias", 0)
             a = _norm(h, w[p + "post_attention_layernorm.weight"], cfg.norm, cfg.norm_eps)
             gate = _act(a @ w[p + "mlp.gate_proj.weight"].T, cfg.activation)
             up = a @ w[p + "mlp.up_proj.weight"].T

@@ -253,29 +253,50 @@ def base_config() -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling asks for 'linear'"),
+        (
+            {"rope_scaling": {"type": "dynamic", "factor": 2.0}},
+            r"config: cannot load .*rope_scaling: rope_type 'dynamic' is not supported",
+        ),
         (
             {"rope_scaling": None, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}},
-            "rope_parameters asks for 'llama3'",
+            r"rope_parameters\.factor is required for 'llama3'",
         ),
-        ({"attention_bias": True, "mlp_bias": True}, "attention_bias is true.*mlp_bias is true"),
-        ({"model_type": "qwen2"}, "'qwen2'.*biases to q_proj, k_proj and v_proj"),
-        ({"model_type": "gemma"}, r"model_type 'gemma' is not supported.*\['llama', 'mistral'\]"),
+        (
+            {"rope_parameters": {"rope_type": "longrope", "short_factor": [1.0]}},
+            "rope_parameters: rope_type 'longrope' is not supported",
+        ),
+        ({"attention_bias": True, "mlp_bias": True}, "mlp_bias is true, but m3.s MLP is bias-free"),
+        ({"model_type": "smollm3"}, "model_type 'smollm3' is not supported: its layers skip RoPE"),
+        (
+            {"model_type": "gemma"},
+            r"model_type 'gemma' is not supported.*\['llama', 'mistral', 'qwen2', 'qwen3'\]",
+        ),
         ({"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not supported"),
         ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ({"rope_theta": 123.0}, "rope_theta 123.0 and rope_parameters.rope_theta 10000.0"),
         ({"hidden_size": None, "vocab_size": None}, r"missing \['hidden_size', 'vocab_size'\]"),
+        (
+            {
+                "mlp_bias": True,
+                "hidden_act": "gelu_new",
+                "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "short_factor": 2},
+            },
+            r"mlp_bias is true.*hidden_act 'gelu_new'.*rope_scaling\.short_factor is not a "
+            "parameter of 'yarn'",
+        ),
     ],
     ids=[
-        "rope-linear",
-        "rope-llama3",
-        "biases",
-        "qwen2",
+        "rope-dynamic",
+        "rope-llama3-incomplete",
+        "rope-longrope",
+        "mlp-bias",
+        "smollm3",
         "gemma",
         "tanh-gelu",
         "partial-rope",
         "theta-disagree",
         "missing",
+        "all-at-once",
     ],
 )
 def test_refuses_what_m3_cannot_compute(change: dict[str, Any], message: str) -> None:

@@ -2,8 +2,9 @@
 
 `config` (`Config` and its presets), `memory3` (the `Memory3` decoder, read top to bottom),
 `attention` (memory attention: one softmax over a chunk's memories and its context),
-`kv_cache` (the decoding cache and its memory region), `checkpoints` (Hugging Face
-Llama-family weights in and out).
+`kv_cache` (the decoding cache and its memory region), `rope` (the rotary scaling of
+long-context checkpoints: linear, llama3, yarn), `checkpoints` (Hugging Face Llama-family
+weights in and out).
 
 May import: `m3.core`.
 """
@@ -28,5 +29,6 @@ __getattr__, __dir__ = lazy_exports(
             "m3.model.attention",
         ),
         "KVCache": "m3.model.kv_cache",
+        "RopeScaling": "m3.model.rope",
     },
 )  # fmt: skip

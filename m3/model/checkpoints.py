@@ -2,8 +2,8 @@
 
 A Hugging Face checkpoint folder holds `config.json` and its weights in safetensors files:
 one `model.safetensors`, or shards listed by `model.safetensors.index.json`. m3's model is
-a bias-free Llama with the same weight names (without the `model.` prefix) and the same
-"rotate half" rotary embedding, so such weights load as they are, with no permutation:
+a Llama with the same weight names (without the `model.` prefix) and the same "rotate half"
+rotary embedding, so such weights load as they are, with no permutation:
 
 ```python
 from m3.model.checkpoints import load_hf_checkpoint, save_hf_checkpoint
@@ -13,18 +13,17 @@ logits = model(idx)                              # the pretrained model, warmup 
 save_hf_checkpoint(model, "runs/continual/hf")   # and back, for Hugging Face tools
 ```
 
-Only what maps exactly is accepted: `model_type` "llama" or "mistral", RMSNorm, SiLU or
-exact (erf) GELU, plain RoPE. Everything else (rotary scaling, biases, Qwen2's q/k/v
-biases, approximate GELUs, a sliding window shorter than the context) is refused with a
-`UserError` naming the field, rather than loaded into a model that would compute something
-else. The memory settings are m3's own: they default to m3's (the first half of the
-layers read memories) and can be set with keyword arguments.
+Four `model_type`s load: "llama" (SmolLM2 and TinyLlama too; Llama 3.x with its rotary
+scaling), "mistral", "qwen2" (Qwen2, Qwen2.5: q/k/v biases) and "qwen3" (q/k norms).
+Only what maps exactly is accepted; the translation of config.json, and what it refuses,
+is `m3.model.hf_config` (its functions are importable from here too). The memory
+settings are m3's own: they default to m3's (the first half of the layers read memories)
+and can be set with keyword arguments.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,275 +33,27 @@ from torch import Tensor
 
 from m3.core.errors import UserError
 from m3.model.config import Config
+from m3.model.hf_config import (
+    ARCHITECTURE_FIELDS,
+    CONFIG_NAME,
+    FREE_FIELDS,
+    INDEX_NAME,
+    SUPPORTED_MODEL_TYPES,
+    WEIGHTS_NAME,
+    config_from_hf,
+    config_to_hf,
+    read_hf_config,
+)
 from m3.model.memory3 import Memory3, RotaryEmbedding
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+__all__ = [
+    "ARCHITECTURE_FIELDS", "CONFIG_NAME", "FREE_FIELDS", "INDEX_NAME", "SUPPORTED_MODEL_TYPES",
+    "WEIGHTS_NAME", "config_from_hf", "config_to_hf", "load_hf_checkpoint", "load_hf_state_dict",
+    "load_hf_weights", "load_weights", "read_hf_config", "save_hf_checkpoint",
+]  # fmt: skip
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-"""Values of `model_type` that map exactly onto m3's model."""
-
-ARCHITECTURE_FIELDS = (
-    "vocab_size", "n_layer", "n_head", "n_kv_head", "head_dim", "n_embd", "mlp_hidden",
-    "norm", "norm_eps", "activation", "rope_base", "tie_embeddings",
-)  # fmt: skip
-"""`Config` fields fixed by a checkpoint: the weights compute something else if they differ."""
-
-FREE_FIELDS = (
-    "name", "block_size", "memory_layers", "memory_tokens", "memories_per_chunk",
-    "chunk_length", "reference_length", "context_offset", "init_std",
-)  # fmt: skip
-"""`Config` fields a checkpoint does not fix; `config_from_hf` takes them as overrides."""
-
-# Defaults of the fields transformers' config classes fill in when config.json omits them.
-_DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": {
-        "hidden_act": "silu",
-        "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-    },
-    "mistral": {
-        "hidden_act": "silu",
-        "max_position_embeddings": 4096 * 32,
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "sliding_window": 4096,
-        "num_key_value_heads": 8,
-    },
-}
-_REQUIRED = (
-    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-)  # fmt: skip
-# hidden_act values whose function is exactly m3's activation ("gelu" is the erf GELU).
-_ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu"}
 # Tensors some conversions store although they follow from the config.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-
-
-# ----------------------------------------------------------------------------- config
-def config_from_hf(source: str | Path | Mapping[str, Any], **overrides: Any) -> Config:
-    """Translate a Hugging Face `config.json` into an m3 `Config`.
-
-    The architecture comes from the checkpoint: `hidden_size` → `n_embd`,
-    `intermediate_size` → `mlp_hidden`, `num_hidden_layers` → `n_layer`,
-    `num_attention_heads` → `n_head`, `num_key_value_heads` → `n_kv_head`, `head_dim`
-    (default: `hidden_size / num_attention_heads`), `vocab_size`, `max_position_embeddings`
-    → `block_size`, `rms_norm_eps` → `norm_eps`, `rope_theta` (or
-    `rope_parameters.rope_theta`) → `rope_base`, `tie_word_embeddings` → `tie_embeddings`,
-    `hidden_act` → `activation`. Fields config.json omits take the defaults of
-    transformers' class for that `model_type` (for Llama: as many key/value heads as heads,
-    2048 positions, untied); the five sizes are required.
-
-    A Mistral `sliding_window` shorter than `max_position_embeddings` caps `block_size`:
-    up to the window, sliding-window attention is plain causal attention.
-
-    The memory settings are m3's defaults, those saved by `save_hf_checkpoint` under the
-    `m3` key of config.json, or the overrides.
-
-    Args:
-        source: A checkpoint folder, the path of its config.json, or the parsed JSON.
-        **overrides: Values of the fields the checkpoint does not fix (`FREE_FIELDS`):
-            `memory_layers`, `memory_tokens`, `memories_per_chunk`, `chunk_length`,
-            `reference_length`, `context_offset`, `block_size`, `init_std`, `name`.
-
-    Returns:
-        The config.
-
-    Raises:
-        UserError: When config.json is missing or unreadable, when an override is unknown or
-            would change the architecture, or when the checkpoint computes something m3's
-            model cannot (all such problems in one message, each naming its field).
-    """
-    hf, where = _read_config(source)
-    bad = sorted(set(overrides) - set(FREE_FIELDS))
-    if bad:
-        fixed = sorted(set(bad) & set(ARCHITECTURE_FIELDS))
-        why = f"; {fixed} are fixed by the checkpoint's weights" if fixed else ""
-        raise UserError(
-            f"config_from_hf: cannot override {bad}{why}. Allowed: {sorted(FREE_FIELDS)}"
-        )
-    fields, window = _architecture(hf, where)
-    saved = hf.get("m3")
-    if isinstance(saved, Mapping):
-        fields.update({k: v for k, v in saved.items() if k in FREE_FIELDS})
-    if window is not None and overrides.get("block_size") is None:
-        fields["block_size"] = min(fields["block_size"], window)
-    fields.update({k: v for k, v in overrides.items() if v is not None})
-    if fields.get("memory_layers") is not None:
-        fields["memory_layers"] = tuple(fields["memory_layers"])
-    if window is not None and fields["block_size"] > window:
-        raise UserError(
-            f"{where}: block_size {fields['block_size']} exceeds sliding_window {window}; "
-            "m3 has no sliding-window attention, which only differs from plain causal "
-            f"attention beyond {window} tokens: use block_size <= {window}"
-        )
-    return Config(**fields)
-
-
-def config_to_hf(config: Config, *, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-    """The Hugging Face `config.json` of a Llama computing what an m3 model computes.
-
-    m3's memory settings (and `name`, `init_std`) are kept under the key `m3`, which
-    transformers keeps as an attribute and `config_from_hf` reads back.
-
-    Args:
-        config: The m3 config.
-        dtype: The dtype the weights are stored in, recorded in the config.
-
-    Returns:
-        The JSON-serialisable config.
-
-    Raises:
-        UserError: For a config Llama cannot express (LayerNorm).
-    """
-    if config.norm != "rmsnorm":
-        raise UserError(
-            f"config {config.name!r} uses norm={config.norm!r}; the Hugging Face Llama layout "
-            "has RMSNorm only, so this model cannot be saved as a Llama checkpoint"
-        )
-    dtype_name = str(dtype).removeprefix("torch.")
-    free = config.to_dict()
-    memory = {k: free[k] for k in FREE_FIELDS if k != "block_size"}
-    if config.context_offset == config.reference_length:  # the default: let it follow
-        del memory["context_offset"]
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": config.vocab_size,
-        "hidden_size": config.n_embd,
-        "intermediate_size": config.mlp_hidden,
-        "num_hidden_layers": config.n_layer,
-        "num_attention_heads": config.n_head,
-        "num_key_value_heads": config.n_kv_head,
-        "head_dim": config.head_dim,
-        "hidden_act": config.activation,
-        "max_position_embeddings": config.block_size,
-        "rms_norm_eps": config.norm_eps,
-        "rope_theta": config.rope_base,
-        "rope_scaling": None,
-        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_base},
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": config.tie_embeddings,
-        "torch_dtype": dtype_name,
-        "dtype": dtype_name,
-        "m3": memory,
-    }
-
-
-def _read_config(source: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
-    """The parsed config.json and a name for it in messages."""
-    if isinstance(source, Mapping):
-        return source, "config"
-    path = Path(source)
-    if path.is_dir():
-        path = path / CONFIG_NAME
-    if not path.is_file():
-        raise UserError(
-            f"{path}: not found; a Hugging Face checkpoint folder holds {CONFIG_NAME} (the "
-            f"architecture) next to {WEIGHTS_NAME} or {INDEX_NAME} and its shards"
-        )
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise UserError(f"{path}: not a readable JSON config ({error})") from error
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
-    return data, str(path)
-
-
-def _architecture(hf: Mapping[str, Any], where: str) -> tuple[dict[str, Any], int | None]:
-    """`Config` fields fixed by the checkpoint, and its sliding window; refuse what m3 lacks."""
-    model_type = hf.get("model_type")
-    if model_type == "qwen2":
-        raise UserError(
-            f"{where}: model_type 'qwen2' is not supported: Qwen2 always adds biases to "
-            "q_proj, k_proj and v_proj, and m3's attention is bias-free"
-        )
-    if model_type not in _DEFAULTS:
-        raise UserError(
-            f"{where}: model_type {model_type!r} is not supported; m3 loads the bias-free "
-            f"Llama architecture: model_type one of {list(SUPPORTED_MODEL_TYPES)}"
-        )
-    if "num_key_value_heads" in hf and hf["num_key_value_heads"] is None:  # null: as many as heads
-        hf = {**hf, "num_key_value_heads": hf.get("num_attention_heads")}
-    hf = {**_DEFAULTS[model_type], **{k: v for k, v in hf.items() if v is not None}}
-    missing = [key for key in _REQUIRED if key not in hf]
-    if missing:
-        raise UserError(f"{where}: missing {missing}, needed to build the model")
-    problems: list[str] = []
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            problems.append(f"{key} is true, but m3's layers are bias-free")
-    act = hf["hidden_act"]
-    if not isinstance(act, str) or act not in _ACTIVATIONS:
-        problems.append(
-            f"hidden_act {act!r} is not supported: m3 has {sorted(_ACTIVATIONS)} (with 'gelu' "
-            "the exact erf GELU; tanh approximations would give other logits)"
-        )
-    if hf.get("partial_rotary_factor", 1.0) != 1.0:
-        problems.append(
-            f"partial_rotary_factor is {hf['partial_rotary_factor']}; m3 rotates whole heads"
-        )
-    rope_base = _rope_base(hf, problems)
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is None:
-        if isinstance(heads, int) and heads > 0 and hf["hidden_size"] % heads:
-            problems.append(
-                f"head_dim is not given and hidden_size {hf['hidden_size']} is not a multiple "
-                f"of num_attention_heads {heads}"
-            )
-        head_dim = hf["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0
-    if problems:
-        raise UserError(f"{where}: cannot load this checkpoint into m3: " + "; ".join(problems))
-    window = hf.get("sliding_window") if model_type == "mistral" else None
-    fields = {
-        "vocab_size": hf["vocab_size"],
-        "n_layer": hf["num_hidden_layers"],
-        "n_head": heads,
-        "n_kv_head": hf.get("num_key_value_heads", heads),
-        "head_dim": head_dim,
-        "n_embd": hf["hidden_size"],
-        "mlp_hidden": hf["intermediate_size"],
-        "block_size": hf["max_position_embeddings"],
-        "norm": "rmsnorm",
-        "norm_eps": float(hf["rms_norm_eps"]),
-        "activation": _ACTIVATIONS[act],
-        "rope_base": rope_base,
-        "tie_embeddings": bool(hf["tie_word_embeddings"]),
-    }
-    return fields, window
-
-
-def _rope_base(hf: Mapping[str, Any], problems: list[str]) -> float:
-    """RoPE's base from `rope_theta` (transformers 4) or `rope_parameters` (transformers 5)."""
-    theta = hf.get("rope_theta")
-    for key in ("rope_scaling", "rope_parameters"):
-        spec = hf.get(key)
-        if spec is None:
-            continue
-        if not isinstance(spec, Mapping):
-            problems.append(f"{key} must be an object, got {spec!r}")
-            continue
-        kind = spec.get("rope_type", spec.get("type", "default"))
-        if kind != "default":
-            problems.append(
-                f"{key} asks for {kind!r} rotary scaling; m3 has plain RoPE only, so the "
-                "model would see other positions than it was trained with"
-            )
-        if spec.get("partial_rotary_factor", 1.0) != 1.0:
-            problems.append(f"{key}.partial_rotary_factor is not 1; m3 rotates whole heads")
-        if key == "rope_parameters" and spec.get("rope_theta") is not None:
-            if "rope_theta" in hf and not math.isclose(hf["rope_theta"], spec["rope_theta"]):
-                problems.append(
-                    f"rope_theta {hf['rope_theta']} and rope_parameters.rope_theta "
-                    f"{spec['rope_theta']} disagree"
-                )
-            theta = spec["rope_theta"]
-    return 10000.0 if theta is None else float(theta)
 
 
 # ----------------------------------------------------------------------------- weights
@@ -366,7 +117,10 @@ def _weight_problems(
     for name in sorted(state.keys() - expected.keys()):
         shape = tuple(state[name].shape)
         if name.endswith(".bias"):
-            problems.append(f"bias {name} {shape}: m3's layers are bias-free")
+            problems.append(
+                f"bias {name} {shape}: m3's layers are bias-free here (the config sets no "
+                "attention_bias or qkv_bias)"
+            )
         else:
             problems.append(f"unexpected tensor {name} {shape}")
     for name in sorted(expected.keys() & state.keys()):
@@ -454,7 +208,9 @@ def load_hf_checkpoint(
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     # a non-persistent buffer is not in the state dict: compute it for real
-    model.rotary = RotaryEmbedding(config.head_dim, base=config.rope_base)
+    model.rotary = RotaryEmbedding(
+        config.head_dim, base=config.rope_base, scaling=config.rope_scaling
+    )
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # pragma: no cover - a new parameter or buffer this loader does not know
         raise RuntimeError(f"m3.model.checkpoints does not know how to fill {left}")
@@ -539,12 +295,13 @@ def load_weights(model: Memory3, path: str | Path) -> None:
 def save_hf_checkpoint(
     model: Memory3, directory: str | Path, *, dtype: torch.dtype | None = None
 ) -> Path:
-    """Write a model as a Hugging Face Llama checkpoint: `config.json` + `model.safetensors`.
+    """Write a model as a Hugging Face checkpoint: `config.json` + `model.safetensors`.
 
-    transformers' `LlamaForCausalLM.from_pretrained(directory)` computes the same logits as
-    the model in warmup mode; `load_hf_checkpoint(directory)` gives back the same model,
-    memory settings included, bit for bit. With tied embeddings `lm_head.weight` is not
-    stored (the Hugging Face convention).
+    A Llama, a Qwen2 (q/k/v biases) or a Qwen3 (q/k norms), as `config_to_hf` says:
+    transformers' class of that family (`AutoModelForCausalLM.from_pretrained(directory)`)
+    computes the same logits as the model in warmup mode; `load_hf_checkpoint(directory)`
+    gives back the same model, memory settings included, bit for bit. With tied embeddings
+    `lm_head.weight` is not stored (the Hugging Face convention).
 
     Args:
         model: The model.
@@ -556,8 +313,8 @@ def save_hf_checkpoint(
         The folder.
 
     Raises:
-        UserError: For a model Llama cannot express (LayerNorm), or a folder that already
-            holds a sharded checkpoint.
+        UserError: For a model these families cannot express (LayerNorm), or a folder that
+            already holds a sharded checkpoint.
     """
     from safetensors.torch import save_file
 

@@ -6,16 +6,24 @@ from m3.model.config import Config
 config = Config.from_name("tiny")                  # a preset
 config = Config.from_name("small", n_layer=8)      # a preset with overrides
 config.memory_shape                                # (L_mem, 2, H_kv, k, d_h) of one memory
+qwen = Config(qkv_bias=True, tie_embeddings=True)  # Qwen2-style attention
 ```
+
+The default is the paper's Llama (§3.4). The options of the families people start from
+(Llama 3.x rotary scaling, Qwen2's q/k/v biases, Qwen3's per-head q/k norms) are off by
+default, and a config that leaves them off records none of them in `to_dict`, so the
+fingerprints of existing banks and checkpoints do not change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from m3.core.errors import UserError
+from m3.model.rope import RopeScaling
 
 Norm = Literal["rmsnorm", "layernorm"]
 Activation = Literal["silu", "gelu"]
@@ -42,7 +50,16 @@ class Config:
         norm_eps: Epsilon of the normalisation layers.
         activation: Activation of the gated MLP: "silu" (SwiGLU) or "gelu" (GeGLU).
         rope_base: Base of the rotary position embedding.
+        rope_scaling: Rotary scaling of a long-context checkpoint (`m3.model.rope`:
+            "linear", "llama3" or "yarn" and its parameters; a mapping is parsed); None
+            for plain RoPE (the paper's).
         tie_embeddings: Share the input embedding with the output projection.
+        attention_bias: Biases on all four attention projections, q/k/v and output
+            (Llama's and Qwen3's `attention_bias`).
+        qkv_bias: Biases on the q/k/v projections only, none on the output (Qwen2,
+            Qwen2.5). At most one of `attention_bias` and `qkv_bias` is set.
+        qk_norm: RMSNorm over each head of the queries and keys, after the projections and
+            before RoPE (Qwen3's `q_norm` / `k_norm`, with `norm_eps`).
         memory_layers: Indices of the layers that read explicit memories; the first half of
             the layers when not given (the paper: 0–21 of 44).
         memory_tokens: Tokens kept per memory layer and key/value head of one reference (k).
@@ -69,7 +86,11 @@ class Config:
     norm_eps: float = 1e-5
     activation: Activation = "silu"
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
+    attention_bias: bool = False
+    qkv_bias: bool = False
+    qk_norm: bool = False
     memory_layers: tuple[int, ...] | None = None
     memory_tokens: int = 8
     memories_per_chunk: int = 5
@@ -85,7 +106,13 @@ class Config:
             object.__setattr__(self, "memory_layers", tuple(int(i) for i in self.memory_layers))
         if self.context_offset is None:
             object.__setattr__(self, "context_offset", self.reference_length)
-        problems = list(self._problems())
+        problems = []
+        if isinstance(self.rope_scaling, Mapping):
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
+            except UserError as error:
+                problems.append(str(error))
+        problems += list(self._problems())
         if problems:
             raise UserError(f"invalid model config {self.name!r}: " + "; ".join(problems))
 
@@ -111,6 +138,14 @@ class Config:
             yield f"norm_eps must be positive, got {self.norm_eps!r}"
         if not self.rope_base > 0:
             yield f"rope_base must be positive, got {self.rope_base!r}"
+        scaling = self.rope_scaling
+        if scaling is not None and not isinstance(scaling, RopeScaling | Mapping):
+            yield f"rope_scaling must be a mapping with a rope_type or None, got {scaling!r}"
+        for key in _OPTIONS:
+            if not isinstance(getattr(self, key), bool):
+                yield f"{key} must be true or false, got {getattr(self, key)!r}"
+        if self.attention_bias and self.qkv_bias:
+            yield "set attention_bias (all four projections) or qkv_bias (q/k/v only), not both"
         layers = self.memory_layers or ()
         if len(set(layers)) != len(layers) or list(layers) != sorted(layers):
             yield f"memory_layers must be increasing and distinct, got {list(layers)}"
@@ -141,8 +176,12 @@ class Config:
     def num_parameters(self) -> int:
         """Parameter count implied by the architecture (embeddings counted once when tied)."""
         attn = self.n_embd * self.head_dim * (2 * self.n_head + 2 * self.n_kv_head)
+        if self.attention_bias or self.qkv_bias:
+            attn += self.head_dim * (self.n_head + 2 * self.n_kv_head)
+        if self.attention_bias:
+            attn += self.n_embd
         mlp = 3 * self.n_embd * self.mlp_hidden
-        norms = 2 * self.n_embd
+        norms = 2 * self.n_embd + (2 * self.head_dim if self.qk_norm else 0)
         embed = self.vocab_size * self.n_embd * (1 if self.tie_embeddings else 2)
         return self.n_layer * (attn + mlp + norms) + embed + self.n_embd
 
@@ -191,9 +230,21 @@ class Config:
         return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields as plain Python values (JSON/YAML-serialisable)."""
+        """All fields as plain Python values (JSON/YAML-serialisable).
+
+        The architecture options of other families (`rope_scaling`, `attention_bias`,
+        `qkv_bias`, `qk_norm`) appear only when set: a paper-Llama config gives the same
+        dict, and so the same fingerprints, as before they existed.
+        """
         data = dataclasses.asdict(self)
         data["memory_layers"] = list(self.memory_layers or ())
+        for key in _OPTIONS:
+            if not data[key]:
+                del data[key]
+        if self.rope_scaling is None:
+            del data["rope_scaling"]
+        else:
+            data["rope_scaling"] = self.rope_scaling.to_dict()
         return data
 
     @staticmethod
@@ -201,6 +252,8 @@ class Config:
         """Names of the shipped presets."""
         return sorted(PRESETS)
 
+
+_OPTIONS = ("attention_bias", "qkv_bias", "qk_norm")
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Trains in seconds on a CPU; byte-level or small BPE vocabularies fit in 512 ids.

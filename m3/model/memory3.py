@@ -36,6 +36,7 @@ from m3.core.memories import Memories
 from m3.model.attention import ChunkMemories, attend_with_memory
 from m3.model.config import Config
 from m3.model.kv_cache import KVCache
+from m3.model.rope import RopeScaling, scaled_frequencies
 
 
 class RMSNorm(nn.Module):
@@ -111,11 +112,14 @@ class RotaryEmbedding(nn.Module):
     Args:
         head_dim: Dimension of one head (even).
         base: Frequency base.
+        scaling: A rotary scaling schedule (`m3.model.rope`), or None for plain RoPE.
     """
 
-    def __init__(self, head_dim: int, *, base: float = 10000.0) -> None:
+    def __init__(
+        self, head_dim: int, *, base: float = 10000.0, scaling: RopeScaling | None = None
+    ) -> None:
         super().__init__()
-        self.head_dim, self.base = head_dim, base
+        self.head_dim, self.base, self.scaling = head_dim, base, scaling
 
     @property
     def inv_freq(self) -> Tensor:
@@ -125,7 +129,10 @@ class RotaryEmbedding(nn.Module):
         positions.
         """
         exponents = torch.arange(0, self.head_dim, 2) / self.head_dim
-        return 1.0 / self.base ** exponents.float()
+        inv_freq = 1.0 / self.base ** exponents.float()
+        if self.scaling is not None:
+            return scaled_frequencies(inv_freq, self.scaling, base=self.base)
+        return inv_freq
 
     def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """Cosines and sines for integer positions.
@@ -140,6 +147,9 @@ class RotaryEmbedding(nn.Module):
             positions = positions[None]
         angles = positions[..., None].float() * self.inv_freq.to(positions.device)
         angles = torch.cat([angles, angles], dim=-1)[:, None]
+        if self.scaling is not None and self.scaling.cos_sin_factor != 1.0:  # yarn
+            factor = self.scaling.cos_sin_factor
+            return angles.cos() * factor, angles.sin() * factor
         return angles.cos(), angles.sin()
 
 
@@ -164,9 +174,11 @@ class LayerStates(NamedTuple):
     """One layer's attention inputs for a batch of token sequences (see `Memory3.reference_states`).
 
     Attributes:
-        queries: Queries before RoPE, `(N, H, T, d_h)`.
-        keys: Keys before RoPE, `(N, H_kv, T, d_h)`.
-        rotated_keys: Keys after RoPE, `(N, H_kv, T, d_h)`: what a memory stores.
+        queries: Queries before RoPE, `(N, H, T, d_h)` (after the bias and the q-norm, when
+            the config has them).
+        keys: Keys before RoPE, `(N, H_kv, T, d_h)` (after the bias and the k-norm).
+        rotated_keys: Keys after RoPE (scaled, when the config scales it), `(N, H_kv, T,
+            d_h)`: the keys the layer attends with, what a memory stores.
         values: Values, `(N, H_kv, T, d_h)`.
     """
 
@@ -210,10 +222,16 @@ class Attention(nn.Module):
         memory_layers = tuple(config.memory_layers or ())
         #: Position of this layer along the memories' `L_mem` axis; None if it reads none.
         self.memory_index = memory_layers.index(block_idx) if block_idx in memory_layers else None
-        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_head * config.head_dim, config.n_embd, bias=False)
+        bias = config.attention_bias or config.qkv_bias  # Qwen2: q/k/v only
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * config.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * config.head_dim, bias=bias)
+        self.o_proj = nn.Linear(
+            config.n_head * config.head_dim, config.n_embd, bias=config.attention_bias
+        )
+        #: Qwen3's per-head RMSNorm of queries and keys, before RoPE; None without `qk_norm`.
+        self.q_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, eps=config.norm_eps) if config.qk_norm else None
         #: When a list, every call that reads `memories` (a prompt in memory mode) appends the
         #: share of attention each context query put on memory tokens, `(B, H, T)`: the
         #: anchor channel of `m3.model.attention.anchored_causal_attention`,
@@ -222,7 +240,7 @@ class Attention(nn.Module):
         self.memory_shares: list[Tensor] | None = None
 
     def qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Project to queries, keys and values, before RoPE.
+        """Project to queries, keys and values, before RoPE (after biases and q/k-norm).
 
         Args:
             x: `(B, T, n_embd)`.
@@ -231,6 +249,11 @@ class Attention(nn.Module):
             `q (B, H, T, d_h)`, `k (B, H_kv, T, d_h)`, `v (B, H_kv, T, d_h)`.
         """
         batch, length, _ = x.shape
+        if self.q_norm is not None and self.k_norm is not None:  # Qwen3: norm each head
+            q = self.q_norm(self.q_proj(x).view(batch, length, self.n_head, self.head_dim))
+            k = self.k_norm(self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim))
+            v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim)
+            return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         q = self.q_proj(x).view(batch, length, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -384,14 +407,21 @@ class Memory3(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        self.rotary = RotaryEmbedding(config.head_dim, base=config.rope_base)
+        self.rotary = RotaryEmbedding(
+            config.head_dim, base=config.rope_base, scaling=config.rope_scaling
+        )
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise weights: normal(0, init_std); residual outputs scaled by 1/sqrt(2·n_layer)."""
+        """Initialise weights: normal(0, init_std); residual outputs scaled by 1/sqrt(2·n_layer).
+
+        Norm weights start at one and biases (when the config has them) at zero.
+        """
         std = self.config.init_std
         for name, param in self.named_parameters():
-            if param.dim() < 2:
+            if name.endswith(".bias"):
+                nn.init.zeros_(param)
+            elif param.dim() < 2:
                 nn.init.ones_(param)
             elif name.endswith(("o_proj.weight", "down_proj.weight")):
                 nn.init.normal_(param, std=std / math.sqrt(2 * self.config.n_layer))
