@@ -34,12 +34,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
-
-import torch
-from torch import Tensor
+from typing import TYPE_CHECKING, Any
 
 from m3.core.errors import UserError
+
+if TYPE_CHECKING:  # the config is read without torch (m3 check, m3 size): imported when used
+    from torch import Tensor
 
 ROPE_TYPES = ("linear", "llama3", "yarn")
 """The rotary scaling types m3 computes."""
@@ -176,6 +176,8 @@ def scaled_frequencies(inv_freq: Tensor, scaling: RopeScaling, *, base: float) -
     Returns:
         `(d_h / 2,)` fp32 scaled frequencies.
     """
+    import torch
+
     factor = float(scaling.factor)
     if scaling.rope_type == "linear":
         return inv_freq / factor
