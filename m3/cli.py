@@ -522,6 +522,39 @@ def _add_verify(verbs: Subparsers) -> None:
     verify.set_defaults(handler=_verify)
 
 
+def _export(args: argparse.Namespace) -> int:
+    from m3.inference.export import export_hf
+
+    result = export_hf(args.run_folder, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"wrote {result.path} ({result.model_type}): {', '.join(result.files)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    return 0
+
+
+def _add_export(verbs: Subparsers) -> None:
+    export = verbs.add_parser(
+        "export",
+        help="write a trained stage as a Hugging Face checkpoint folder (warmup mode)",
+        description=(
+            "Write a finished `m3 fit` stage as config.json + model.safetensors (a Llama, "
+            "Qwen2 or Qwen3 that transformers loads, computing the model without memory) and "
+            "its Hugging Face tokenizer files; the memory settings are kept under the 'm3' key "
+            "of config.json."
+        ),
+    )
+    export.add_argument("run_folder", metavar="RUN_FOLDER", help="the stage's output folder")
+    export.add_argument("out", metavar="OUT", help="the folder to write (missing or empty)")
+    export.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="dtype of the stored weights (default: the model's)",
+    )
+    _add_overwrite(export, "replace a non-empty OUT folder")
+    export.set_defaults(handler=_export)
+
+
 _VERBS: list[Callable[[Subparsers], None]] = [
     _add_check,
     _add_recipes,
@@ -533,6 +566,7 @@ _VERBS: list[Callable[[Subparsers], None]] = [
     _add_generate,
     _add_edit,
     _add_verify,
+    _add_export,
     _add_size,
     _add_smoke,
 ]
