@@ -72,8 +72,12 @@ OUTPUT = "out"
 VERBS = ("check", "fit", "build-memory", "evaluate", "generate", "run", "size", "edit")
 VERB_OPTIONS = {"generate": ["--prompt", "x"], "edit": ["--delete", "0"]}
 
-#: Shipped recipes that name data living on a cluster: they do not load here, unbroken.
-CLUSTER = {"paper-2.4b/warmup.yaml", "paper-2.4b/continual.yaml"}
+#: Shipped recipes that name data living on a cluster (and, for the pretrained overlays, real
+#: checkpoints): they do not load here, unbroken (tests/test_pretrained_recipes.py checks
+#: the overlays on stand-ins).
+CLUSTER = {"paper-2.4b/warmup.yaml", "paper-2.4b/continual.yaml"} | {
+    f"pretrained/{path.name}" for path in (ROOT / "recipes" / "pretrained").glob("*.yaml")
+}
 
 #: An evaluate stage on the tiny model (no recipe ships one).
 EVALUATE = {
