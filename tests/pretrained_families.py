@@ -185,7 +185,6 @@ def small_config(family: str) -> dict[str, Any]:
 
 def write_stand_in(family: str, folder: Path) -> Path:
     """Write a small random checkpoint of `family`, with its tokenizer, into `folder`."""
-    import tokenizers as tk
     import torch
     import transformers
 
@@ -207,6 +206,29 @@ def write_stand_in(family: str, folder: Path) -> Path:
                     p.normal_(0, 0.1)
     model.save_pretrained(folder, safe_serialization=True)
     first, after, tokenizer_config = TOKENIZERS[family]
+    bpe(CORPUS, first, after).save(str(folder / "tokenizer.json"))
+    text = json.dumps(tokenizer_config, indent=2)
+    (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
+    return folder
+
+
+def bpe(
+    corpus: list[str], first: list[str], after: list[str] = (), adds_bos: str | None = None
+) -> Any:
+    """A byte-level BPE with special tokens at ids 0.. (`first`) or after the vocabulary.
+
+    Args:
+        corpus: Lines to train it on.
+        first: Special tokens at ids 0, 1, ….
+        after: Special tokens appended after the learnt vocabulary (as Qwen's are).
+        adds_bos: A token the tokenizer puts in front of every text itself (Llama 3's
+            post-processor); None for none.
+
+    Returns:
+        The `tokenizers.Tokenizer`.
+    """
+    import tokenizers as tk
+
     hf = tk.Tokenizer(tk.models.BPE())
     hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tk.decoders.ByteLevel()
@@ -216,10 +238,13 @@ def write_stand_in(family: str, folder: Path) -> Path:
         initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    hf.train_from_iterator(CORPUS, trainer=trainer)
+    hf.train_from_iterator(corpus, trainer=trainer)
     if after:
         hf.add_special_tokens(list(after))
-    hf.save(str(folder / "tokenizer.json"))
-    text = json.dumps(tokenizer_config, indent=2)
-    (folder / "tokenizer_config.json").write_text(text, encoding="utf-8")
-    return folder
+    if adds_bos:
+        hf.post_processor = tk.processors.TemplateProcessing(
+            single=f"{adds_bos} $A",
+            pair=f"{adds_bos} $A {adds_bos} $B",
+            special_tokens=[(adds_bos, hf.token_to_id(adds_bos))],
+        )
+    return hf

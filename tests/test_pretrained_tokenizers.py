@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pretrained_families import bpe as family_bpe
 
 from m3.cli import main
 from m3.core.errors import UserError
@@ -44,25 +45,7 @@ def added(content: str) -> dict[str, Any]:
 
 def bpe(first: list[str], after: list[str] = (), adds_bos: str | None = None) -> Any:
     """A byte-level BPE with special tokens at ids 0.. (`first`) or after the vocabulary."""
-    hf = tk.Tokenizer(tk.models.BPE())
-    hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=first,
-        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    hf.train_from_iterator(CORPUS, trainer=trainer)
-    if after:
-        hf.add_special_tokens(list(after))
-    if adds_bos:  # the tokenizer puts a BOS in front itself, as Llama 3's does
-        hf.post_processor = tk.processors.TemplateProcessing(
-            single=f"{adds_bos} $A",
-            pair=f"{adds_bos} $A {adds_bos} $B",
-            special_tokens=[(adds_bos, hf.token_to_id(adds_bos))],
-        )
-    return hf
+    return family_bpe(CORPUS, first, after, adds_bos)
 
 
 def checkpoint(folder: Path, hf: Any, config: dict | None, special_map: dict | None) -> Path:
