@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -15,6 +14,7 @@ if TYPE_CHECKING:
     from m3.retrieval.embedders import Embedder
 
 from m3.backends.sharded import ShardedStore
+from m3.bank.inputs import read_manifest
 from m3.bank.layout import EDIT_JOURNAL, MANIFEST
 
 
@@ -59,11 +59,8 @@ def open_bank_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
         )
     if not (folder / MANIFEST).is_file() or not (folder / "done.json").is_file():
         raise UserError(f"{folder} holds no finished memory bank (run m3 build-memory)")
-    try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files = [folder / shard["file"] for shard in manifest["shards"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise UserError(f"{folder / MANIFEST} is not a bank manifest ({error!r})") from None
+    manifest = read_manifest(folder)
+    files = [folder / shard["file"] for shard in manifest["shards"]]
     shards = [HDF5Store(path) for path in files]
     recorded = (manifest.get("quantizer") or {}).get("fingerprint")
     for shard in shards:
