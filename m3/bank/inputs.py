@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from m3.backends.base import CorruptReferenceError
 from m3.backends.hdf5_salvage import interrupted_writer, marker_path
 from m3.backends.hdf5_store import HDF5Store
@@ -37,8 +39,8 @@ def knowledge_fingerprint(references: Sequence[Reference]) -> str:
     """
     digest = hashlib.sha256()
     for doc_id, start, end, ids in references:
-        digest.update(f"{type(doc_id).__name__}\0{doc_id}\0{start}\0{end}\0".encode())
-        digest.update(",".join(map(str, ids)).encode() + b"\n")
+        digest.update(f"{type(doc_id).__name__}\0{doc_id}\0{start}\0{end}\0{len(ids)}\0".encode())
+        digest.update(np.asarray(ids, dtype="<i4").tobytes())  # as the store keeps them
     return digest.hexdigest()
 
 
