@@ -451,7 +451,7 @@ def _edit(args: argparse.Namespace) -> int:
     source, overrides = _folder_or_recipe(args)
     if args.resume:
         if args.replace or args.delete:
-            raise UserError("--resume finishes an interrupted edit: give no --replace/--delete")
+            raise UserError("--resume clears an interrupted edit: give no --replace/--delete")
         summary = resume_edit(resolve_bank(source, overrides))
         if summary is None:
             print("m3 edit: no interrupted edit to resume")
@@ -476,8 +476,9 @@ def _add_edit(verbs: Subparsers) -> None:
             "write their memories to the store and their embeddings to the index, or remove "
             "documents from both. RECIPE is a bank folder (its recipe.yaml) or recipe files "
             "naming the bank (retrieval.bank, or a build_memory recipe's output), the "
-            "weights (training.init_weights) and the tokenizer. An interrupted edit leaves "
-            "the bank unfinished until --resume completes it."
+            "weights (training.init_weights) and the tokenizer. The bank serves while it is "
+            "edited: readers see it before or after the edit, never a mix; an interrupted "
+            "edit leaves it as it was."
         ),
     )
     add_recipe_arguments(edit)
@@ -494,7 +495,9 @@ def _add_edit(verbs: Subparsers) -> None:
         "--delete", nargs="+", action="extend", metavar="ID", help="ids of documents to remove"
     )
     edit.add_argument(
-        "--resume", action="store_true", help="finish an interrupted edit of the bank"
+        "--resume",
+        action="store_true",
+        help="delete what an interrupted edit left, or finish an earlier m3's in-place edit",
     )
     _add_batch_size(edit)
     edit.set_defaults(handler=_edit)

@@ -376,6 +376,78 @@ def _count(shard: Path) -> int:
         return 0
 
 
+# ------------------------------------------------------------------ edited banks
+@pytest.fixture(scope="module")
+def edited_bank(inputs, reference_bank, tmp_path_factory) -> Path:
+    """The reference bank after two edits: one document rewritten longer and one deleted,
+    then another deleted (two layers)."""
+    out = copy_bank(reference_bank, tmp_path_factory.mktemp("edited"))
+    adopt(out, inputs)
+    replacement = out.parent / "new.jsonl"
+    text = " ".join(WORDS[:12] * 3)  # longer than d5: new ids, the old ones removed
+    replacement.write_text(json.dumps({"id": "d5", "text": text}) + "\n")
+    assert main(["edit", str(out), "--replace", str(replacement), "--delete", "d7"]) == 0
+    assert main(["edit", str(out), "--delete", "d9"]) == 0
+    return out
+
+
+def test_a_resumed_build_of_an_edited_bank_keeps_its_edits(edited_bank, inputs, tmp_path, capsys):
+    from m3.bank.inputs import read_manifest
+    from m3.bank.layout import index_path
+
+    want = contents(edited_bank)
+    assert main(["verify", str(edited_bank)]) == 0
+    out = copy_bank(edited_bank, tmp_path)
+    adopt(out, inputs)
+    shutil.rmtree(out / index_path(read_manifest(out)))  # the index after both edits, gone
+    capsys.readouterr()
+    assert main(["build-memory", *args(inputs["kb"], inputs["weights"], out)]) == 0
+    assert "resuming" in capsys.readouterr().err
+    assert_same_bank(contents(out), want)
+    assert main(["verify", str(out)]) == 0
+    assert read_manifest(out)["edits"] == read_manifest(edited_bank)["edits"]
+
+
+def test_a_damaged_edit_layer_is_named_by_verify_and_by_repair(
+    edited_bank, inputs, tmp_path, capsys
+):
+    from m3.bank.inputs import read_manifest
+
+    out = copy_bank(edited_bank, tmp_path)
+    adopt(out, inputs)
+    edit = read_manifest(out)["edits"][0]
+    damaged = edit["written"][1]
+    with HDF5Store(out / edit["layer"]) as layer:
+        offset = layer.row_location(damaged)[0]
+    with (out / edit["layer"]).open("r+b") as f:
+        f.seek(offset + 40)
+        f.write(b"\x5a\xa5")
+    capsys.readouterr()
+    assert main(["verify", str(out)]) == 1
+    assert f"damaged reference ids: {damaged}" in capsys.readouterr().out
+    assert main(["verify", str(out), "--repair"]) == 2
+    err = capsys.readouterr().err
+    assert f"references [{damaged}] of edit 1 are damaged" in err and "['d5']" in err
+    assert "Traceback" not in err
+
+
+def test_an_edited_bank_whose_manifest_is_lost_is_refused_not_rebuilt_without_its_edits(
+    edited_bank, reference_bank, inputs, tmp_path, capsys
+):
+    out = copy_bank(edited_bank, tmp_path)
+    adopt(out, inputs)
+    (out / "manifest.json").unlink()
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "edit.lock"}
+    capsys.readouterr()
+    assert main(["build-memory", *args(inputs["kb"], inputs["weights"], out)]) == 2
+    err = capsys.readouterr().err
+    assert "edits" in err and "cannot be replayed" in err and "Traceback" not in err
+    now = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "edit.lock"}
+    assert now == files  # nothing was written
+    assert main(["build-memory", *args(inputs["kb"], inputs["weights"], out), "--overwrite"]) == 0
+    assert_same_bank(contents(out), contents(reference_bank))  # the bank as built, no edits
+
+
 @pytest.mark.slow
 def test_a_build_killed_twenty_times_resumes_to_the_uninterrupted_bank(inputs, tmp_path):
     kb = tmp_path / "kb.jsonl"

@@ -1,9 +1,13 @@
-"""Several stores read as one: a bank written by many ranks, one shard each."""
+"""Several stores read as one: a bank written by many ranks, one shard each, and its edits.
+
+`ShardedStore` routes each id to the one shard that holds it. `LayeredStore` reads a bank
+with the layers its edits wrote on top (`m3.bank.layers`): the newest layer that holds an id
+serves it, and the ids a layer removed are hidden from the layers below.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,9 +18,6 @@ from m3.backends.checks import as_reference_ids
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.core.references import Reference
-
-if TYPE_CHECKING:
-    pass
 
 
 class ShardedStore(MemoryStore):
@@ -43,20 +44,28 @@ class ShardedStore(MemoryStore):
                 raise UserError(f"{shard} holds other memories than {shards[0]}")
         self.shards = list(shards)
         self.info = first.with_extra(rank=None)
-        ids = [s.ids().numpy() for s in self.shards]
+        self.quantizer = getattr(shards[0], "quantizer", None)
+        self._ids, self._owner = self._routing([s.ids().numpy() for s in self.shards])
+
+    def _routing(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids served, ascending, and the shard that serves each: every id is in one shard."""
         owner = np.concatenate([np.full(len(a), i) for i, a in enumerate(ids)])
         flat = np.concatenate(ids)
         order = np.argsort(flat, kind="stable")
-        self._ids, self._owner = flat[order], owner[order]
-        if len(self._ids) > 1 and (repeat := self._ids[1:] == self._ids[:-1]).any():
-            raise UserError(f"reference {int(self._ids[1:][repeat][0])} is in two shards")
+        flat, owner = flat[order], owner[order]
+        if len(flat) > 1 and (repeat := flat[1:] == flat[:-1]).any():
+            raise UserError(f"reference {int(flat[1:][repeat][0])} is in two shards")
+        return flat, owner
 
     def _route(self, ids: Sequence[int] | Tensor) -> tuple[np.ndarray, np.ndarray]:
-
+        """The ids as an array and the store that serves each; a missing id is named."""
         array = as_reference_ids(ids, where=type(self).__name__)
-        where = np.searchsorted(self._ids, array).clip(max=max(len(self._ids) - 1, 0))
-        if len(self._ids) == 0 or (self._ids[where] != array).any():
-            missing = array if len(self._ids) == 0 else array[self._ids[where] != array]
+        if len(self._ids) == 0:
+            if len(array):
+                raise MissingReferenceError(f"reference {int(array[0])} is not in the bank")
+            return array, self._owner
+        where = np.searchsorted(self._ids, array).clip(max=len(self._ids) - 1)
+        if (missing := array[self._ids[where] != array]).size:
             raise MissingReferenceError(f"reference {int(missing[0])} is not in the bank")
         return array, self._owner[where]
 
@@ -88,21 +97,19 @@ class ShardedStore(MemoryStore):
         self, ids: Sequence[int] | Tensor, memory: SparseMemory, references: Sequence[Reference]
     ) -> None:
         """Refused: a bank opened with `open_bank` is read-only."""
-        raise UserError("a sharded bank is read-only: rebuild it with m3 build-memory")
+        raise UserError("a sharded bank is read-only: change it with m3 edit")
 
     def delete(self, ids: Sequence[int] | Tensor) -> None:
         """Refused: a bank opened with `open_bank` is read-only."""
-        raise UserError("a sharded bank is read-only: rebuild it with m3 build-memory")
+        raise UserError("a sharded bank is read-only: change it with m3 edit")
 
     def ids(self) -> Tensor:
-        """All reference ids of every shard, `(N,)` int64, ascending."""
+        """The ids served, `(N,)` int64, ascending."""
         return torch.from_numpy(self._ids.copy())
 
     def verify(self, ids: Sequence[int] | Tensor | None = None) -> list[int]:
-        """Check stored bytes in every shard; the damaged ids, ascending."""
-        if ids is None:
-            return sorted(i for s in self.shards for i in s.verify())
-        array, owner = self._route(ids)
+        """Check the stored bytes of the ids served (all when None); the damaged ids, ascending."""
+        array, owner = self._route(self._ids if ids is None else ids)
         return sorted(
             i
             for o in np.unique(owner).tolist()
@@ -116,6 +123,41 @@ class ShardedStore(MemoryStore):
         """Close every shard."""
         for shard in self.shards:
             shard.close()
+
+
+class LayeredStore(ShardedStore):
+    """A bank and the layers its edits wrote, read as one store (read-only).
+
+    Layer 0 is the bank as built; layer `n` holds the references edit `n` wrote and names
+    the ids it removed. An id is served by the newest layer that holds it, unless a newer
+    layer removed it: exactly the bank after every edit, in order (paper §1, knowledge
+    editing), without rewriting the layers below.
+
+    Args:
+        layers: The stores, oldest (the built bank) first.
+        removed: Per layer, the ids its edit removed (the built bank's entry is empty).
+
+    Raises:
+        UserError: For layers of different memory shapes, dtypes, weights or quantizers, or
+            a `removed` of another length than `layers`.
+    """
+
+    def __init__(self, layers: Sequence[MemoryStore], removed: Sequence[Sequence[int]]) -> None:
+        if len(removed) != len(layers):
+            raise UserError(f"{len(layers)} layers but {len(removed)} lists of removed ids")
+        self._removed = [np.asarray(r, dtype=np.int64) for r in removed]
+        super().__init__(layers)
+
+    def _routing(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Apply the layers in order: each hides the ids it removed, then serves its own."""
+        served = np.zeros(0, dtype=np.int64)
+        owner = np.zeros(0, dtype=np.int64)
+        for layer, (held, gone) in enumerate(zip(ids, self._removed, strict=True)):
+            keep = ~np.isin(served, np.concatenate([gone, held]))
+            served = np.concatenate([served[keep], held])
+            owner = np.concatenate([owner[keep], np.full(len(held), layer)])
+        order = np.argsort(served, kind="stable")
+        return served[order], owner[order]
 
 
 def shards_of(store: MemoryStore) -> list[MemoryStore]:

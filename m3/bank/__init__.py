@@ -5,7 +5,8 @@ ids), `writer` (the Lightning parts that encode references into a rank's shard),
 (`m3 build-memory`: every reference encoded, one shard per rank, resumable, then the
 index), `layout` (what a bank folder holds), `open` (a finished bank as one store, its index
 and its embedder), `edit` (`m3 edit`: knowledge edits of store and index together),
-`journal` (the redo journal that makes an edit atomic and resumable).
+`layers` (an edit as a layer over the bank, committed by one rename while readers read),
+`journal` (the redo journal of earlier m3 versions' in-place edits, for `--resume`).
 
 May import: `m3.core`, `m3.model`, `m3.data`, `m3.recipes`, `m3.memory`, `m3.backends`,
 `m3.retrieval`.

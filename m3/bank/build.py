@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,9 +57,17 @@ if TYPE_CHECKING:
     from m3.retrieval.embedders import Embedder
 
 from m3.backends.hdf5_salvage import interrupted_writer
-from m3.bank.inputs import BuildInputs, bank_problems, knowledge_fingerprint, open_shard
+from m3.bank.inputs import (
+    BuildInputs,
+    bank_problems,
+    knowledge_fingerprint,
+    open_shard,
+    read_manifest,
+    shard_problem,
+)
 from m3.bank.knowledge import KnowledgeBase, read_knowledge
-from m3.bank.layout import EDIT_JOURNAL, MANIFEST, QUANTIZER, shard_name
+from m3.bank.layers import collect_garbage, edited_ids, replay_edits
+from m3.bank.layout import EDIT_JOURNAL, EDIT_LAYERS, MANIFEST, QUANTIZER, layered_edits, shard_name
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
 
 
@@ -188,6 +197,8 @@ def build_memory(
     if run.complete and not overwrite and not _reopen_if_unsound(run.path, inputs):
         print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
         return run.path
+    if not overwrite:
+        _check_edits_kept(run.path)
     prefix = tokenizer.reference_prefix()
     info = StoreInfo(
         memory_shape=config.memory_shape,
@@ -354,7 +365,42 @@ def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
         return
     for name in (shard_name(shard[0]), shard_name(shard[0]) + ".writing", MANIFEST, "done.json"):
         (folder / name).unlink(missing_ok=True)
-    shutil.rmtree(folder / "index", ignore_errors=True)
+    for index in [folder / "index", folder / EDIT_LAYERS, *folder.glob("index-*")]:
+        shutil.rmtree(index, ignore_errors=True)
+
+
+def _check_edits_kept(folder: Path) -> None:
+    """Refuse to resume a build that would drop edits: it keeps only the ones it can replay.
+
+    Raises:
+        UserError: For edits made in place by an earlier m3, or edit layers that no
+            readable manifest names (their removals are recorded there only).
+    """
+    try:
+        manifest = read_manifest(folder)
+    except UserError:
+        if (folder / EDIT_LAYERS).is_dir() and any((folder / EDIT_LAYERS).glob("*.h5")):
+            raise UserError(
+                f"{folder / EDIT_LAYERS} holds edits, but {folder / MANIFEST}, which records "
+                "what they removed, is missing or damaged: they cannot be replayed. Move "
+                f"{EDIT_LAYERS}/ aside and run again to rebuild the bank as built, then make "
+                "the edits again (or --overwrite)"
+            ) from None
+        return
+    if any(not edit.get("layer") for edit in manifest.get("edits", [])):
+        raise UserError(
+            f"{folder} was edited in place by an earlier m3 (manifest.json 'edits'): "
+            "rebuilding it would drop those edits. Rebuild with --overwrite and make the "
+            "edits again"
+        )
+    for edit in layered_edits(manifest):
+        problem = shard_problem(folder / edit["layer"], len(edit["written"]))
+        if problem is not None:
+            raise UserError(
+                f"{problem}: it holds an edit (replacing {edit['replaced']}, deleting "
+                f"{edit['deleted']}) that a build cannot restore. Rebuild with --overwrite "
+                "and make the edits again"
+            )
 
 
 def _reopen_if_unsound(folder: Path, inputs: BuildInputs) -> bool:
@@ -377,6 +423,7 @@ def _reopen_if_unsound(folder: Path, inputs: BuildInputs) -> bool:
         )
     if not damaged:
         return False
+    _check_edits_kept(folder)  # before the bank stops reading as complete
     print(
         f"m3 build-memory: {folder} is not whole ({'; '.join(damaged)}): resuming",
         file=sys.stderr,
@@ -424,9 +471,13 @@ def _finish(
             print(f"m3 build-memory: shard {rank} of {world} is not complete yet")
             return folder
         shards.append({"file": path.name, "references": count})
+    previous = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
+    edits = layered_edits(previous)  # a resumed bank keeps its edits (checked at the start)
     index = build_index(
         knowledge.references, tokenizer, embedder, progress=progress, index=index_spec
     )
+    if edits:
+        replay_edits(folder, edits, index, tokenizer, embedder)
     index.save(folder / "index")
     if hasattr(embedder, "save"):
         embedder.save(folder / "embedder")
@@ -453,7 +504,11 @@ def _finish(
         "built_from": inputs.to_dict(),
         "saved": ["index"] + (["embedder"] if hasattr(embedder, "save") else []),
     }
+    if edits:
+        served = edited_ids(np.arange(len(knowledge.references)), edits)
+        manifest.update(references=len(served), next_id=previous["next_id"], edits=edits)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    collect_garbage(folder, manifest)  # indexes of earlier edits, unfinished edits' layers
     outputs = [folder / s["file"] for s in shards]
     outputs += [folder / "index", folder / "embedder", folder / QUANTIZER]
     summary = {

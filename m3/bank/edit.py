@@ -12,34 +12,38 @@ gains the new ones, embedded with the bank's own saved embedder (not refitted). 
 document removes its references from the store and the index. The manifest records the new
 counts and an entry per edit in `manifest["edits"]`.
 
-An edit is made atomic and resumable by a redo journal (`m3.bank.journal`).
+An edit changes no file of the bank that a reader may hold: it writes the new memories to a
+layer of their own and the index to a new folder, then commits by one atomic replace of the
+manifest (`m3.bank.layers`). Readers that opened the bank before keep reading the bank they
+opened; an edit stopped before its commit leaves the bank as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch import nn
 
 from m3.backends.base import MemoryStore
-from m3.backends.sharded import shards_of
-from m3.bank.journal import (
-    JOURNAL,
-    EditSummary,
-    apply_journal,
-    check_no_journal,
+from m3.bank.journal import JOURNAL, apply_journal, check_no_journal, journal_state, roll_back
+from m3.bank.layers import (
+    collect_garbage,
+    commit,
     edit_lock,
-    open_for_edit,
-    resume_edit,
-    shard_owners,
-    write_journal,
+    layer_names,
+    remove_from_index,
+    save_index,
+    write_layer,
 )
-from m3.bank.layout import MANIFEST
+from m3.bank.layout import MANIFEST, layered_edits
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.data.chunking import Chunker, Reference
@@ -56,6 +60,47 @@ if TYPE_CHECKING:
 
 #: References whose provenance is read at a time when mapping documents to references.
 _SCAN = 65536
+
+
+@dataclass(frozen=True)
+class EditSummary:
+    """What an edit changed.
+
+    Attributes:
+        bank: The bank folder.
+        documents_replaced: Documents whose text was replaced.
+        documents_deleted: Documents removed.
+        references_written: References whose memories were written (new or overwritten).
+        references_removed: Reference ids removed from the store and the index (those of
+            deleted documents, and of replaced documents whose reference count changed).
+        references: References in the bank after the edit.
+        bytes_written: Bytes of the written keys and values as stored (codes when the bank
+            is quantized).
+        store_bytes: Bytes of the store's shard files after the edit.
+        written_ids: The ids written, ascending.
+        removed_ids: The ids removed, ascending.
+    """
+
+    bank: Path
+    documents_replaced: int
+    documents_deleted: int
+    references_written: int
+    references_removed: int
+    references: int
+    bytes_written: int
+    store_bytes: int
+    written_ids: tuple[int, ...] = ()
+    removed_ids: tuple[int, ...] = ()
+
+    def describe(self) -> str:
+        """One line for people: documents, references and bytes (decimal, with separators)."""
+        return (
+            f"{self.bank}: {self.documents_replaced} documents replaced, "
+            f"{self.documents_deleted} deleted; {self.references_written} references written, "
+            f"{self.references_removed} removed, {self.references} in the bank; "
+            f"{self.bytes_written:,} bytes of memories written ({self.store_bytes:,} bytes "
+            "in the store)"
+        )
 
 
 # ------------------------------------------------------------------------------ reading a bank
@@ -76,18 +121,17 @@ def document_references(store: MemoryStore) -> dict[str, list[int]]:
     """Which references each document gave: document id -> reference ids.
 
     Args:
-        store: A bank's store (an `HDF5Store` or a `ShardedStore`).
+        store: A bank's store (as `open_bank` gives it: edits included).
 
     Returns:
         Document id (as a string) -> its reference ids, in the order of their spans.
     """
     spans: dict[str, list[tuple[int, int]]] = {}
-    for shard in shards_of(store):
-        ids = shard.ids()
-        for start in range(0, len(ids), _SCAN):
-            part = ids[start : start + _SCAN]
-            for reference_id, reference in zip(part.tolist(), shard.references(part), strict=True):
-                spans.setdefault(str(reference.doc_id), []).append((reference.start, reference_id))
+    ids = store.ids()
+    for start in range(0, len(ids), _SCAN):
+        part = ids[start : start + _SCAN]
+        for reference_id, reference in zip(part.tolist(), store.references(part), strict=True):
+            spans.setdefault(str(reference.doc_id), []).append((reference.start, reference_id))
     return {doc: [i for _, i in sorted(pairs)] for doc, pairs in spans.items()}
 
 
@@ -200,8 +244,9 @@ def _edit_locked(
         for doc_id in [d.id for d in documents] + deleted:
             if doc_id not in owned:
                 raise UserError(f"document {doc_id!r} is not in the bank {folder}")
-        shard_ids = [s.ids().numpy() for s in shards_of(bank.store)]
-        used = max((int(a.max()) + 1 for a in shard_ids if len(a)), default=0)
+        collect_garbage(folder, bank.manifest)  # what an edit stopped before its commit left
+        served = bank.store.ids().numpy()
+        used = int(served.max()) + 1 if len(served) else 0
         next_id = max(int(bank.manifest.get("next_id", 0)), used)
 
         # cut the new texts as the build cut the knowledge base
@@ -244,19 +289,21 @@ def _edit_locked(
             info.check_memory(memory, where=str(folder))
             embeddings = bank.embedder.embed([tokenizer.decode(r.ids) for r in new_refs])
 
-        # the manifest after the edit
+        # the new layer and index, then the manifest that names them: the commit point
+        number = len(bank.manifest.get("edits", [])) + 1
+        layer, index_name = layer_names(number)
+        layer_info = dataclasses.replace(info, extra={"edit": number})
+        write_layer(folder, layer, layer_info, bank.store, written, memory, new_refs)
+        index = bank.index
+        remove_from_index(index, removed)
+        if written:
+            index.add(embeddings, torch.tensor(written, dtype=torch.long))  # type: ignore[arg-type]
+        index.build()
+        save_index(folder, index_name, index)
         manifest = json.loads(json.dumps(bank.manifest))
-        held = [set(a.tolist()) for a in shard_ids]
-        owners = shard_owners(written, held)
-        for n, shard in enumerate(manifest["shards"]):
-            ids = (
-                held[n]
-                .difference(removed)
-                .union(i for i, owner in zip(written, owners, strict=True) if owner == n)
-            )
-            shard["references"] = len(ids)
-        manifest["references"] = sum(s["references"] for s in manifest["shards"])
+        manifest["references"] = int(np.union1d(np.setdiff1d(served, removed), written).size)
         manifest["next_id"] = next_id
+        manifest["index"] = {**manifest["index"], "path": index_name}
         manifest.setdefault("edits", []).append(
             {
                 "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -264,30 +311,59 @@ def _edit_locked(
                 "deleted": deleted,
                 "written": sorted(written),
                 "removed": sorted(removed),
+                "layer": layer,
             }
         )
-        key_bytes, value_bytes = info.vector_bytes
-        layers, _, heads, tokens, _ = info.memory_shape
-        per_memory = layers * heads * tokens * (key_bytes + value_bytes)
-        plan = {
-            "replaced": [d.id for d in documents],
-            "deleted": deleted,
-            "written": written,
-            "removed": removed,
-            "bytes_written": per_memory * len(written),
-            "manifest": manifest,
-        }
-        index = bank.index
     finally:
         bank.store.close()
-    stores = open_for_edit(folder, plan["manifest"])  # before the commit point: or nothing changes
-    try:
-        write_journal(folder, plan, memory, new_refs, embeddings)
-    except BaseException:
-        for store in stores:
-            store.close()
-        raise
-    return apply_journal(folder, index, stores)
+    commit(folder, manifest)
+    collect_garbage(folder, manifest)  # the index this edit replaced
+    key_bytes, value_bytes = info.vector_bytes
+    n_layers, _, heads, tokens, _ = info.memory_shape
+    files = [s["file"] for s in manifest["shards"]] + [e["layer"] for e in layered_edits(manifest)]
+    return EditSummary(
+        bank=folder,
+        documents_replaced=len(documents),
+        documents_deleted=len(deleted),
+        references_written=len(written),
+        references_removed=len(removed),
+        references=manifest["references"],
+        bytes_written=n_layers * heads * tokens * (key_bytes + value_bytes) * len(written),
+        store_bytes=sum((folder / f).stat().st_size for f in files),
+        written_ids=tuple(sorted(written)),
+        removed_ids=tuple(sorted(removed)),
+    )
+
+
+def resume_edit(folder: str | Path) -> EditSummary | None:
+    """Clear what an interrupted edit left, or finish an earlier m3's interrupted edit.
+
+    An edit stopped before its commit left the bank as it was: its unlisted files are
+    deleted. An earlier m3's edit (which changed the shards in place) left a redo journal:
+    a committed one is applied (`m3.bank.journal`; no model needed), an uncommitted one
+    rolled back.
+
+    Args:
+        folder: The bank folder.
+
+    Returns:
+        The finished journal's summary; None when no journal was committed.
+
+    Raises:
+        UserError: When another process is editing the bank.
+    """
+    from m3.bank.inputs import read_manifest
+
+    folder = Path(folder)
+    with edit_lock(folder):
+        state = journal_state(folder)
+        if state == "pending":
+            roll_back(folder)
+        if state == "committed":
+            return apply_journal(folder)
+        if (folder / MANIFEST).is_file():
+            collect_garbage(folder, read_manifest(folder))
+        return None
 
 
 # ------------------------------------------------------------------------------ from a recipe

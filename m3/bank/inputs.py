@@ -23,7 +23,7 @@ import numpy as np
 from m3.backends.base import CorruptReferenceError
 from m3.backends.hdf5_salvage import interrupted_writer, marker_path
 from m3.backends.hdf5_store import HDF5Store
-from m3.bank.layout import MANIFEST, QUANTIZER
+from m3.bank.layout import MANIFEST, QUANTIZER, index_path, layered_edits
 from m3.core.errors import UserError
 from m3.core.references import Reference
 
@@ -177,9 +177,13 @@ def bank_problems(folder: Path, inputs: BuildInputs | None = None) -> tuple[list
         problem = shard_problem(folder / shard["file"], shard.get("references"))
         if problem is not None:
             damaged.append(problem)
-    index = folder / "index"
+    for edit in layered_edits(manifest):
+        problem = shard_problem(folder / edit["layer"], len(edit["written"]))
+        if problem is not None:
+            damaged.append(f"the layer of an edit: {problem}")
+    index = folder / index_path(manifest)
     if not index.is_dir() or not any(index.iterdir()):
-        damaged.append("index/ is missing or empty")
+        damaged.append(f"{index.name}/ is missing or empty")
     if "embedder" in manifest.get("saved", []) and not (folder / "embedder").is_dir():
         damaged.append("embedder/ is missing")
     if manifest.get("quantizer") is not None and not (folder / QUANTIZER).is_file():

@@ -1,135 +1,47 @@
-"""The redo journal that makes a knowledge edit atomic and resumable.
+"""The redo journal of earlier m3 versions, whose edits changed a bank's shards in place.
 
-**Crash safety: a redo journal.** An edit never leaves a bank that opens as complete while
-its store and index disagree:
+Edits now write layers and commit with one rename of the manifest (`m3.bank.layers`): they
+need no journal. A bank that an earlier m3 was editing when it stopped still holds that
+edit's journal, and `m3 edit BANK --resume` (`m3.bank.edit.resume_edit`) finishes it here:
 
-1. Everything is computed first (memories, embeddings, the new manifest) and written to
-   `edit-journal.tmp/`; then `done.json` moves into it (from now on `open_bank` refuses the
-   bank as unfinished) and the folder is renamed `edit-journal/`, the commit point.
-2. The journal is applied: shard writes and deletes (each shard marked complete again),
-   the index updated, saved to `index.tmp/` and swapped in by renames, the manifest
-   replaced atomically (`os.replace`).
+1. the earlier edit computed everything first and wrote it to `edit-journal.tmp/`; then
+   `done.json` moved into it and the folder was renamed `edit-journal/`, its commit point;
+2. applying the journal writes and deletes in the shards (each marked complete again),
+   updates the index, saves it to `index.tmp/` and swaps it in by renames, and replaces
+   the manifest atomically;
 3. `done.json` moves back and the journal is removed.
 
-Every step of 2 is idempotent, so an interrupted edit is finished by `resume_edit(folder)`
-(or `m3 edit BANK --resume`), which needs neither the model nor the new texts: the journal
-holds them. An edit interrupted before its commit point leaves the bank as it was (the next
-edit or resume rolls the partial journal back). Each edit costs what it changes plus one
-save of the index, not a copy of the bank.
-
-```python
-summary = edit_bank(
-    "runs/tiny/bank",
-    model=model,
-    tokenizer=tokenizer,
-    replace={"person-0007.1": "Velmora Quist worked as a tailor."},
-    delete=["place-0003.0"],
-)
-```
-
-Whether a bank's answers follow its edits is measured by `m3.inference.edits.measure_edits`.
-
-A `Retriever` caches memories by reference id: open the bank again after editing it.
+Every step of 2 is idempotent, and needs neither the model nor the texts. An uncommitted
+journal is rolled back (the bank is as it was before that edit).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from m3.backends.base import MemoryIndex, MissingReferenceError
+from m3.backends.base import MemoryIndex
 from m3.backends.hdf5_store import HDF5Store
-from m3.bank.layout import DONE, EDIT_JOURNAL, EDIT_LOCK, MANIFEST
+from m3.bank.layers import remove_from_index
+from m3.bank.layout import DONE, EDIT_JOURNAL, MANIFEST
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.data.chunking import Reference
 
+if TYPE_CHECKING:
+    from m3.bank.edit import EditSummary
+
 #: The committed journal of an edit in progress, in the bank folder.
 JOURNAL = EDIT_JOURNAL
 #: A journal being written (not committed: the bank is unchanged).
 PENDING = "edit-journal.tmp"
-
-
-@dataclass(frozen=True)
-class EditSummary:
-    """What an edit changed.
-
-    Attributes:
-        bank: The bank folder.
-        documents_replaced: Documents whose text was replaced.
-        documents_deleted: Documents removed.
-        references_written: References whose memories were written (new or overwritten).
-        references_removed: Reference ids removed from the store and the index (those of
-            deleted documents, and of replaced documents whose reference count changed).
-        references: References in the bank after the edit.
-        bytes_written: Bytes of the written keys and values as stored (codes when the bank
-            is quantized).
-        store_bytes: Bytes of the store's shard files after the edit.
-        written_ids: The ids written, ascending.
-        removed_ids: The ids removed, ascending.
-    """
-
-    bank: Path
-    documents_replaced: int
-    documents_deleted: int
-    references_written: int
-    references_removed: int
-    references: int
-    bytes_written: int
-    store_bytes: int
-    written_ids: tuple[int, ...] = ()
-    removed_ids: tuple[int, ...] = ()
-
-    def describe(self) -> str:
-        """One line for people: documents, references and bytes (decimal, with separators)."""
-        return (
-            f"{self.bank}: {self.documents_replaced} documents replaced, "
-            f"{self.documents_deleted} deleted; {self.references_written} references written, "
-            f"{self.references_removed} removed, {self.references} in the bank; "
-            f"{self.bytes_written:,} bytes of memories written ({self.store_bytes:,} bytes "
-            "in the store)"
-        )
-
-
-@contextlib.contextmanager
-def edit_lock(folder: Path) -> Iterator[None]:
-    """Hold the bank's edit lock (`edit.lock`, an advisory `flock`) for one edit.
-
-    Taken before an edit reads its journal state, so that two edits never see each other's
-    half-written journal; released when the process ends, however it ends.
-
-    Args:
-        folder: The bank folder.
-
-    Raises:
-        UserError: When another process is editing the bank (nothing is changed then).
-    """
-    path = folder / EDIT_LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise UserError(
-                f"{folder} is being edited by another process (pid {holder}): wait for that "
-                "edit to finish, then run yours again"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def open_for_edit(folder: Path, manifest: dict[str, Any]) -> list[HDF5Store]:
@@ -275,23 +187,6 @@ def read_journal(
     return plan, memory, references, embeddings
 
 
-def remove_from_index(index: MemoryIndex, ids: Sequence[int]) -> None:
-    """Remove ids from an index, skipping those already gone (a resumed edit).
-
-    Args:
-        index: The bank's index.
-        ids: The reference ids to remove.
-    """
-    if not ids:
-        return
-    try:
-        index.remove(torch.tensor(list(ids), dtype=torch.long))
-    except MissingReferenceError:
-        for reference_id in ids:
-            with contextlib.suppress(MissingReferenceError):
-                index.remove(torch.tensor([reference_id], dtype=torch.long))
-
-
 def shard_owners(ids: Sequence[int], held: Sequence[set[int]]) -> list[int]:
     """The shard each written id goes to: the one that holds it, else `id % shards`.
 
@@ -319,6 +214,8 @@ def apply_journal(
     Returns:
         What the edit changed.
     """
+    from m3.bank.edit import EditSummary  # m3.bank.edit imports this module
+
     journal = folder / JOURNAL
     plan, memory, references, embeddings = read_journal(journal)
     manifest = plan["manifest"]
@@ -387,28 +284,3 @@ def apply_journal(
         written_ids=tuple(sorted(written)),
         removed_ids=tuple(sorted(removed)),
     )
-
-
-def resume_edit(folder: str | Path) -> EditSummary | None:
-    """Finish an edit that was interrupted after its commit point.
-
-    Needs no model: the journal holds the new memories and embeddings. An uncommitted
-    journal is rolled back instead (the bank is as it was before that edit).
-
-    Args:
-        folder: The bank folder.
-
-    Returns:
-        The finished edit's summary; None when no committed edit was pending.
-    """
-    folder = Path(folder)
-    with edit_lock(folder):
-        state = journal_state(folder)
-        if state == "pending":
-            roll_back(folder)
-        if state != "committed":
-            return None
-        return apply_journal(folder)
-
-
-# ------------------------------------------------------------------------------ editing

@@ -1,12 +1,13 @@
 """`m3 verify BANK`: check every byte of a bank that can be checked, and repair it.
 
-`verify_bank` reads the whole bank: every shard's rows against their crc32 and its slot
-table against the rows (`HDF5Store.verify`), the provenance against its checksum, the shard
-each reference lives in (`id % world_size == rank`), the index's ids against the store's,
-the manifest against the files, and the fingerprints the shards record against the
-manifest's. `repair_bank` then rebuilds exactly the damaged references: it salvages shards
-whose writer died, deletes the damaged rows and resumes the bank's own build, which
-encodes what is missing and indexes again.
+`verify_bank` reads the whole bank: every shard's and every edit layer's rows against
+their crc32 and its slot table against the rows (`HDF5Store.verify`), the provenance
+against its checksum, the shard each reference lives in (`id % world_size == rank`), the
+index's ids against the ids the bank serves, the manifest against the files, and the
+fingerprints the files record against the manifest's. `repair_bank` then rebuilds exactly
+the damaged references: it salvages shards whose writer died, deletes the damaged rows and
+resumes the bank's own build, which encodes what is missing, indexes again and keeps the
+bank's edits.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from m3.backends.base import CorruptReferenceError
 from m3.backends.hdf5_salvage import interrupted_writer
 from m3.backends.hdf5_store import HDF5Store
 from m3.bank.inputs import bank_problems, read_manifest
-from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE
+from m3.bank.layers import edited_ids
+from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE, index_path, layered_edits
 from m3.core import registry
 from m3.core.errors import UserError
 
@@ -96,36 +98,70 @@ def verify_bank(folder: str | Path, *, progress: bool = True) -> BankReport:
         return report
     report.references = int(manifest["references"])
     world = int(manifest.get("world_size", len(manifest["shards"])))
-    stored: list[np.ndarray] = []
+    stored, broken = [], []
     for shard in tqdm(manifest["shards"], desc="verifying shards", disable=not progress):
         path = folder / shard["file"]
         if not path.is_file() or interrupted_writer(path) is not None:
             continue  # named by bank_problems; its references count as missing below
-        stored.append(_verify_shard(path, manifest, world, report))
-    held = np.concatenate(stored) if stored else np.zeros(0, dtype=np.int64)
-    missing = np.setdiff1d(np.arange(report.references), held)
-    report.damaged = sorted(set(report.damaged) | set(missing.tolist()))
-    _verify_index(folder, manifest, held, report)
+        ids, damaged = _verify_file(path, manifest, report, world=world)
+        stored.append(ids)
+        broken.append(damaged)
+    served = np.concatenate(stored) if stored else np.zeros(0, dtype=np.int64)
+    sound = np.setdiff1d(served, np.concatenate(broken) if broken else served[:0])
+    if any(not edit.get("layer") for edit in manifest.get("edits", [])):
+        expected = served  # edited in place by an earlier m3: the shards' ids are the bank's
+    else:
+        expected = np.arange(sum(int(shard["references"]) for shard in manifest["shards"]))
+    for edit in layered_edits(manifest):
+        path = folder / edit["layer"]
+        ids = damaged = np.zeros(0, dtype=np.int64)
+        if path.is_file() and interrupted_writer(path) is None:
+            ids, damaged = _verify_file(path, manifest, report)
+            if set(ids.tolist()) != set(edit["written"]):
+                report.problems.append(f"{edit['layer']} does not hold the ids its edit wrote")
+        gone = np.concatenate([np.asarray(edit["removed"], dtype=np.int64), edit["written"]])
+        sound = np.union1d(np.setdiff1d(sound, gone), np.setdiff1d(ids, damaged))
+    expected = edited_ids(expected, layered_edits(manifest))
+    if len(expected) != report.references:
+        report.problems.append(
+            f"the manifest lists {report.references} references, its shards and edits give "
+            f"{len(expected)}"
+        )
+    report.damaged = np.setdiff1d(expected, sound).tolist()
+    _verify_index(folder, manifest, expected, report)
     return report
 
 
-def _verify_shard(path: Path, manifest: dict, world: int, report: BankReport) -> np.ndarray:
-    """Check one shard's rows, provenance, placement and fingerprints; its sound ids."""
+def _verify_file(
+    path: Path, manifest: dict, report: BankReport, *, world: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check a shard's (without `world`, an edit layer's) rows, placement and fingerprints.
+
+    Returns its ids and its damaged ids.
+    """
+    none = np.zeros(0, dtype=np.int64)
     try:
         store = HDF5Store(path, mode="r", allow_incomplete=True, verify_reads="always")
     except (UserError, CorruptReferenceError, OSError):
-        return np.zeros(0, dtype=np.int64)  # named by bank_problems
+        return none, none  # named by bank_problems
     try:
         ids = store.ids().numpy()
-        damaged = store.verify()
+        damaged = np.asarray(store.verify(), dtype=np.int64)
         info = store.info
     except CorruptReferenceError as error:
         report.problems.append(f"{path.name}: {error}")
-        return np.zeros(0, dtype=np.int64)
+        return none, none
     finally:
         store.close()
     report.checked += len(ids)
-    report.damaged += damaged
+    for key in ("model_fingerprint", "tokenizer_fingerprint"):
+        if key in manifest and getattr(info, key) != manifest[key]:
+            report.problems.append(f"{path.name}: its {key} is not the manifest's")
+    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
+    if (info.quantizer or {}).get("fingerprint") != recorded:
+        report.problems.append(f"{path.name}: its quantizer is not the manifest's")
+    if world is None:  # an edit's layer: its texts are the edit's, placed by nothing
+        return ids, damaged
     match = SHARD_FILE.search(path.name)
     rank = int(match.group(1)) if match else 0
     elsewhere = ids[ids % world != rank]
@@ -134,42 +170,36 @@ def _verify_shard(path: Path, manifest: dict, world: int, report: BankReport) ->
             f"{path.name} holds {len(elsewhere)} references of another rank (e.g. "
             f"{int(elsewhere[0])})"
         )
-    for key in ("model_fingerprint", "tokenizer_fingerprint"):
-        if key in manifest and getattr(info, key) != manifest[key]:
-            report.problems.append(f"{path.name}: its {key} is not the manifest's")
-    recorded = (manifest.get("quantizer") or {}).get("fingerprint")
-    if (info.quantizer or {}).get("fingerprint") != recorded:
-        report.problems.append(f"{path.name}: its quantizer is not the manifest's")
     built = (manifest.get("built_from") or {}).get("knowledge")
     if built is not None and info.extra.get("knowledge", built) != built:
         report.problems.append(f"{path.name} was built from another knowledge base")
-    return np.setdiff1d(ids, damaged)
+    return ids, damaged
 
 
-def _verify_index(folder: Path, manifest: dict, held: np.ndarray, report: BankReport) -> None:
-    """Check that the index holds exactly the manifest's references."""
-    index_folder = folder / "index"
+def _verify_index(folder: Path, manifest: dict, expected: np.ndarray, report: BankReport) -> None:
+    """Check that the index holds exactly the ids the bank serves."""
+    name = index_path(manifest)
+    index_folder = folder / name
     if not index_folder.is_dir():
         return  # named by bank_problems
     try:
         index = registry.class_of(manifest["index"]["class"], "index").load(index_folder)
     except Exception as error:  # any failure to load is the finding itself
-        report.problems.append(f"index/ cannot be loaded ({type(error).__name__}: {error})")
+        report.problems.append(f"{name}/ cannot be loaded ({type(error).__name__}: {error})")
         return
-    expected = np.arange(report.references)
     try:
         ids = index.ids().numpy()
     except NotImplementedError:
-        if len(index) != report.references:
+        if len(index) != len(expected):
             report.problems.append(
-                f"index/ holds {len(index)} vectors, the manifest lists {report.references}"
+                f"{name}/ holds {len(index)} vectors, the bank serves {len(expected)}"
             )
         return
     extra, absent = np.setdiff1d(ids, expected), np.setdiff1d(expected, ids)
     if len(extra) or len(absent):
         report.problems.append(
-            f"index/ and the manifest disagree: {len(absent)} references not indexed, "
-            f"{len(extra)} indexed ids the bank does not list"
+            f"{name}/ and the bank disagree: {len(absent)} references not indexed, "
+            f"{len(extra)} indexed ids the bank does not serve"
         )
 
 
@@ -179,15 +209,16 @@ def repair_bank(folder: str | Path) -> None:
     Each shard is opened to write, which salvages one whose writer died; the rows that fail
     their checks are deleted; then the build that the bank folder's own `recipe.yaml`
     describes resumes: it encodes exactly what is missing, marks the shards complete and
-    indexes again.
+    indexes again, with the bank's edits applied. An edit's layer is not rebuilt (its texts
+    are the edit's, not the knowledge base's): a damaged one is named, to edit again.
 
     Args:
         folder: The bank folder.
 
     Raises:
         UserError: When the folder's recipe cannot rebuild it (an interrupted edit, a
-            recipe that writes elsewhere, a shard that cannot be opened) or its inputs
-            changed since the build.
+            recipe that writes elsewhere, a shard that cannot be opened, a damaged edit
+            layer) or its inputs changed since the build.
     """
     from m3.bank.build import build_memory
     from m3.recipes import load_recipe
@@ -201,6 +232,16 @@ def repair_bank(folder: str | Path) -> None:
             f"{folder}/recipe.yaml writes to {recipe.output}: run m3 verify --repair on the "
             "folder from where the build ran (its output path is relative to there)"
         )
+    for number, edit in enumerate(read_manifest(folder).get("edits", []), start=1):
+        if edit.get("layer"):
+            with HDF5Store(folder / edit["layer"], allow_incomplete=True) as layer:
+                damaged = layer.verify()
+            if damaged:
+                raise UserError(
+                    f"{folder / edit['layer']}: references {damaged[:10]} of edit {number} are "
+                    f"damaged; make that edit again (it replaced {edit['replaced']}) to write "
+                    "them anew, then repair"
+                )
     for path in sorted(folder.glob("store-rank*.h5")):
         try:
             store = HDF5Store(path, mode="a")  # salvages a shard whose writer died
