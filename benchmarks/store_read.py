@@ -12,6 +12,9 @@ so ratios compare like with like:
   was read once before; a first read costs what "always" costs) and never ("never": stored
   id and marker only);
 - InMemoryStore.read ÷ `index_select` on plain tensors of the same data (goal ≥ 0.8);
+- a bank after 10 edits (`LayeredStore`: the store with 10 edit layers on top, each
+  rewriting 1% of the references, as `m3 edit` writes them) ÷ the raw reads, what serving
+  an edited bank costs (the layers' small files stay in the page cache when cold);
 - h5py fancy indexing of the same rows, for reference.
 
     python benchmarks/store_read.py [--paper-count 4000] [--tiny-count 20000] [--dir /tmp]
@@ -38,6 +41,7 @@ import torch
 from m3.backends.base import StoreInfo
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.in_memory import InMemoryStore
+from m3.backends.sharded import LayeredStore
 from m3.core.memories import SparseMemory
 from m3.data.chunking import Reference
 from m3.model.config import Config
@@ -112,6 +116,21 @@ def measure(
     return {name: BATCH / statistics.median(t) for name, t in times.items() if t}
 
 
+def edited(path: Path, store: HDF5Store, shape: tuple[int, ...], edits: int = 10) -> LayeredStore:
+    """The store with `edits` layers on top, each rewriting a random 1% of its references."""
+    rng, generator = np.random.default_rng(2), torch.Generator().manual_seed(2)
+    layers: list[HDF5Store] = []
+    for n in range(1, edits + 1):
+        ids = np.sort(rng.choice(len(store), max(1, len(store) // 100), replace=False)).tolist()
+        layer_path = path.with_name(f"{path.stem}.edit-{n}.h5")
+        with HDF5Store(layer_path, info=store.info, mode="w") as layer:
+            references = [Reference("doc", i * 128, i * 128 + 128, (2,) * 128) for i in ids]
+            layer.write(ids, random_memory(len(ids), shape, generator), references)
+            layer.mark_complete()
+        layers.append(HDF5Store(layer_path))
+    return LayeredStore([store, *layers], [[]] * (edits + 1))
+
+
 def methods_for(path: Path, stores: dict[str, HDF5Store], in_memory: InMemoryStore):
     store = stores["first"]
     row_bytes = store.layout.row_bytes
@@ -149,7 +168,9 @@ def methods_for(path: Path, stores: dict[str, HDF5Store], in_memory: InMemorySto
                 lambda ids, s=s: s.read(torch.from_numpy(ids))
             )
             for mode, s in stores.items()
+            if mode != "edited"
         },
+        "LayeredStore.read, 10 edits": lambda ids: stores["edited"].read(torch.from_numpy(ids)),
         "h5py fancy indexing": h5py_fancy,
         "plain index_select": plain_index_select,
         "InMemoryStore.read": lambda ids: in_memory.read(torch.from_numpy(ids)),
@@ -165,6 +186,7 @@ def run(name: str, shape: tuple[int, ...], count: int, directory: Path, rounds: 
     stores = {mode: HDF5Store(path, verify_reads=mode) for mode in ("always", "first", "never")}
     for start in range(0, count, BATCH):  # "first" in its steady state: every row read once
         stores["first"].read(torch.arange(start, min(count, start + BATCH)))
+    stores["edited"] = edited(path, stores["first"], shape)
     methods, close = methods_for(path, stores, in_memory)
     slow = {"h5py fancy indexing"}
     fast = {k: v for k, v in methods.items() if k not in slow}
@@ -181,7 +203,8 @@ def run(name: str, shape: tuple[int, ...], count: int, directory: Path, rounds: 
     for store in stores.values():
         store.close()
     size = path.stat().st_size
-    path.unlink()
+    for file in path.parent.glob(f"{path.stem}*.h5"):
+        file.unlink()
     in_ram = {"plain index_select", "InMemoryStore.read"}
     raw = "raw os.preadv (1 thread)"
     baselines = {m: "plain index_select" if m in in_ram else raw for m in methods}

@@ -240,7 +240,8 @@ class MemoryStore(ABC):
             ids: `(N,)` reference ids, repeats allowed.
 
         Returns:
-            Their sparse memories in the order of `ids`, in `info.torch_dtype` on the CPU.
+            Their sparse memories in the order of `ids`, in `info.torch_dtype` on the CPU:
+            the caller's to keep or change (never a view of what the store holds).
 
         Raises:
             MissingReferenceError: For an id that is not stored.
