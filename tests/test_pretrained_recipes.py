@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import lightning  # noqa: F401  (imported here: its loggers keep the stderr of their import)
 import pytest
 from pretrained_families import REAL, SMALL, small_config, write_stand_in
 
@@ -223,4 +224,51 @@ def test_a_wrong_rope_type_in_a_recipe_exits_2_naming_the_key(tmp_path: Path, ca
     assert main(["check", "-q", *TINY, missing]) == 2
     err = capsys.readouterr().err
     assert "model.rope_scaling.low_freq_factor: is required for 'llama3'" in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- bad checkpoints
+def _without_weights(folder: Path) -> None:
+    for file in folder.glob("*.safetensors"):
+        file.unlink()
+
+
+def _edit_config(folder: Path, **fields: Any) -> None:
+    path = folder / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **fields}))
+
+
+DYNAMIC = {"rope_type": "dynamic", "factor": 2.0}
+#: what is wrong with the stand-in -> (how to break it, the file named, what the message says)
+BAD_CHECKPOINTS = {
+    "no-safetensors": (_without_weights, "", "no weights found: expected model.safetensors"),
+    "unknown-model-type": (
+        lambda f: _edit_config(f, model_type="gemma"),
+        "config.json",
+        "model_type 'gemma' is not supported",
+    ),
+    "dynamic-rope": (
+        lambda f: _edit_config(f, rope_scaling=DYNAMIC, rope_parameters=DYNAMIC),
+        "config.json",
+        "rope_scaling: rope_type 'dynamic' is not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("bad", list(BAD_CHECKPOINTS))
+def test_a_bad_checkpoint_stops_fit_before_it_writes(
+    bad: str, tmp_path: Path, data: Path, capsys
+) -> None:
+    """`m3 fit` from a checkpoint m3 cannot load: exit 2, one message naming the file and the
+    field, and no run folder."""
+    family = "qwen2.5-0.5b"
+    folder = write_stand_in(family, tmp_path / family)
+    breaks, file, message = BAD_CHECKPOINTS[bad]
+    breaks(folder)
+    out = tmp_path / "run"
+    run = [*stand_in_overrides(family, folder, data), f"output={out}", "trainer.max_steps=1"]
+    assert main(["fit", *PAPER, overlay(family), *run]) == 2
+    err = capsys.readouterr().err
+    assert f"m3: error: {folder / file if file else folder}: " in err
+    assert message in err and err.count("m3: error:") == 1 and "Traceback" not in err
     assert not out.exists()
