@@ -398,7 +398,8 @@ def test_no_bos_is_refused_by_build_memory_and_edit_before_they_write(
         (kb / f"doc{i}.txt").write_text(f"{line} The memory of document {i}.", encoding="utf-8")
     weights = tmp_path / "model.pt"
     torch.manual_seed(0)
-    torch.save(Memory3(load_recipe([BASE, bank_recipe], small).model.config()).state_dict(), weights)
+    config = load_recipe([BASE, bank_recipe], small).model.config()
+    torch.save(Memory3(config).state_dict(), weights)
 
     def args(out: Path, *extra: str) -> list[str]:
         return [
