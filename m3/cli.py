@@ -197,6 +197,9 @@ def _add_components(verbs: Subparsers) -> None:
 
 
 def _size(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from m3.core.registry import input_files_unchecked
     from m3.sizing import PAPER_REFERENCES, format_report, parse_references, recipe_size_report
 
     # A bare number among the recipe arguments is N; paths and KEY=VALUE are the recipe.
@@ -213,8 +216,10 @@ def _size(args: argparse.Namespace) -> int:
     if len(counts) > 1:
         raise UserError(f"give N, the number of references, once; got {' and '.join(counts)}")
     references = parse_references(counts[0]) if counts else PAPER_REFERENCES
+    with input_files_unchecked() if args.no_file_checks else contextlib.nullcontext():
+        recipe = recipe_from_args(argparse.Namespace(recipe_items=items))
     report = recipe_size_report(
-        recipe_from_args(argparse.Namespace(recipe_items=items)),
+        recipe,
         references,
         bytes_per_number=args.bytes_per_number,
         code_bytes=args.code_bytes,
@@ -262,6 +267,12 @@ def _add_size(verbs: Subparsers) -> None:
         default=None,
         metavar="TOKENS",
         help="training context l_train of the cost model (default: the model's block_size)",
+    )
+    size.add_argument(
+        "--no-file-checks",
+        action="store_true",
+        help="do not report missing input files: size a recipe before its data and "
+        "checkpoint are here (only the model and bank sections are used)",
     )
     size.set_defaults(handler=_size)
 

@@ -1,10 +1,12 @@
 """The pretrained families of `recipes/pretrained/`: their real configs and small stand-ins.
 
 `REAL` holds the architecture fields of each family's published `config.json` on the
-Hugging Face Hub, written down from knowledge of those public files: nothing is downloaded
-here, and these numbers were not read from the files in this repository's tests. They are
-kept in this one place; the tests check every overlay's model section against them, and
-`docs/guides/pretrained.md` quotes the memory sizes m3's sizing code computes from them.
+Hugging Face Hub. Nothing is downloaded here: they were first written from knowledge of those
+public files, then checked against stored public copies of them (or of the post-trained
+model's, which has the same architecture), each overlay's header naming its source; no copy
+of Qwen3-0.6B-Base's or SmolLM2-360M's own file was found. They are kept in this one place;
+the tests check every overlay's model section against them, and `docs/guides/pretrained.md`
+quotes what `m3 size` prints for the overlays.
 
 `write_stand_in` writes a small random checkpoint of a family with transformers' own class
 (tiny sizes, but the family's features: rotary scaling, biases, q/k-norm, tied

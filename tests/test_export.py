@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from m3.cli import main
+from m3.core.errors import UserError
 from m3.data.tokenizer import HFTokenizer
 from m3.model.checkpoints import load_hf_checkpoint
 from m3.model.memory3 import Memory3
@@ -23,10 +24,21 @@ CORPUS = [
 TEXT = "The cat met Carol in Paris. Memories are read."
 
 
-def make_run(root: Path, *overrides: str, tokenizer: str = "hf", finished: bool = True) -> Path:
-    """A finished stage folder by hand: recipe.yaml, a random model.pt, config.json, done.json."""
+def make_run(
+    root: Path,
+    *overrides: str,
+    tokenizer: str = "hf",
+    finished: bool = True,
+    init_args: dict | None = None,
+) -> Path:
+    """A finished stage folder by hand: recipe.yaml, a random model.pt, config.json, done.json.
+
+    `init_args` names a tokenizer folder of the test's own (an `hf` tokenizer, vocab 512)."""
     lines = ["stage: warmup", f"output: {root / 'run'}", "model:", "  preset: tiny"]
-    if tokenizer == "hf":
+    if init_args is not None:
+        lines += ["  vocab_size: 512", "tokenizer:", "  class_path: hf"]
+        lines += [f"  init_args: {json.dumps(init_args)}"]
+    elif tokenizer == "hf":
         HFTokenizer.train(CORPUS, vocab_size=300).backend.save(str(root / "tokenizer.json"))
         lines += ["  vocab_size: 300", "tokenizer:", "  class_path: HFTokenizer"]
         lines += [f"  init_args: {{path: {root / 'tokenizer.json'}}}"]
@@ -140,3 +152,57 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path, capsys) -> None:
     fresh = tmp_path / "fresh"
     assert "cannot be saved" in refused(capsys, str(layernorm), str(fresh))
     assert not fresh.exists() and not (tmp_path / "fresh.partial").exists()
+
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"]
+#: a checkpoint's tokenizer: (special tokens after the vocabulary, the token its
+#: post-processor adds, tokenizer_config.json, the recipe's init_args beyond the path)
+SOURCES = {
+    "qwen-no-bos": (
+        QWEN_SPECIALS,
+        None,
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"},
+        {"bos_token": "<|endoftext|>"},
+    ),
+    "llama3-no-pad": (
+        LLAMA3_SPECIALS,
+        "<|begin_of_text|>",
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},
+        {},
+    ),
+}
+
+
+@pytest.mark.parametrize("source", list(SOURCES))
+def test_the_exported_tokenizer_reads_back_as_the_source(tmp_path: Path, source: str) -> None:
+    """HFTokenizer(path=) on the folder m3 export wrote, with no recipe arguments: the source
+    tokenizer's BOS (also one the recipe chose), EOS and pad, its ids and its fingerprint."""
+    from pretrained_families import bpe
+
+    after, adds_bos, files, chosen = SOURCES[source]
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    bpe(CORPUS, [], after, adds_bos).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(files))
+    run = make_run(tmp_path, init_args={"path": str(folder), **chosen})
+    ours = build_tokenizer(load_recipe(run / "recipe.yaml"))
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out)]) == 0
+
+    again = HFTokenizer(str(out))  # no bos_token: the exported files name it
+    assert (again.bos_id, again.eos_id, again.pad_id) == (ours.bos_id, ours.eos_id, ours.pad_id)
+    assert again.encode(TEXT) == ours.encode(TEXT)
+    assert again.reference_prefix() == ours.reference_prefix()
+    assert again.fingerprint() == ours.fingerprint()
+    theirs = AutoTokenizer.from_pretrained(out)
+    assert theirs(TEXT, add_special_tokens=False)["input_ids"] == ours.encode(TEXT)
+    assert (theirs.bos_token_id, theirs.eos_token_id) == (ours.bos_id, ours.eos_id)
+    # the tokenizer file alone, without the tokenizer_config.json m3 export writes beside it
+    (out / "tokenizer_config.json").unlink()
+    if source == "qwen-no-bos":  # Qwen's vocabulary has no <s>: refused, naming the file
+        with pytest.raises(UserError, match="has no bos_token '<s>'"):
+            HFTokenizer(str(out))
+    else:  # m3's own names do not fit Llama 3's either
+        with pytest.raises(UserError, match="bos_token"):
+            HFTokenizer(str(out))

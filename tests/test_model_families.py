@@ -322,6 +322,57 @@ def test_checkpoint_logits_equal_transformers_past_the_original_positions(
             assert (plain(idx) - expected)[:, 16:].abs().max() > 1e-2
 
 
+#: yarn's attention factor, each way config.json can set it (the plain yarn is above).
+YARN_FACTORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "qwen2-mscale": ("Qwen2", {"mscale": 1.0, "mscale_all_dim": 0.5}),
+    "llama-mscale-beta": ("Llama", {"mscale": 0.8, "mscale_all_dim": 1.2, "beta_fast": 16.0}),
+    "qwen2-attention-factor": ("Qwen2", {"attention_factor": 0.75}),
+    "llama-mscale-alone": ("Llama", {"mscale": 2.0}),  # without mscale_all_dim: from factor
+}
+
+
+@pytest.mark.parametrize("name", list(YARN_FACTORS))
+def test_yarn_attention_factor_equals_transformers_past_the_original_positions(
+    tmp_path: Path, name: str
+) -> None:
+    """yarn's mscale / mscale_all_dim / attention_factor branch against transformers' class:
+    the same factor on cosines and sines, the same logits to 1e-4 over 48 > 16 positions."""
+    import transformers
+    from test_checkpoints import randomise
+
+    prefix, extra = YARN_FACTORS[name]
+    # factor = max_position_embeddings / original, as a consistent config.json has it
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, **extra}
+    config = getattr(transformers, f"{prefix}Config")(
+        **{**HF_SMALL, "head_dim": 8, "rope_scaling": yarn}, attn_implementation="eager"
+    )
+    hf = getattr(transformers, f"{prefix}ForCausalLM")(config)
+    randomise(hf, seed=3)
+    hf.eval().save_pretrained(tmp_path / name)
+    model = load_hf_checkpoint(tmp_path / name).eval()
+    scaling = model.config.rope_scaling
+    assert scaling is not None and scaling.rope_type == "yarn"
+    factor = scaling.cos_sin_factor
+    assert factor == pytest.approx(hf.model.rotary_emb.attention_scaling, rel=1e-6)
+    own = "attention_factor" in extra or "mscale_all_dim" in extra  # else: from factor alone
+    assert (factor == pytest.approx(0.1 * math.log(4.0) + 1)) != own
+    idx = torch.randint(0, 101, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, got = hf(idx).logits, model(idx)
+    error = (got - expected).abs().max().item()
+    print(f"{name}: attention factor {factor:.6f}, max abs logit difference {error:.2e}")
+    assert error <= 1e-4
+    if not own:
+        return
+    # control: the plain yarn factor on the same weights gives other logits
+    plain = {k: v for k, v in yarn.items() if k not in ("mscale", "mscale_all_dim")}
+    plain.pop("attention_factor", None)
+    other = Memory3(dataclasses.replace(model.config, rope_scaling=plain)).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert (other(idx) - expected).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("name", list(HF_FAMILIES))
 def test_loaded_checkpoints_agree_with_themselves_in_memory_mode(tmp_path: Path, name: str):
     write_family(tmp_path / name, name)

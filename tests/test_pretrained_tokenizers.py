@@ -368,3 +368,65 @@ def test_bad_tokenizers_exit_2_and_write_nothing(folders, tmp_path, capsys) -> N
     assert "model.vocab_size is 300, but the tokenizer has" in err
     assert f"tokenizer.init_args.path: {folders['qwen']}" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under a folder, with its size and modification time."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_no_bos_is_refused_by_build_memory_and_edit_before_they_write(
+    folders, tmp_path, capsys
+) -> None:
+    """`m3 build-memory` and `m3 edit` with Qwen's tokenizer and no bos_token: exit 2, the
+    file and field named, no bank folder claimed, an existing bank left as it was."""
+    import torch
+
+    from m3.model.memory3 import Memory3
+    from m3.recipes import load_recipe
+
+    bank_recipe = str(ROOT / "recipes/tiny/build-memory.yaml")
+    small = ["model.n_layer=2", "model.reference_length=32", "model.vocab_size=512"]
+    small += ["trainer.enable_progress_bar=false"]
+    kb = tmp_path / "kb"
+    kb.mkdir()
+    for i, line in enumerate(CORPUS[:4]):
+        (kb / f"doc{i}.txt").write_text(f"{line} The memory of document {i}.", encoding="utf-8")
+    weights = tmp_path / "model.pt"
+    torch.manual_seed(0)
+    config = load_recipe([BASE, bank_recipe], small).model.config()
+    torch.save(Memory3(config).state_dict(), weights)
+
+    def args(out: Path, *extra: str) -> list[str]:
+        return [
+            BASE, bank_recipe, *small, f"output={out}", f"training.init_weights={weights}",
+            f"data.knowledge=[{{class_path: files, init_args: {{paths: [{kb}]}}}}]", *extra,
+        ]  # fmt: skip
+
+    def refused(argv: list[str]) -> None:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert str(folders["qwen"] / "tokenizer_config.json") in err and "bos_token is null" in err
+        assert "tokenizer.init_args.bos_token" in err
+        assert err.count("m3: error:") == 1 and "Traceback" not in err
+
+    never = tmp_path / "never"
+    refused(["build-memory", *args(never, spec(folders["qwen"]))])
+    assert not never.exists() and not never.with_name("never.partial").exists()
+
+    bank = tmp_path / "bank"
+    good = spec(folders["qwen"], bos_token="<|endoftext|>")
+    assert main(["build-memory", *args(bank, good), "--batch-size", "8"]) == 0
+    capsys.readouterr()
+    before = snapshot(bank)
+    replace = tmp_path / "replace.jsonl"
+    replace.write_text(json.dumps({"id": "doc0.txt", "text": "A new text."}) + "\n")
+    refused(["edit", *args(bank, spec(folders["qwen"])), "--replace", str(replace)])
+    # the bank folder named alone, its recipe's bos_token taken back to the files' (none)
+    auto = "tokenizer.init_args.bos_token=auto"
+    refused(["edit", str(bank), auto, "--delete", "doc1.txt"])
+    assert snapshot(bank) == before

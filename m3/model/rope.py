@@ -106,10 +106,12 @@ class RopeScaling:
         if not isinstance(data, Mapping):
             raise UserError(f"{where} must be a mapping with a rope_type, got {data!r}")
         kind = data.get("rope_type", data.get("type"))
+        if kind is None:
+            raise UserError(f"{where}: rope_type is missing: choose one of {list(ROPE_TYPES)}")
         if kind not in ROPE_TYPES:
             raise UserError(
-                f"{where}: rope_type {kind!r} is not supported; m3 computes "
-                f"{list(ROPE_TYPES)} (other types would give other positions)"
+                f"{where}: rope_type {kind!r} is not supported: m3 computes "
+                f"{list(ROPE_TYPES)}, and another type would give other positions"
             )
         given = {k: v for k, v in data.items() if k not in ("rope_type", "type", "rope_theta")}
         given = {k: v for k, v in given.items() if v is not None}

@@ -263,11 +263,17 @@ def _check_model(value: Any, path: str, problems: list[Problem]) -> ModelSpec | 
 
 def _config_problems(message: str, path: str, fields: Sequence[str]) -> list[Problem]:
     # Config reports "invalid model config 'x': a must ...; b must ..."; give each its key.
+    # A rotary scaling's own problems read "rope_scaling: rope_type ..." or
+    # "rope_scaling.factor must ...": they belong to model.rope_scaling (or its parameter).
     detail = message.split(": ", 1)[-1]
     problems = []
     for part in detail.split("; "):
         key = part.split(" ", 1)[0]
         if key in fields and part.startswith(f"{key} must"):
+            problems.append(Problem(f"{path}.{key}", part[len(key) + 1 :]))
+        elif part.startswith("rope_scaling: "):
+            problems.append(Problem(f"{path}.rope_scaling", part.removeprefix("rope_scaling: ")))
+        elif part.startswith("rope_scaling.") and " " in part:
             problems.append(Problem(f"{path}.{key}", part[len(key) + 1 :]))
         else:
             problems.append(Problem(path, part))
