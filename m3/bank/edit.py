@@ -76,7 +76,7 @@ class EditSummary:
         references: References in the bank after the edit.
         bytes_written: Bytes of the written keys and values as stored (codes when the bank
             is quantized).
-        store_bytes: Bytes of the store's shard files after the edit.
+        store_bytes: Bytes of the store after the edit: its shard files and edit layers.
         written_ids: The ids written, ascending.
         removed_ids: The ids removed, ascending.
     """
