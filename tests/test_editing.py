@@ -335,6 +335,14 @@ def test_bad_inputs_name_the_document(parts, tmp_path):
         )  # fmt: skip
     with pytest.raises(UserError, match="nothing to edit"):
         edit_bank(folder, model=model, tokenizer=tokenizer)
+    huge = "word " * 200_001  # a corpus on one line: refused before any encoding
+    with pytest.raises(UserError, match=r"'person-0000\.0' holds 1,000,005 bytes.*limit of 1,0"):
+        edit_bank(folder, model=model, tokenizer=tokenizer, replace={"person-0000.0": huge})
+    with pytest.raises(UserError, match=r"more than the limit of 100 bytes"):
+        edit_bank(
+            folder, model=model, tokenizer=tokenizer, replace={"person-0000.0": LONG},
+            max_document_bytes=100,
+        )  # fmt: skip
     other = Memory3(model.config)
     with pytest.raises(UserError, match="rebuild the memory bank"):
         edit_bank(folder, model=other, tokenizer=tokenizer, delete=["person-0000.0"])

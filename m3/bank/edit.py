@@ -47,7 +47,7 @@ from m3.bank.layout import MANIFEST, layered_edits
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.data.chunking import Chunker, Reference
-from m3.data.documents import Document, read_jsonl
+from m3.data.documents import MAX_DOCUMENT_BYTES, Document, check_document_size, read_jsonl
 from m3.data.sources import TextSource
 from m3.recipes.defaults import default_spec
 
@@ -158,6 +158,7 @@ def edit_bank(
     encoder: MemoryEncoder | None = None,
     sparsifier: nn.Module | None = None,
     batch_size: int = 64,
+    max_document_bytes: int = MAX_DOCUMENT_BYTES,
 ) -> EditSummary:
     """Replace or delete documents of a memory bank, updating its store and index together.
 
@@ -175,6 +176,8 @@ def edit_bank(
         encoder: The memory encoder of the build; `MemoryEncoder()` when None.
         sparsifier: The sparsifier of the build; `TopKSparsifier(k=memory_tokens)` when None.
         batch_size: References per forward pass.
+        max_document_bytes: Most bytes of UTF-8 text a new text may hold (as a knowledge
+            base's `files` source allows by default).
 
     Returns:
         What changed.
@@ -182,7 +185,8 @@ def edit_bank(
     Raises:
         UserError: For a folder without a finished bank or with an interrupted edit; a
             model or tokenizer that did not write the bank; an unknown document id, one
-            named twice, empty text, or nothing to do (each naming the id).
+            named twice, empty text, text over `max_document_bytes`, or nothing to do
+            (each naming the id).
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -191,6 +195,7 @@ def edit_bank(
         return _edit_locked(
             folder, model=model, tokenizer=tokenizer, replace=replace, delete=delete,
             chunker=chunker, encoder=encoder, sparsifier=sparsifier, batch_size=batch_size,
+            max_document_bytes=max_document_bytes,
         )  # fmt: skip
 
 
@@ -205,6 +210,7 @@ def _edit_locked(
     encoder: MemoryEncoder | None,
     sparsifier: nn.Module | None,
     batch_size: int,
+    max_document_bytes: int,
 ) -> EditSummary:
     """`edit_bank`, holding the bank's edit lock."""
     from m3.bank.knowledge import read_knowledge
@@ -224,6 +230,10 @@ def _edit_locked(
     for document in documents:
         if not isinstance(document.text, str) or not document.text.strip():
             raise UserError(f"document {document.id!r}: the new text is empty")
+        check_document_size(
+            "the edit", document.id, document.text, max_document_bytes,
+            raise_limit="edit_bank(max_document_bytes=N)",
+        )  # fmt: skip
 
     bank = open_bank(folder)
     try:

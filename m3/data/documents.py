@@ -139,7 +139,7 @@ def _read_file(
         if not content.strip():
             yield str(path), None
             return
-        _check_size(str(path), path.name, content, max_document_bytes)
+        check_document_size(str(path), path.name, content, max_document_bytes)
         yield f"{path} (a plain-text file: its id is its file name)", Document(path.name, content)
         return
     for number, line in enumerate(content.splitlines(), start=1):
@@ -165,21 +165,39 @@ def _read_file(
         if not text.strip():
             yield place, None
             continue
-        _check_size(f"{path}:{number}", doc_id, text, max_document_bytes)
+        check_document_size(f"{path}:{number}", doc_id, text, max_document_bytes)
         yield place, Document(doc_id, text)
 
 
-def _check_size(place: str, doc_id: str, text: str, limit: int) -> None:
+def check_document_size(
+    place: str, doc_id: str, text: str, limit: int, *, raise_limit: str | None = None
+) -> None:
+    """Refuse a document of more than `limit` bytes of UTF-8 text, naming it.
+
+    Args:
+        place: Where it was read (a file and line).
+        doc_id: Its id.
+        text: Its text.
+        limit: Most bytes allowed.
+        raise_limit: How to raise the limit, for the message; a `files` source's
+            `max_document_bytes` when None.
+
+    Raises:
+        UserError: For a longer document.
+    """
     # a character is 1 to 4 bytes of UTF-8: encode only when the count alone cannot tell
     if len(text) <= limit // 4:
         return
     size = len(text.encode("utf-8", errors="surrogatepass"))
     if size > limit:
+        how = raise_limit or (
+            "the source's max_document_bytes (a recipe's `class_path: files` source: "
+            "`init_args: {max_document_bytes: N}`)"
+        )
         raise UserError(
             f"{place}: document {doc_id!r} holds {size:,} bytes of UTF-8 text, more than "
             f"the limit of {limit:,} bytes per document: split it into smaller documents, or "
-            "raise the limit with the source's max_document_bytes (a recipe's "
-            "`class_path: files` source: `init_args: {max_document_bytes: N}`)"
+            f"raise the limit with {how}"
         )
 
 
