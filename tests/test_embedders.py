@@ -370,3 +370,19 @@ def test_all_minilm_equals_transformers_bert_with_mean_pooling():
     mask = batch["attention_mask"][..., None].float()
     want = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=1)
     assert torch.allclose(embedder.embed(texts), want, atol=1e-5)
+
+
+def test_fitting_on_a_stream_of_texts_gives_the_idf_of_the_whole_list():
+    texts = [f"reference {i} about {'harbour ' * (i % 5)}and salt {i % 7}" for i in range(300)]
+    listed, streamed = HashedNgramEmbedder(dim=256), HashedNgramEmbedder(dim=256)
+    listed.fit(texts)
+    consumed = []
+
+    def one_pass():
+        for text in texts:
+            consumed.append(text)
+            yield text
+
+    streamed.fit(one_pass())  # a generator: read once, never measured
+    assert consumed == texts
+    assert torch.equal(streamed.idf, listed.idf) and streamed.fingerprint() == listed.fingerprint()

@@ -109,14 +109,14 @@ def build_index(
 
     from m3.recipes.defaults import default_spec
 
-    texts = [tokenizer.decode(r.ids) for r in references]
-    embedder.fit(texts)
-    spec = index if index is not None else default_spec("index", references=len(texts))
+    # texts are decoded a batch at a time, never all at once: the fit streams over them
+    embedder.fit(tokenizer.decode(r.ids) for r in references)
+    spec = index if index is not None else default_spec("index", references=len(references))
     index = registry.instantiate("index", spec, dim=embedder.dim)
     for start in tqdm(
-        range(0, len(texts), batch_size), desc="embedding references", disable=not progress
+        range(0, len(references), batch_size), desc="embedding references", disable=not progress
     ):
-        part = texts[start : start + batch_size]
+        part = [tokenizer.decode(r.ids) for r in references[start : start + batch_size]]
         ids = torch.arange(start, start + len(part), dtype=torch.long)
         index.add(embedder.embed(part), ids)
     index.build()

@@ -81,7 +81,9 @@ class Embedder(ABC):
         """Fit corpus statistics (e.g. IDF weights) on the knowledge base; a no-op by default.
 
         Args:
-            texts: The corpus.
+            texts: The corpus, streamed: one pass over an iterator (`build_index` decodes
+                the references as it goes, never holding all texts), so an override must not
+                take its length or read it twice.
         """
 
     def fingerprint(self) -> str:
