@@ -173,7 +173,7 @@ def test_an_interrupted_build_resumes_where_it_stopped(world, tmp_path, capsys):
     assert_same(store.read(torch.arange(len(store))), memory)
 
 
-def test_two_shards_open_as_one_store(world, tmp_path, capsys):
+def test_two_shards_open_as_one_store(world, built, tmp_path, capsys):
     _, _, knowledge, memory = expected(world)
     out = tmp_path / "bank"
     recipe = recipe_of(world, out)
@@ -191,6 +191,23 @@ def test_two_shards_open_as_one_store(world, tmp_path, capsys):
     assert bank.store.verify() == []
     with pytest.raises(UserError, match="read-only"):
         bank.store.delete([0])
+    # the same bank as one rank builds: reads, embedder, index and counts
+    one = open_bank(built)
+    ids = one.store.ids()
+    assert torch.equal(bank.store.ids(), ids)
+    reference = one.store.read(ids)
+    reference = type(reference)(
+        reference.keys.float(), reference.values.float(), reference.valid, reference.positions
+    )
+    assert_same(bank.store.read(ids), reference)
+    assert bank.manifest["references"] == one.manifest["references"] == count
+    assert bank.manifest["embedder"] == one.manifest["embedder"]
+    queries = bank.embedder.embed([bytes(r.ids).decode() for r in one.store.references(ids)])
+    assert torch.equal(bank.index.ids().sort().values, one.index.ids().sort().values)
+    found, expected_hits = bank.index.search(queries, 5), one.index.search(queries, 5)
+    assert torch.equal(found.ids, expected_hits.ids)
+    torch.testing.assert_close(found.scores, expected_hits.scores)
+    one.store.close()
     # resuming with another number of ranks is refused
     (out / "done.json").unlink()
     with pytest.raises(UserError, match="more ranks than 1"):
