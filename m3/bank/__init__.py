@@ -1,8 +1,9 @@
 """Memory banks: a knowledge base encoded into a store and an index, opened, edited.
 
 `knowledge` (the knowledge base read into references: the one definition of reference
-ids), `writer` (the Lightning parts that encode references into a rank's shard), `build`
-(`m3 build-memory`: every reference encoded, one shard per rank, resumable, then the
+ids), `table` (those references on disk, memory-mapped, read by id), `writer` (the
+Lightning parts that encode references into a rank's shard), `build` (`m3 build-memory`:
+the reference table, then every reference encoded, one shard per rank, resumable, then the
 index), `layout` (what a bank folder holds), `open` (a finished bank as one store, its index
 and its embedder), `edit` (`m3 edit`: knowledge edits of store and index together),
 `layers` (an edit as a layer over the bank, committed by one rename while readers read),

@@ -47,10 +47,13 @@ from m3.backends.hdf5_store import HDF5Store
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.references import Reference
+from m3.data.chunking import iter_references
 from m3.memory.encoder import MemoryEncoder, encode_references
 from m3.model.memory3 import Memory3
 
 if TYPE_CHECKING:
+    from m3.data.chunking import Chunker
+    from m3.data.documents import Document
     from m3.data.tokenizer import Tokenizer
     from m3.memory.quantize import MemoryQuantizer
     from m3.recipes import Recipe
@@ -65,9 +68,18 @@ from m3.bank.inputs import (
     read_manifest,
     shard_problem,
 )
-from m3.bank.knowledge import KnowledgeBase, read_knowledge
+from m3.bank.knowledge import KnowledgeBase, empty_knowledge, read_documents
 from m3.bank.layers import collect_garbage, edited_ids, replay_edits
-from m3.bank.layout import EDIT_JOURNAL, EDIT_LAYERS, MANIFEST, QUANTIZER, layered_edits, shard_name
+from m3.bank.layout import (
+    EDIT_JOURNAL,
+    EDIT_LAYERS,
+    MANIFEST,
+    QUANTIZER,
+    TABLE,
+    layered_edits,
+    shard_name,
+)
+from m3.bank.table import TABLE_MANIFEST, ReferenceTable, documents_fingerprint, write_table
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
 
 
@@ -188,17 +200,54 @@ def build_memory(
     chunker, encoder = build(recipe, "chunker"), build(recipe, "encoder")
     sparsifier, embedder = build(recipe, "sparsifier"), build(recipe, "embedder")
     sources = [registry.instantiate("source", s) for s in recipe.data.knowledge]
-    knowledge = read_knowledge(sources, tokenizer, chunker=chunker)
-    inputs = BuildInputs(
-        knowledge=knowledge_fingerprint(knowledge.references),
-        tokenizer=tokenizer.fingerprint(),
-        model=model.memory_fingerprint(),
-    )
-    if run.complete and not overwrite and not _reopen_if_unsound(run.path, inputs):
-        print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
-        return run.path
+    documents, skipped = read_documents(sources)
+    if not any(d.text.strip() for d in documents):
+        raise empty_knowledge(sources, skipped)
+    table_folder = run.path / TABLE
+    if run.complete and not overwrite:
+        inputs = BuildInputs(
+            knowledge=_knowledge_of(table_folder, documents, tokenizer, chunker),
+            tokenizer=tokenizer.fingerprint(),
+            model=model.memory_fingerprint(),
+        )
+        if not _reopen_if_unsound(run.path, inputs):
+            print(f"m3 build-memory: {run.path} is complete for this recipe; nothing to do")
+            return run.path
     if not overwrite:
         _check_edits_kept(run.path)
+    options = recipe.trainer.to_kwargs()
+    keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
+            "enable_progress_bar", "deterministic")  # fmt: skip
+
+    def make_trainer(writer: BankWriter | None) -> L.Trainer:
+        return build_trainer(
+            {k: v for k, v in options.items() if k in keep},
+            default_root_dir=run.path,
+            logger=False,
+            enable_checkpointing=False,
+            use_distributed_sampler=False,
+            callbacks=[*([writer] if writer else []), *callbacks],
+        )
+
+    make_trainer(None)  # before the claim: Lightning refuses some options only here
+    if overwrite:
+        _start_again(run.path, shard)
+    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
+    # the references, cut once into the bank's reference table (m3.bank.table) and read by
+    # id from there on, by every rank
+    rank, world_size = shard or (int(os.environ.get("LOCAL_RANK", 0)), 1)
+    table = write_table(
+        table_folder, documents, tokenizer, chunker=chunker, skipped=skipped, rank=rank,
+        world=world_size,
+    )  # fmt: skip
+    del documents
+    if len(table) == 0:
+        raise empty_knowledge(sources, table.skipped)
+    knowledge = KnowledgeBase(table, table.documents, table.skipped)
+    inputs = BuildInputs(
+        knowledge=table.knowledge, tokenizer=tokenizer.fingerprint(),
+        model=model.memory_fingerprint(),
+    )  # fmt: skip
     prefix = tokenizer.reference_prefix()
     info = StoreInfo(
         memory_shape=config.memory_shape,
@@ -207,23 +256,10 @@ def build_memory(
         model_fingerprint=inputs.model,
         tokenizer_fingerprint=inputs.tokenizer,
         reference_prefix=tuple(prefix),
-        extra={"references": len(knowledge.references), "knowledge": inputs.knowledge},
+        extra={"references": len(table), "knowledge": inputs.knowledge},
     )
-    writer = BankWriter(run.path, info, knowledge.references, shard=shard)
-    options = recipe.trainer.to_kwargs()
-    keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
-            "enable_progress_bar", "deterministic")  # fmt: skip
-    trainer = build_trainer(  # before the claim: Lightning refuses some options only here
-        {k: v for k, v in options.items() if k in keep},
-        default_root_dir=run.path,
-        logger=False,
-        enable_checkpointing=False,
-        use_distributed_sampler=False,
-        callbacks=[writer, *callbacks],
-    )
-    if overwrite:
-        _start_again(run.path, shard)
-    run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
+    writer = BankWriter(run.path, info, table, shard=shard)
+    trainer = make_trainer(writer)
     # trained (or read) into the folder, so after the claim
     writer.quantizer = bank_quantizer(
         recipe, run.path, model, knowledge.references, prefix=prefix, encoder=encoder,
@@ -367,6 +403,27 @@ def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
         (folder / name).unlink(missing_ok=True)
     for index in [folder / "index", folder / EDIT_LAYERS, *folder.glob("index-*")]:
         shutil.rmtree(index, ignore_errors=True)
+
+
+def _knowledge_of(
+    table: Path, documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
+) -> str:
+    """The knowledge fingerprint of these inputs, without holding their references.
+
+    The bank's table's when it was cut from them (a hash of the texts tells), else computed
+    in one streaming pass (a bank built before the table, or a changed knowledge base).
+    """
+    if (table / TABLE_MANIFEST).is_file():
+        try:
+            opened = ReferenceTable(table)
+        except UserError:
+            opened = None
+        if opened is not None and opened.manifest.get(
+            "documents_fingerprint"
+        ) == documents_fingerprint(documents, tokenizer, chunker):
+            return opened.knowledge
+    tokenized = ((d.id, tokenizer.encode(d.text) if d.text.strip() else []) for d in documents)
+    return knowledge_fingerprint(iter_references(tokenized, chunker))
 
 
 def _check_edits_kept(folder: Path) -> None:

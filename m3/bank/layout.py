@@ -5,6 +5,7 @@
 | `store-rank{r}.h5` | the memories of the references `id % world_size == r` (`HDF5Store`) |
 | `quantizer.pt` | the trained `MemoryQuantizer` of a quantized bank (`bank.quantizer`) |
 | `embedder/` | the fitted embedder (its `save`, for embedders that have one) |
+| `references/` | every reference's token ids and provenance, by id (`m3.bank.table`) |
 | `index/` | the search index over every reference (`bank.index`, default `ExactIndex`) |
 | `edits/edit-000n.h5` | the references edit `n` wrote (`m3 edit`; `m3.bank.layers`) |
 | `index-000n/` | the index after edit `n`, once a bank is edited (`index/` is then gone) |
@@ -25,6 +26,8 @@ MANIFEST = "manifest.json"
 DONE = "done.json"
 #: An in-place edit in progress (earlier m3, `m3.bank.journal`): the bank is unfinished.
 EDIT_JOURNAL = "edit-journal"
+#: The bank's reference table: every reference's token ids and provenance (`m3.bank.table`).
+TABLE = "references"
 #: The folder of the layers edits write (`m3.bank.layers`).
 EDIT_LAYERS = "edits"
 #: The lock an edit holds (`m3.bank.layers.edit_lock`).

@@ -45,7 +45,11 @@ class ReferenceBatches(torch.utils.data.Dataset):
 
     def __init__(self, references: Sequence[Reference], ids: Sequence[int], *, batch_size: int):
         self.references = references
-        order = sorted(ids, key=lambda i: (len(references[i].ids), i))
+        if hasattr(references, "lengths"):  # a reference table: lengths without the tokens
+            lengths = references.lengths()
+            order = sorted(ids, key=lambda i: (int(lengths[i]), i))
+        else:
+            order = sorted(ids, key=lambda i: (len(references[i].ids), i))
         self.batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
     def __len__(self) -> int:

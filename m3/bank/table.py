@@ -1,0 +1,309 @@
+"""The reference table: every reference's token ids and provenance on disk, read by id.
+
+`m3 build-memory` first cuts the knowledge base into references (`m3.bank.knowledge`: the
+documents of the sources in order, each cut by the chunker, a reference's id its position)
+and writes them to `<bank>/references/` instead of holding them as Python lists: at the
+paper's scale (1.1×10⁸ references of up to 128 tokens) those lists alone would be tens of
+GB. Every stage after it reads references by id from memory-mapped arrays.
+
+The format is plain NumPy arrays, one folder per shard of `DOCUMENTS_PER_SHARD` documents:
+
+| file | what |
+|---|---|
+| `tokens.npy` | every reference's token ids, one after another, int32 |
+| `offsets.npy` | where each reference's tokens start in `tokens.npy` (and the end), int64 |
+| `spans.npy` | per reference: its document's row in `documents.json`, its start and end, int64 |
+| `documents.json` | the ids of the shard's documents that gave references (strings or integers) |
+
+`np.load(mmap_mode="r")` maps them without reading: a reference costs two offset reads
+and one slice, from any process, with no library beyond NumPy and no server; the files are
+written once and never changed. (Arrow/Parquet would add row groups and decompression to
+every random read, for no gain here.)
+
+Shards are written independently and each is made visible by one rename, so several
+processes (the ranks of a build, each starting at its own shard) can write a table
+together, and a killed writer leaves only a temporary folder that the next one discards.
+The table's `manifest.json`, written last, records the shards, the counts, the digest of
+the documents it was cut from (`documents_fingerprint`) and the knowledge fingerprint
+(`m3.bank.inputs.knowledge_fingerprint`, the same digest a bank records), computed in one
+streaming pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
+
+import numpy as np
+
+from m3.bank.inputs import knowledge_fingerprint
+from m3.core.errors import UserError
+from m3.core.references import Reference
+from m3.data.chunking import Chunker, iter_references
+
+if TYPE_CHECKING:
+    from m3.data.documents import Document
+    from m3.data.tokenizer import Tokenizer
+
+#: Documents per shard of a reference table.
+DOCUMENTS_PER_SHARD = 65536
+#: The table's manifest, written last.
+TABLE_MANIFEST = "manifest.json"
+
+
+def documents_fingerprint(
+    documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
+) -> str:
+    """A sha256 digest of what a table is cut from: every document, the tokenizer, the chunker.
+
+    Cheap next to tokenizing (it hashes the texts' bytes), so that a build can tell whether
+    a table on disk is the one these inputs would write.
+
+    Args:
+        documents: The knowledge base's documents, in order.
+        tokenizer: The tokenizer that cuts them.
+        chunker: The chunker that cuts them.
+
+    Returns:
+        The hex digest.
+    """
+    digest = hashlib.sha256(f"{tokenizer.fingerprint()}\0{chunker!r}\0".encode())
+    for document in documents:
+        digest.update(f"{type(document.id).__name__}\0{document.id}\0".encode())
+        digest.update(document.text.encode("utf-8", errors="surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class _Shard:
+    """One shard's arrays, memory-mapped."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+    spans: np.ndarray
+    documents: list[Any]
+
+    @classmethod
+    def open(cls, path: Path) -> _Shard:
+        return cls(
+            np.load(path / "tokens.npy", mmap_mode="r"),
+            np.load(path / "offsets.npy", mmap_mode="r"),
+            np.load(path / "spans.npy", mmap_mode="r"),
+            json.loads((path / "documents.json").read_text()),
+        )
+
+
+class ReferenceTable(Sequence[Reference]):
+    """A written reference table, read by id: `table[i]` is reference `i`.
+
+    Args:
+        folder: The table's folder (`write_table` wrote it).
+
+    Raises:
+        UserError: For a folder without a finished table, or a shard that is missing.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        path = folder / TABLE_MANIFEST
+        try:
+            manifest = json.loads(path.read_text())
+            names = [str(s["name"]) for s in manifest["shards"]]
+        except FileNotFoundError:
+            raise UserError(f"{folder} holds no finished reference table") from None
+        except (ValueError, KeyError, TypeError) as error:
+            raise UserError(f"{path} is not a reference table manifest ({error!r})") from None
+        try:
+            shards = [_Shard.open(folder / name) for name in names]
+        except (OSError, ValueError) as error:
+            raise UserError(
+                f"{folder}: a shard of the reference table is damaged ({error})"
+            ) from None
+        self._set(folder, manifest, shards)
+
+    def _set(self, folder: Path, manifest: dict[str, Any], shards: list[_Shard]) -> None:
+        self.folder, self.manifest, self._shards = folder, manifest, shards
+        counts = [len(s.offsets) - 1 for s in shards]
+        self._first = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    @classmethod
+    def _of(cls, folder: Path, manifest: dict[str, Any], shards: list[_Shard]) -> ReferenceTable:
+        """A table of open shards, before a manifest on disk names them."""
+        table = cls.__new__(cls)
+        table._set(folder, manifest, shards)
+        return table
+
+    @property
+    def knowledge(self) -> str:
+        """The knowledge fingerprint of the references (`m3.bank.inputs.knowledge_fingerprint`)."""
+        return str(self.manifest["knowledge"])
+
+    @property
+    def documents(self) -> int:
+        """Documents that gave at least one reference."""
+        return int(self.manifest["documents"])
+
+    @property
+    def skipped(self) -> int:
+        """Documents left out: empty, whitespace-only or tokenizing to nothing."""
+        return int(self.manifest["skipped"])
+
+    def __len__(self) -> int:
+        return int(self._first[-1])
+
+    @overload
+    def __getitem__(self, index: int) -> Reference: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Reference]: ...
+
+    def __getitem__(self, index: int | slice) -> Reference | list[Reference]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"reference {index} is not in the table of {len(self)}")
+        index %= len(self)
+        shard = int(np.searchsorted(self._first, index, side="right")) - 1
+        part, row = self._shards[shard], index - int(self._first[shard])
+        start, end = int(part.offsets[row]), int(part.offsets[row + 1])
+        document, span_start, span_end = part.spans[row].tolist()
+        ids = tuple(part.tokens[start:end].tolist())
+        return Reference(part.documents[document], span_start, span_end, ids)
+
+    def lengths(self) -> np.ndarray:
+        """Tokens per reference, `(N,)` int64, in id order."""
+        return np.concatenate([np.diff(s.offsets) for s in self._shards]).astype(np.int64)
+
+    def __iter__(self) -> Iterator[Reference]:
+        for index in range(len(self)):
+            yield self[index]
+
+
+def write_table(
+    folder: str | Path,
+    documents: Sequence[Document],
+    tokenizer: Tokenizer,
+    *,
+    chunker: Chunker,
+    skipped: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    documents_per_shard: int = DOCUMENTS_PER_SHARD,
+) -> ReferenceTable:
+    """Write the reference table of a knowledge base (or finish one), and open it.
+
+    A finished table of the same documents, tokenizer and chunker is kept as it is; one of
+    other inputs is replaced. Shards another writer finished are kept; this writer starts at
+    shard `rank` and takes every `world`-th, then any still missing.
+
+    Args:
+        folder: The table's folder (created).
+        documents: The knowledge base's documents, in order (`m3.bank.knowledge`).
+        tokenizer: Tokenizes them.
+        chunker: Cuts each into references.
+        skipped: Documents the reading already left out (empty), for the counts.
+        rank: This writer's rank.
+        world: Writers working on the table at once.
+        documents_per_shard: Documents per shard.
+
+    Returns:
+        The table.
+    """
+    folder = Path(folder)
+    digest = documents_fingerprint(documents, tokenizer, chunker)
+    if (folder / TABLE_MANIFEST).is_file():
+        try:
+            table = ReferenceTable(folder)
+            if table.manifest.get("documents_fingerprint") == digest:
+                return table
+        except UserError:
+            pass
+        shutil.rmtree(folder)  # another knowledge base's, or damaged: it is derived data
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.tmp"):  # what writers that died left; live ones keep theirs
+        if _alive(int(stale.name.split(".")[-2])):
+            continue
+        if stale.is_dir():
+            shutil.rmtree(stale)
+        else:
+            stale.unlink()
+    starts = list(range(0, len(documents), documents_per_shard)) or [0]
+    names = [f"shard-{n:05d}" for n in range(len(starts))]
+    mine = [*range(rank % len(starts), len(starts), max(world, 1))]
+    for n in [*mine, *(n for n in range(len(starts)) if n not in mine)]:
+        if not (folder / names[n]).is_dir():
+            _write_shard(
+                folder / names[n],
+                documents[starts[n] : starts[n] + documents_per_shard],
+                tokenizer,
+                chunker,
+            )
+    shards = [_Shard.open(folder / name) for name in names]
+    given = sum(len(s.documents) for s in shards)
+    manifest = {
+        "format": "m3.references",
+        "format_version": 1,
+        "references": int(sum(len(s.offsets) - 1 for s in shards)),
+        "documents": given,
+        "skipped": skipped + len(documents) - given,
+        "documents_fingerprint": digest,
+        "tokenizer": tokenizer.fingerprint(),
+        "chunker": repr(chunker),
+        "shards": [{"name": n, "first_document": s} for n, s in zip(names, starts, strict=True)],
+    }
+    manifest["knowledge"] = knowledge_fingerprint(ReferenceTable._of(folder, manifest, shards))
+    tmp = folder / f"{TABLE_MANIFEST}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, folder / TABLE_MANIFEST)
+    return ReferenceTable(folder)
+
+
+def _write_shard(
+    path: Path, documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
+) -> None:
+    """Tokenize and cut a shard's documents, then make the shard visible by one rename."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tokens: list[np.ndarray] = []
+    offsets, spans, kept, position = [0], [], [], 0
+    rows: dict[Any, int] = {}
+
+    def tokenized() -> Iterator[tuple[Any, list[int]]]:
+        for document in documents:
+            yield document.id, tokenizer.encode(document.text) if document.text.strip() else []
+
+    for reference in iter_references(tokenized(), chunker):
+        if reference.doc_id not in rows:
+            rows[reference.doc_id] = len(kept)
+            kept.append(reference.doc_id)
+        tokens.append(np.asarray(reference.ids, dtype=np.int32))
+        position += len(reference.ids)
+        offsets.append(position)
+        spans.append((rows[reference.doc_id], reference.start, reference.end))
+    np.save(tmp / "tokens.npy", np.concatenate(tokens) if tokens else np.zeros(0, np.int32))
+    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
+    np.save(tmp / "spans.npy", np.asarray(spans, dtype=np.int64).reshape(-1, 3))
+    (tmp / "documents.json").write_text(json.dumps(kept))
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another writer finished this shard first: the same bytes
+        shutil.rmtree(tmp)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this machine runs with this pid."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
