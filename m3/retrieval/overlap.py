@@ -184,40 +184,50 @@ class _Lanes:
         words: uint64 words per lane: room for the longest reference and a spare top bit.
         slots: `(R, n + 1)` the row of `table` holding reference ρ's mask of `text[p]`;
             row 0 (a token absent from the reference, and the padding column `n`) is zero.
-        keys: Per reference, its distinct tokens, sorted.
-        first_row: Per reference, the row of `table` of its first key.
+        rows: Per reference, the `table` row of each of its tokens, `(L_r,)`.
+        first_row: `(R + 1,)` reference ρ's distinct tokens have rows
+            `first_row[ρ] … first_row[ρ + 1] − 1`.
     """
 
     def __init__(self, text: np.ndarray, references: Sequence[Sequence[int]]) -> None:
         self.text = text
-        self.references = [np.asarray(r, dtype=np.int64) for r in references]
-        self.lengths = np.array([r.size for r in self.references], dtype=np.int64)
+        self.lengths = np.array([len(r) for r in references], dtype=np.int64)
         self.words = (int(self.lengths.max()) + 1 + 63) // 64
+        tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r in references])
+        owner = np.repeat(np.arange(len(references)), self.lengths)
+        vocabulary, index = np.unique(tokens, return_inverse=True)
+        # one table row per distinct (reference, token), ordered by reference then token
+        pairs, row = np.unique(owner * vocabulary.size + index, return_inverse=True)
+        self.rows = np.split(row + 1, np.cumsum(self.lengths)[:-1])
+        self.first_row = 1 + np.searchsorted(
+            pairs // vocabulary.size, np.arange(len(references) + 1)
+        )
+        row_of = np.zeros((len(references), vocabulary.size), dtype=np.int64)
+        row_of.flat[pairs] = np.arange(1, pairs.size + 1)
+        at = np.minimum(np.searchsorted(vocabulary, text), vocabulary.size - 1)
         self.slots = np.zeros((len(references), text.size + 1), dtype=np.int64)
-        self.keys: list[np.ndarray] = []
-        self.first_row: list[int] = []
-        offset = 1
-        for rho, ref in enumerate(self.references):
-            keys = np.unique(ref)
-            slot = np.minimum(np.searchsorted(keys, text), keys.size - 1)
-            self.slots[rho, : text.size] = np.where(keys[slot] == text, slot + offset, 0)
-            self.keys.append(keys)
-            self.first_row.append(offset)
-            offset += keys.size
+        self.slots[:, : text.size] = np.where(vocabulary[at] == text, row_of[:, at], 0)
         self._table: np.ndarray | None = None
 
     @property
     def table(self) -> np.ndarray:
-        """`(rows, words)` uint64: row `first_row[ρ] + k` is reference ρ's mask of its key k."""
+        """`(rows, words)` uint64: the bit mask of each (reference, token); row 0 is zero."""
         if self._table is None:
-            table = np.zeros((self.first_row[-1] + self.keys[-1].size, self.words), np.uint64)
-            for rho, ref in enumerate(self.references):
-                j = np.arange(ref.size)
-                row = self.first_row[rho] + np.searchsorted(self.keys[rho], ref)
+            table = np.zeros((int(self.first_row[-1]), self.words), dtype=np.uint64)
+            for rows in self.rows:
+                j = np.arange(rows.size)
                 bit = np.left_shift(np.uint64(1), (j % 64).astype(np.uint64))
-                np.bitwise_or.at(table, (row, j // 64), bit)
+                np.bitwise_or.at(table, (rows, j // 64), bit)
             self._table = table
         return self._table
+
+    def count_bounds(self) -> np.ndarray:
+        """`(R,)` `Σ_token min(count in reference, count in text)`: bounds of the LCS."""
+        size = int(self.first_row[-1])
+        text = np.bincount(self.slots[:, : self.text.size].ravel(), minlength=size)
+        reference = np.bincount(np.concatenate(self.rows), minlength=size)
+        common = np.concatenate([[0], np.cumsum(np.minimum(text, reference)[1:])])
+        return common[self.first_row[1:] - 1] - common[self.first_row[:-1] - 1]
 
     def on_token(self, rho: int) -> np.ndarray:
         """`(n,)` bool: where the text holds a token of reference ρ."""
@@ -241,37 +251,40 @@ class _Lanes:
             `(n − 2|r| + 1,)` int64 upper bounds of the windows' LCS.
         """
         n, width = self.text.size, 2 * len(reference)
-        tile, size = 2 * width, 2 * n - width  # bits: tiles from 0, then tiles from `width`
+        tile = 2 * width
+        # bit of each text position in the two cuts, a zero spare bit after every tile
+        first_cut = np.arange(n) + np.arange(n) // tile
+        split = n + (n + tile - 1) // tile
+        second_cut = split + np.arange(n - width) + np.arange(n - width) // tile
+        size = int(second_cut[-1]) + 2
         local = self.slots[rho, :n] - self.first_row[rho]  # < 0: a token absent from it
-        keys = self.keys[rho]
-        hits = np.zeros((keys.size, n), dtype=bool)
+        hits = np.zeros((int(self.first_row[rho + 1] - self.first_row[rho]), size), dtype=bool)
         present = np.flatnonzero(local >= 0)
-        hits[local[present], present] = True
-        packed = np.packbits(np.concatenate([hits, hits[:, width:]], axis=1), 1, "little")
-        masks = [int.from_bytes(row.tobytes(), "little") for row in packed]
-        top = np.zeros(size, dtype=bool)  # the last bit of every tile (of both cuts)
-        top[np.minimum(np.arange(tile, n + tile, tile), n) - 1] = True
-        top[n - 1 + np.minimum(np.arange(tile, n - width + tile, tile), n - width)] = True
-        high = int.from_bytes(np.packbits(top, bitorder="little").tobytes(), "little")
-        full = (1 << size) - 1
-        low = full ^ high
+        hits[local[present], first_cut[present]] = True
+        later = present[present >= width]
+        hits[local[later], second_cut[later - width]] = True
+        masks = [int.from_bytes(r.tobytes(), "little") for r in np.packbits(hits, 1, "little")]
+        lane = np.zeros(size, dtype=bool)
+        lane[first_cut] = lane[second_cut] = True
+        full = int.from_bytes(np.packbits(lane, bitorder="little").tobytes(), "little")
         v = full
-        for mask in [masks[key] for key in np.searchsorted(keys, self.references[rho]).tolist()]:
+        for mask in [masks[key] for key in (self.rows[rho] - self.first_row[rho]).tolist()]:
             u = mask & v
-            if u:  # per lane: v + u without carries from one lane into the next
-                w = v ^ u
-                v = (((v & low) + (u & low)) ^ (w & high)) | w
+            if u:  # `& full` drops the carries that reach the spare bits
+                v = ((v + u) | (v ^ u)) & full
         matched = np.unpackbits(
             np.frombuffer((full ^ v).to_bytes((size + 7) // 8, "little"), dtype=np.uint8),
             count=size,
             bitorder="little",
         )
-        zeros = np.concatenate([[0], np.cumsum(matched, dtype=np.int64)])
+        count_a = np.concatenate([[0], np.cumsum(matched[first_cut], dtype=np.int64)])
+        count_b = np.concatenate([[0], np.cumsum(matched[second_cut], dtype=np.int64)])
         start = np.arange(n - width + 1)
         second = start % tile >= width  # the window lies in a tile of the second cut
-        offset = np.where(second, n - width, 0)  # bit of text position p: p + offset
-        first = start - (start - np.where(second, width, 0)) % tile
-        return zeros[start + width + offset] - zeros[first + offset]
+        q = np.where(second, start - width, start)  # position in its cut
+        end, head = q + width, q - q % tile  # the window's end, its tile's start
+        in_b = count_b[np.minimum(end, n - width)] - count_b[head]  # (clipped: unused there)
+        return np.where(second, in_b, count_a[end] - count_a[head])
 
     def lcs(self, rho: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
         """`LCS(reference[rho[q]], text[lo[q] : hi[q]])` for every lane q, in lane passes.
@@ -330,15 +343,18 @@ def _search(text: np.ndarray, references: list[list[int]], needs: list[int | Non
     lanes = _Lanes(text, references)
     n = text.size
     best = [0 if need is None else need - 1 for need in needs]  # a value ≤ best changes nothing
+    whole = lanes.count_bounds().tolist()
     starts, bounds, group = [], [], []
     for rho, reference in enumerate(references):
         width = 2 * len(reference)
         last = n - width
         on = np.append(np.flatnonzero(lanes.on_token(rho)[:last]), last)
-        bound = lanes.tiled_bounds(rho, reference)[on]
+        if whole[rho] <= best[rho]:
+            on = on[:0]
+        bound = _window_bounds(text, reference, width)[on] if on.size else on
         on, bound = on[bound > best[rho]], bound[bound > best[rho]]
-        if on.size:  # the token counts of each window bound it too
-            bound = np.minimum(bound, _window_bounds(text, reference, width)[on])
+        if on.size:  # the LCS of a tile's prefix bounds each window too
+            bound = np.minimum(bound, lanes.tiled_bounds(rho, reference)[on])
             on, bound = on[bound > best[rho]], bound[bound > best[rho]]
         starts.append(on)
         bounds.append(bound)
