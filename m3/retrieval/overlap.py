@@ -351,10 +351,20 @@ def _search(text: np.ndarray, references: list[list[int]], needs: list[int | Non
         on = np.append(np.flatnonzero(lanes.on_token(rho)[:last]), last)
         if whole[rho] <= best[rho]:
             on = on[:0]
-        bound = _window_bounds(text, reference, width)[on] if on.size else on
-        on, bound = on[bound > best[rho]], bound[bound > best[rho]]
-        if on.size:  # the LCS of a tile's prefix bounds each window too
-            bound = np.minimum(bound, lanes.tiled_bounds(rho, reference)[on])
+        # Both bounds hold; the likelier to prune goes first. Token counts prune little
+        # when most of a window's tokens occur in the reference (a small alphabet).
+        kinds = ["counts", "tiles"]
+        if on.size * width > n * (best[rho] + 1):
+            kinds.reverse()
+        bound = np.full(on.size, len(reference), dtype=np.int64)
+        for kind in kinds:
+            if on.size == 0:
+                break
+            if kind == "counts":
+                more = _window_bounds(text, reference, width)
+            else:
+                more = lanes.tiled_bounds(rho, reference)
+            bound = np.minimum(bound, more[on])
             on, bound = on[bound > best[rho]], bound[bound > best[rho]]
         starts.append(on)
         bounds.append(bound)
