@@ -21,28 +21,33 @@ How it stays fast (the textbook way, a DP LCS for every window, costs
 - **Lengths first**: the LCS is at most the shorter length, so a text shorter than
   `threshold · |r|` never leaks — a 64-token chunk can overlap a 128-token reference by at
   most 0.5, below both paper thresholds.
-- **Bit-parallel LCS** (Allison–Dix / Hyyrö): the LCS of `r` against a growing text is kept
-  in the zero bits of an `|r|`-bit vector, updated by a few bit operations per text token.
-- **Many LCS in one pass ("lanes")**: the vectors of many (reference, text segment) pairs
-  sit side by side in one Python int, each in its own lane of `64·W` bits with a spare top
-  bit that stops carries from reaching the next lane. One loop over segment positions
-  updates all of them with five big-int operations per position; the lanes' masks for each
-  position are gathered with numpy. A pass over segments of length `L` costs `L` Python
-  steps however many lanes it holds: all the references of a `leak_mask` call, and many
-  windows of each, are decided together.
+- **Bit-parallel LCS** (Allison–Dix / Hyyrö): the LCS of a pattern against a growing text
+  is kept in the zero bits of a bit vector over the pattern, updated by a few bit
+  operations per text token; the zeros among its first `k` bits are the LCS of the
+  pattern's first `k` tokens.
+- **Many LCS in one pass ("lanes")**: the vectors of many (pattern, text) pairs sit side by
+  side in one Python int, each lane followed by a zero spare bit that stops carries from
+  reaching the next lane. One loop step updates all of them with five big-int operations.
 - **Only windows that start on a token of `r`** (plus the last full one): a window
   starting on any other token has no larger an LCS than the window one position later.
-- **Bounds, then refinement**: `Σ_token min(count in r, count in window)` bounds every
-  window's LCS (a few numpy passes for all windows at once), and so does the LCS of any
-  segment that contains the window. The windows that can still exceed the threshold are
-  grouped by start into segments of `|r| + 2|r| − 1` tokens (groups of `|r|` starts), whose
-  LCS is computed in one lane pass; a group whose segment's LCS cannot exceed the threshold
-  is dropped whole. The survivors are regrouped four times finer and checked again, down to
-  single windows, whose LCS is exact. Each pass also computes exactly the window with the
-  best count bound, so a leaking reference is usually found in the first pass.
-  On unrelated text the first pass decides everything, so a reference costs about
-  `1.5 · 2|r|` Python steps shared with the other references of the call — against
-  `|t| · 2|r|` for trying every window.
+- **Bounds for all windows at once**, cheapest first. The token counts of the whole text
+  (`Σ_token min(count in r, count in text)`, one `bincount` for all the references of a
+  call). The token counts of each window (a few numpy passes). And the LCS of `r` with the
+  prefix of a *tile* that ends where the window ends: the text is cut twice into tiles of
+  `4|r|` tokens (from 0 and from `2|r|`), every window lying in a tile that starts at most
+  `2|r| − 1` before it; the tiles are the lanes, and one pass with the reference's tokens
+  as the steps (`|r|` steps on `~2|t|` bits) gives the LCS of every prefix of every tile.
+  Token counts prune on large alphabets (BPE), tiles on small ones (bytes); the likelier
+  runs first.
+- **Refinement of what remains**: lane passes over text segments, one lane per
+  (reference, segment). The first computes exactly the four windows with the best bounds
+  (a leaking reference is usually found there); the next group the remaining starts by
+  `|r|/2` into one segment each, whose LCS bounds all its windows, then four times finer,
+  down to single windows, whose LCS is exact.
+
+On text that does not quote the reference, the bounds decide: a reference costs `|r|`
+Python steps on `~2|t|`-bit ints plus a few numpy passes over the text — against
+`|t| · 2|r|` steps for trying every window.
 
 The exact `overlap` value uses the same passes with a floor that rises to the best window
 found so far. The results are exactly those of the definition (the tests compare both with
@@ -239,9 +244,9 @@ class _Lanes:
         The text is cut into tiles of `2·2|r|` tokens twice, from position 0 and from
         position `2|r|`, so that every window lies in a tile that starts at most `2|r| − 1`
         positions before it. One bit-parallel pass with the tiles as the bit vector's lanes
-        and the reference as the text it reads (the transposed LCS; lanes added without
-        carries between them) gives the LCS of the reference and every prefix of every tile:
-        the prefix that ends where the window ends bounds the window's LCS.
+        (a zero spare bit after each) and the reference as the text it reads gives the LCS of
+        the reference and every prefix of every tile: the prefix that ends where the window
+        ends contains the window, so its LCS bounds the window's.
 
         Args:
             rho: The reference's index.
