@@ -21,12 +21,17 @@ prompt round, so hits come only from repeats within the round). Phase columns su
 calling thread's time (embed, search, filter, cache, assemble) and the store reads, which in
 the overlapped scenario run in the reader thread, so they can add up to more than the total.
 
-    OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
-        [--threshold 0.667 | none]
+A second table times the leakage filter side by side with its previous implementation
+(`m3.retrieval.overlap._baseline_leak_mask`, one bit-parallel LCS per window), cache off,
+the runs taking turns: the decoding step at the last boundary (a 2048-token context) and the
+batched 32-chunk prompt, each with the filter off, the previous filter and the current one,
+and the ratio previous ÷ current (median of `--baseline-rounds`).
 
-With bytes as tokens the leakage filter dominates (a 26-letter alphabet defeats the
-overlap's pruning bounds: almost every window of the context must be tried); `--threshold
-none` shows the rest of the path.
+    OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
+        [--threshold 0.667 | none] [--baseline-rounds 3]
+
+With bytes as tokens (a 26-letter alphabet, spaces) the count bounds of the overlap prune
+little; `--threshold none` shows the rest of the path.
 """
 
 from __future__ import annotations
@@ -39,9 +44,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+import m3.retrieval.candidates as candidates
 from m3.backends.base import StoreInfo
 from m3.backends.exact_index import ExactIndex
 from m3.backends.hdf5_store import HDF5Store
@@ -50,6 +57,7 @@ from m3.data.chunking import Reference
 from m3.data.tokenizer import ByteTokenizer
 from m3.model.config import Config
 from m3.retrieval.embedders import HashedNgramEmbedder
+from m3.retrieval.overlap import _baseline_leak_mask, leak_mask
 from m3.retrieval.retriever import PHASES, Retriever
 
 CHUNKS = 32
@@ -116,12 +124,80 @@ def measure(run: Callable[[], int], retriever: Retriever, rounds: int) -> dict[s
     return out
 
 
+def compare_filters(
+    make: Callable[[float | None], Retriever], prompt: list[int], threshold: float, rounds: int
+) -> None:
+    """Print the filter-off, previous-filter and current-filter times of two scenarios.
+
+    The filter phase holds the overlap computation (timed apart: the time spent in the
+    mask function) and the reads of the candidates' token ids from the store.
+    """
+    scenarios = {
+        "decode step, 2048-token context": lambda r: r.retrieve_next([prompt]),
+        "prompt, batched (32 chunks)": lambda r: r.retrieve_context([prompt]),
+    }
+    variants = {"off": (None, leak_mask), "previous": (threshold, _baseline_leak_mask)}
+    variants["current"] = (threshold, leak_mask)
+    retrievers = {name: make(t) for name, (t, _) in variants.items()}
+    times: dict[tuple[str, str, str], list[float]] = {}
+    for _ in range(rounds):
+        for scenario, run in scenarios.items():
+            for name, (_, mask) in variants.items():
+                retriever = retrievers[name]
+                retriever.reset_cache()
+                retriever.reset_stats()
+                spent = [0.0]
+
+                def timed_mask(
+                    *args: Any, mask: Callable[..., Any] = mask, spent: list[float] = spent
+                ) -> Any:
+                    clock = time.perf_counter()
+                    try:
+                        return mask(*args)
+                    finally:
+                        spent[0] += time.perf_counter() - clock
+
+                candidates.leak_mask = timed_mask  # type: ignore[assignment]
+                try:
+                    start = time.perf_counter()
+                    run(retriever)
+                    elapsed = time.perf_counter() - start
+                finally:
+                    candidates.leak_mask = leak_mask  # type: ignore[assignment]
+                phase = retriever.phase_times()["filter"]
+                for what, seconds in (("total", elapsed), ("filter", phase), ("lcs", spent[0])):
+                    times.setdefault((scenario, name, what), []).append(seconds * 1e3)
+    print(
+        f"\nleakage filter, previous vs current (threshold {threshold:.3f}, cache off, median "
+        f"of {rounds} rounds in turns), ms: total / filter phase / of which overlap"
+    )
+    print(f"| {'scenario':<32} | {'off':>6} | {'previous':>24} | {'current':>20} | ratio |")
+    print("|" + "-" * 34 + "|--------|--------------------------|----------------------|-------|")
+    for scenario in scenarios:
+        m = {
+            (n, w): statistics.median(times[(scenario, n, w)])
+            for n in variants
+            for w in ("total", "filter", "lcs")
+        }
+        cells = [
+            f"{m[(n, 'total')]:>8.1f} / {m[(n, 'filter')]:>7.1f} / {m[(n, 'lcs')]:>7.1f}"
+            for n in ("previous", "current")
+        ]
+        print(
+            f"| {scenario:<32} | {m[('off', 'total')]:>6.1f} | {cells[0]:>24} | "
+            f"{cells[1]:>20} | {m[('previous', 'total')] / m[('current', 'total')]:>5.0f} |"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument(
         "--threshold", default="0.6666666666666666", help="leakage threshold, or 'none' (off)"
+    )
+    parser.add_argument(
+        "--baseline-rounds", type=int, default=3, help="rounds of the filter comparison (0: skip)"
     )
     args = parser.parse_args()
     threshold = None if args.threshold.lower() == "none" else float(args.threshold)
@@ -134,7 +210,9 @@ def main() -> None:
         prompt = prompt_ids(rare, seed=1)
         boundaries = [prompt[: (c + 1) * 64] for c in range(CHUNKS)]
 
-        def make(cache_size: int, group_size: int) -> Retriever:
+        def make(
+            cache_size: int, group_size: int, leak_threshold: float | None = threshold
+        ) -> Retriever:
             return Retriever(
                 embedder=embedder,
                 index=index,
@@ -142,7 +220,7 @@ def main() -> None:
                 tokenizer=ByteTokenizer(),
                 cache_size=cache_size,
                 group_size=group_size,
-                threshold=threshold,
+                threshold=leak_threshold,
                 expected_embedder_fingerprint=embedder.fingerprint(),
             )
 
@@ -187,12 +265,20 @@ def main() -> None:
             )
             rows.append(("decode step (per chunk)", cache_name, measure(run_decode, sequential, 3)))
             overlapped.close()
+        print_table(args.count, threshold, args.rounds, rows)
+        if threshold is not None and args.baseline_rounds > 0:
+            compare_filters(lambda t: make(0, CHUNKS, t), prompt, threshold, args.baseline_rounds)
         store.close()
 
+
+def print_table(
+    count: int, threshold: float | None, rounds: int, rows: list[tuple[str, str, dict[str, float]]]
+) -> None:
+    """The per-phase table of the current implementation."""
     print(
-        f"{args.count} references of shape {Config.from_name('small').memory_shape} (fp32) in "
+        f"{count} references of shape {Config.from_name('small').memory_shape} (fp32) in "
         f"an HDF5Store, ExactIndex dim 2048, k=5, overfetch 3, threshold {threshold}, "
-        f"torch threads {torch.get_num_threads()}; median of {args.rounds} rounds, ms"
+        f"torch threads {torch.get_num_threads()}; median of {rounds} rounds, ms"
     )
     columns = ["total", *PHASES, "hit rate"]
     header = f"| {'scenario':<30} | cache | " + " | ".join(f"{c:>8}" for c in columns)

@@ -11,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3.core.errors import UserError
-from m3.retrieval.overlap import exceeds, lcs_length, leak_mask, overlap
+from m3.retrieval.overlap import (
+    _baseline_leak_mask,
+    _baseline_overlap,
+    exceeds,
+    lcs_length,
+    leak_mask,
+    overlap,
+)
 
 
 def dp_lcs(a: list[int], b: list[int]) -> int:
@@ -132,3 +139,94 @@ def test_bad_input_is_a_user_error() -> None:
         overlap([1, 2], 3)
     with pytest.raises(UserError, match="text_ids"):
         overlap([[1, 2]], [1])
+
+
+# ------------------------------------------- the lane passes against the previous implementation
+
+
+def window_brute_force(text: list[int], reference: list[int]) -> int:
+    """Max over windows of 2|r| text positions of the (DP-tested) bit-parallel LCS."""
+    width = 2 * len(reference)
+    return max((lcs_length(reference, text[i : i + width]) for i in range(len(text))), default=0)
+
+
+@st.composite
+def long_cases(draw: st.DrawFn) -> tuple[list[int], list[list[int]]]:
+    """A text of up to 400 tokens over a small or large alphabet and up to 6 references.
+
+    References are random, cut from the text and edited (so that overlaps land near the
+    thresholds), or runs of one repeated token; lengths 0..150 span one to three 64-bit
+    words per lane.
+    """
+    alphabet = draw(st.sampled_from([1, 2, 4, 27, 1000]))
+    symbol = st.integers(0, alphabet - 1)
+    text = draw(st.lists(symbol, max_size=400))
+    refs = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["random", "cut", "cut", "repeat"]))
+        if kind == "random" or not text:
+            ref = draw(st.lists(symbol, max_size=150))
+        elif kind == "repeat":
+            ref = [draw(symbol)] * draw(st.integers(0, 150))
+        else:
+            start = draw(st.integers(0, len(text) - 1))
+            ref = text[start : start + draw(st.integers(1, 150))]
+            for _ in range(draw(st.integers(0, 12))):
+                position = draw(st.integers(0, len(ref)))
+                if draw(st.booleans()):
+                    ref = [*ref[:position], draw(symbol), *ref[position:]]
+                else:
+                    ref = ref[:position] + ref[position + 1 :]
+        refs.append(ref)
+    return text, refs
+
+
+@settings(max_examples=80, deadline=None)
+@given(long_cases(), st.sampled_from([2 / 3, 0.9, 0.5, 0.0, 0.95]))
+def test_lane_passes_equal_the_previous_implementation(
+    case: tuple[list[int], list[list[int]]], threshold: float
+) -> None:
+    text, refs = case
+    values = [window_brute_force(text, r) for r in refs]
+    for ref, value in zip(refs, values, strict=True):
+        expected = value / len(ref) if ref else 0.0
+        assert overlap(text, ref) == expected == _baseline_overlap(text, ref)
+    # all references in one call (shared lane passes) and each one alone agree
+    mask = leak_mask(text, refs, threshold).tolist()
+    assert mask == _baseline_leak_mask(text, refs, threshold).tolist()
+    assert mask == [bool(r) and v / len(r) > threshold for r, v in zip(refs, values, strict=True)]
+    assert mask == [exceeds(text, r, threshold) for r in refs]
+
+
+@settings(max_examples=60, deadline=None)
+@given(long_cases())
+def test_thresholds_at_the_overlap_itself(case: tuple[list[int], list[list[int]]]) -> None:
+    # the decision flips exactly at the overlap: not above it, just below it
+    text, refs = case
+    for ref in refs:
+        if not ref:
+            assert not exceeds(text, ref, 0.0) and exceeds(text, ref, -1e-9)
+            continue
+        value = overlap(text, ref)
+        assert not exceeds(text, ref, value)
+        assert exceeds(text, ref, math.nextafter(value, -math.inf))
+        for k in range(len(ref) + 1):  # every LCS length the reference allows
+            assert exceeds(text, ref, k / len(ref)) == (value > k / len(ref))
+
+
+def test_lane_edge_cases() -> None:
+    long = list(range(300))
+    assert leak_mask([], [[1], [], long], 0.5).tolist() == [False, False, False]
+    assert leak_mask(long, [], 0.5).shape == (0,)
+    assert leak_mask(long, [[], long[10:140], [7] * 5, long[::-1][:70]], 0.9).tolist() == [
+        False,
+        True,
+        False,
+        False,
+    ]
+    assert overlap([5] * 1000, [5] * 130) == 1.0  # repeated tokens, a three-word lane
+    mixed = [5] * 300 + [6] * 300  # the 6s come too late for a window holding 128 5s
+    assert overlap(mixed, [6] * 64 + [5] * 128) == 128 / 192
+    assert overlap(long, long[:64]) == 1.0  # 64 tokens: the lane's spare bit in a 2nd word
+    assert overlap(long, long[:63]) == 1.0
+    assert not exceeds(long, [*long[:63], -1], 63 / 64) and exceeds(long, long[:64], 63 / 64)
