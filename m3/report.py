@@ -4,7 +4,8 @@
 evaluation table and plots, the knowledge edits, the generation sample with its references,
 the bank's storage per reference — into `<output>/report.md`, and adds the verdict on the
 paper's central effect: cloze accuracy with memory against without memory (95% intervals),
-and the shuffled-memory control against the no-memory level.
+and the shuffled-memory control against the no-memory level; with the generation metric,
+how often greedy generation states the answer in each mode.
 """
 
 from __future__ import annotations
@@ -53,6 +54,32 @@ def memory_verdict(cloze: dict[str, dict[str, float]]) -> list[str]:
             f"{none['low']:.1%} – {none['high']:.1%})."
         )
     return lines
+
+
+def generation_verdict(generation: dict[str, dict[str, float]]) -> list[str]:
+    """A sentence on facts in generated text, next to the cloze verdict.
+
+    Args:
+        generation: Mode -> `GenerationScore` fields (`exact`, `exact_low`, `exact_high`,
+            `contains`), as in `evaluation.json`'s `generation`.
+
+    Returns:
+        Markdown lines: how often greedy generation states the answer first in each mode,
+        and memory's margin over no memory and its ratio to RAG.
+    """
+    if not generation:
+        return []
+    shown = ", ".join(
+        f"{mode} {s['exact']:.1%} ({s['exact_low']:.1%} – {s['exact_high']:.1%})"
+        for mode, s in generation.items()
+    )
+    line = f"- Greedy generation states the answer first (exact match): {shown}"
+    memory, none, rag = (generation.get(m) for m in ("memory", "none", "rag"))
+    if memory and none:
+        line += f"; memory − none **{100 * (memory['exact'] - none['exact']):+.1f} points**"
+    if memory and rag and rag["exact"] > 0:
+        line += f", memory ÷ RAG **{memory['exact'] / rag['exact']:.2f}**"
+    return [line + "."]
 
 
 def _storage(stage: Recipe, folder: Path) -> tuple[list[str], Path]:
@@ -123,10 +150,11 @@ def write_report(
         elif stage.stage == "evaluate":
             results = _read_json(folder / "evaluation.json") or {}
             lines += [f"## Evaluation: {name}", ""]
-            lines += [*memory_verdict(results.get("cloze", {})), ""]
+            lines += [*memory_verdict(results.get("cloze", {}))]
+            lines += [*generation_verdict(results.get("generation", {})), ""]
             if (folder / "evaluation.md").is_file():
                 lines += [(folder / "evaluation.md").read_text(), ""]
-            for png in ("cloze.png", "heldout.png"):
+            for png in ("cloze.png", "generation.png", "heldout.png"):
                 if (folder / png).is_file():
                     lines += [image(folder / png, png[:-4]), ""]
         elif stage.stage == "build_memory" and (folder / "manifest.json").is_file():

@@ -378,6 +378,11 @@ CATALOG: list[Key] = [
     K("evaluation.edits", "str"),
     K("evaluation.n_edits", "int", ge=1),
     K("evaluation.without_memory", "choice", choices=("empty", "warmup")),
+    K("evaluation.generation", "section"),
+    K("evaluation.generation.n_questions", "int", ge=1),
+    K("evaluation.generation.max_new_tokens", "int", ge=1),
+    K("evaluation.generation.batch_size", "int", ge=1),
+    K("evaluation.generation.modes", "list"),
 ]
 
 _BITS = {"ge": 1, "le": 16, "late": True}

@@ -46,6 +46,7 @@ def test_quickstart_stages_run_then_skip_then_rerun_what_changed(tmp_path: Path)
     for png in (
         "warmup/curves.png",
         "evaluate/cloze.png",
+        "evaluate/generation.png",
         "storage.png",
         "generate/throughput.png",
     ):
@@ -53,6 +54,8 @@ def test_quickstart_stages_run_then_skip_then_rerun_what_changed(tmp_path: Path)
     evaluation = json.loads((tmp_path / "run" / "evaluate" / "evaluation.json").read_text())
     assert set(evaluation["cloze"]) == {"memory", "none", "rag", "shuffled"}
     assert set(evaluation["heldout"]) == {"paper", "causal"}
+    assert set(evaluation["generation"]) == {"memory", "none", "rag"}
+    assert "Greedy generation states the answer first" in text
 
     lines.clear()
     run_pipeline(toy(tmp_path), echo=lines.append)

@@ -8,7 +8,9 @@ Two questions come first when explicit memory does not help:
    memories puts almost nothing there.
 2. *What did the memories keep?* `kept_tokens` shows, per memory layer and key/value head,
    which tokens of a reference the sparsifier kept (paper §3.3: the top-k by attention received),
-   as text: if the facts a question needs are never kept, no amount of training reads them.
+   as text: if the facts a question needs are never kept, no amount of training reads them;
+   `answer_token_share` counts it for cloze questions: the share of each answer's tokens
+   among the kept tokens of the reference that states it, per layer and head.
 
 ```python
 from m3.inference.diagnostics import kept_tokens, memory_attention
@@ -22,14 +24,17 @@ kept_tokens(memory[0], reference_ids, tokenizer)                 # [[tokens of l
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
+    from m3.backends.base import MemoryStore
     from m3.core.memories import Memories, SparseMemory
     from m3.data.tokenizer import Tokenizer
+    from m3.data.world import ClozeQuestion
     from m3.model.memory3 import Memory3
 
 
@@ -95,3 +100,112 @@ def kept_tokens(
         [[tokenizer.decode([ids[p]]) for p in head.tolist() if 0 <= p < len(ids)] for head in layer]
         for layer in positions
     ]
+
+
+def answer_references(store: MemoryStore, questions: Sequence[ClozeQuestion]) -> list[set[int]]:
+    """Per question, the ids of the references cut from the documents that state its answer.
+
+    Args:
+        store: The bank's store (its references keep their document ids).
+        questions: Cloze questions; `kb_ids` names the knowledge-base documents.
+
+    Returns:
+        Per question, reference ids (empty where the bank holds none of its documents).
+    """
+    ids = store.ids().tolist()
+    by_document: dict[str, set[int]] = {}
+    for i, reference in zip(ids, store.references(ids), strict=True):
+        by_document.setdefault(str(reference.doc_id), set()).add(i)
+    return [set().union(*(by_document.get(d, set()) for d in q.kb_ids)) for q in questions]
+
+
+@dataclass(frozen=True)
+class AnswerTokenShare:
+    """Which share of an answer's tokens the sparsifier kept in the answer's memory.
+
+    Attributes:
+        share: `(L_mem, H_kv)` mean, over the questions located, of the share of the answer's
+            tokens among the tokens that memory layer and key/value head kept.
+        any_head: `(L_mem,)` the same share for the tokens kept by at least one head.
+        questions: Questions whose answer was found in a reference (the mean's count).
+        missing: Questions whose answer's token ids are in none of their references.
+    """
+
+    share: Tensor
+    any_head: Tensor
+    questions: int
+    missing: int
+
+    def as_plain(self) -> dict[str, Any]:
+        """JSON-ready values (tensors as nested lists)."""
+        return {
+            "share": self.share.tolist(),
+            "any_head": self.any_head.tolist(),
+            "mean": float(self.share.mean()) if self.questions else None,
+            "questions": self.questions,
+            "missing": self.missing,
+        }
+
+
+def _locate(
+    refs: set[int], tokens: dict[int, tuple[int, ...]], spellings: list[list[int]]
+) -> tuple[int, int, int] | None:
+    """`(reference, first answer token, answer length)` of the first spelling found."""
+    for answer in (a for a in spellings if a):
+        for r in sorted(refs):
+            ids = tokens[r]
+            for start in range(len(ids) - len(answer) + 1):
+                if list(ids[start : start + len(answer)]) == answer:
+                    return r, start, len(answer)
+    return None
+
+
+def answer_token_share(
+    store: MemoryStore, tokenizer: Tokenizer, questions: Sequence[ClozeQuestion]
+) -> AnswerTokenShare:
+    """The share of each answer's tokens present among the kept tokens of its memory.
+
+    For every question, the reference of its `kb_ids` documents whose token ids hold the
+    answer's (`tokenizer.encode(answer_text)`, else without its leading space); then, per
+    memory layer and key/value head, which share of those tokens the stored memory kept
+    (its `positions`). A fact the sparsifier drops cannot be read back from memory, however
+    well the model reads.
+
+    Args:
+        store: The bank's store.
+        tokenizer: The tokenizer the bank was written with.
+        questions: Cloze questions (`answer_text`, `kb_ids`).
+
+    Returns:
+        The shares, averaged over the questions whose answer was located.
+    """
+    holders = answer_references(store, questions)
+    located: list[tuple[int, int, int]] = []  # (reference, first answer token, answer length)
+    missing = 0
+    candidates = sorted(set().union(*holders))
+    tokens = dict(zip(candidates, (r.ids for r in store.references(candidates)), strict=True))
+    for question, refs in zip(questions, holders, strict=True):
+        answer = question.answer_text
+        hit = _locate(refs, tokens, [tokenizer.encode(answer), tokenizer.encode(answer.strip())])
+        if hit is None:
+            missing += 1
+        else:
+            located.append(hit)
+    if not located:
+        shape = store.info.memory_shape
+        zeros = torch.zeros(shape[0], shape[2])
+        return AnswerTokenShare(zeros, zeros[:, 0], 0, missing)
+    unique = sorted({r for r, _, _ in located})
+    positions = store.read(unique).positions  # (N, L_mem, H_kv, k)
+    row = {r: n for n, r in enumerate(unique)}
+    shares, any_head = [], []
+    for reference, start, length in located:
+        kept = positions[row[reference]]
+        inside = (kept >= start) & (kept < start + length)  # (L_mem, H_kv, k), unique slots
+        shares.append(inside.sum(-1).float() / length)
+        span = torch.arange(start, start + length)
+        per_layer = (kept.flatten(1)[:, :, None] == span).any(1)  # (L_mem, length)
+        any_head.append(per_layer.float().mean(-1))
+    return AnswerTokenShare(
+        torch.stack(shares).mean(0), torch.stack(any_head).mean(0), len(located), missing
+    )

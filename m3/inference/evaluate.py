@@ -525,7 +525,8 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """Run the evaluation a recipe describes (`stage: evaluate`; `m3 evaluate`).
 
     Writes `evaluation.json`, `evaluation.md`, `cloze.png` and `heldout.png` into the
-    recipe's output folder.
+    recipe's output folder; with `evaluation.generation`, also the generation metric
+    (`m3.inference.generation_score`) and `generation.png`.
 
     Args:
         recipe: A checked recipe with an `evaluation:` section and what `load_inference`
@@ -554,6 +555,13 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
         print(f"m3 evaluate: {run.path} is complete for this recipe; nothing to do")
         return run.path
     questions = read_cloze(spec.cloze)[: spec.n_questions] if spec.cloze else []
+    generation_spec = spec.generation
+    if generation_spec is not None:
+        from m3.inference import generation_score as gen
+
+        if not questions:
+            raise UserError("evaluation.generation needs cloze questions (evaluation.cloze)")
+        gen.check_modes(generation_spec.modes)
     texts = [
         d.text for s in spec.heldout or [] for d in registry.instantiate("source", s).documents()
     ]
@@ -590,9 +598,14 @@ def evaluate_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
             if texts
             else {}
         )
-    results = {"cloze": as_plain(cloze), "heldout": as_plain(heldout)}
+        results = {"cloze": as_plain(cloze), "heldout": as_plain(heldout)}
+        table = markdown_table(cloze, heldout)
+        if generation_spec is not None:
+            generation = gen.evaluate_recipe_generation(inference, questions, spec, progress=True)
+            results.update(generation)
+            table += "\n" + gen.generation_markdown(generation)
+            gen.plot_generation(run.path, generation["generation"])
     (run.path / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
-    table = markdown_table(cloze, heldout)
     (run.path / "evaluation.md").write_text(table)
     plot_results(run.path, cloze, heldout)
     print(table)

@@ -29,7 +29,8 @@ for chunk in out.provenance[0]:                        # which references each c
     print(chunk.chunk, chunk.start, chunk.end, chunk.ids)
 ```
 
-Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
+`generate_from_ids` continues contexts given as token ids, for callers that lay out the
+context themselves. Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
 mode with an empty pool: the reference prefix and positions stay as in training), and
 `mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
 their texts before the prompt (`m3.inference.rag`), reading no memories.
@@ -322,15 +323,12 @@ def generate(
         raise UserError(f"generation.mode must be one of {', '.join(MODES)}, got {mode!r}")
     check_int(None, "generation.max_new_tokens", max_new_tokens, low=1)
     check_sampling(temperature, top_k, top_p)
-    model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
-    config = model.config
-    chunk = config.chunk_length
-    device = inference.device
-    clock = _Clock(device)
+    tokenizer, retriever = inference.tokenizer, inference.retriever
+    block_size = inference.model.config.block_size
+    clock = _Clock(inference.device)
     prompts = list(prompts)
-    contexts = encode_prompts(tokenizer, prompts, block_size=config.block_size)
-    batch = len(contexts)
-    provenance: list[list[ChunkReferences]] = [[] for _ in range(batch)]
+    contexts = encode_prompts(tokenizer, prompts, block_size=block_size)
+    provenance: list[list[ChunkReferences]] = [[] for _ in contexts]
     if mode == "rag":
         start = clock.start()
         found = rag_references(retriever, prompts)
@@ -339,7 +337,7 @@ def generate(
             rag_context(p, [r.text for r in refs]) for p, refs in zip(prompts, found, strict=True)
         ]
         contexts = encode_prompts(
-            tokenizer, rag, block_size=config.block_size, what="RAG prompt (references + prompt)"
+            tokenizer, rag, block_size=block_size, what="RAG prompt (references + prompt)"
         )
         for b, refs in enumerate(found):
             provenance[b].append(
@@ -348,11 +346,106 @@ def generate(
                     [r.text for r in refs], "rag",
                 )
             )  # fmt: skip
+    return _decode(
+        inference, prompts, contexts, provenance, mode=mode, prefix=inference.prefix,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, ignore_eos=ignore_eos, clock=clock,
+    )  # fmt: skip
 
+
+@torch.no_grad()
+def generate_from_ids(
+    inference: Inference,
+    contexts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 128,
+    memory: bool = True,
+    reference_prefix: bool = True,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    ignore_eos: bool = False,
+) -> Generation:
+    """Continue contexts given as token ids, as `generate` continues its encoded prompts.
+
+    For callers that lay out the context themselves (`m3.inference.generation_score` reads
+    a RAG context exactly as `m3.inference.evaluate` scores it).
+
+    Args:
+        inference: The model, tokenizer and retriever (`load_inference`).
+        contexts: `B` non-empty token-id contexts, each starting with `<s>`, each within the
+            model's `block_size`.
+        max_new_tokens: Most tokens generated per row.
+        memory: Read memories, retrieved and swapped as in `generate`'s "memory" mode; False
+            reads none (its "none" mode, and its "rag" mode on a RAG context).
+        reference_prefix: False reads in warmup mode (no reference prefix: a model trained
+            without memory); needs `memory=False`.
+        temperature: As in `generate`.
+        top_k: As in `generate`.
+        top_p: As in `generate`.
+        seed: As in `generate`.
+        ignore_eos: As in `generate`.
+
+    Returns:
+        As `generate`; `prompts` are the contexts decoded (the `<s>` left out), `mode` is
+        "memory" or "none".
+
+    Raises:
+        UserError: For an empty context, one longer than the model's context, warmup mode
+            with memories, or bad sampling settings.
+    """
+    check_int(None, "generation.max_new_tokens", max_new_tokens, low=1)
+    check_sampling(temperature, top_k, top_p)
+    if memory and not reference_prefix:
+        raise UserError("warmup mode (no reference prefix) reads no memories")
+    block_size = inference.model.config.block_size
+    contexts = [list(c) for c in contexts]
+    if not contexts:
+        raise UserError("give a list of one or more contexts")
+    for n, ids in enumerate(contexts):
+        if not ids:
+            raise UserError(f"context {n + 1} is empty: nothing to continue")
+        if len(ids) > block_size:
+            raise UserError(
+                f"context {n + 1} is {len(ids)} tokens long, longer than the model's "
+                f"context, model.block_size = {block_size}"
+            )
+    prompts = [inference.tokenizer.decode(ids[1:]) for ids in contexts]
+    return _decode(
+        inference, prompts, contexts, [[] for _ in contexts], mode="memory" if memory else "none",
+        prefix=inference.prefix if reference_prefix else None, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+        clock=_Clock(inference.device),
+    )  # fmt: skip
+
+
+def _decode(
+    inference: Inference,
+    prompts: list[str],
+    contexts: list[list[int]],
+    provenance: list[list[ChunkReferences]],
+    *,
+    mode: str,
+    prefix: Tensor | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    ignore_eos: bool,
+    clock: _Clock,
+) -> Generation:
+    """Prefill the contexts, then decode (the loop `generate` describes)."""
+    model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
+    config = model.config
+    chunk = config.chunk_length
+    device = inference.device
+    batch = len(contexts)
     idx, lengths = right_pad(contexts, tokenizer.pad_id)
     width = idx.shape[1]
     budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
-    cache = model.new_cache(batch, width + max(budget), prefix=inference.prefix)
+    cache = model.new_cache(batch, width + max(budget), prefix=prefix)
 
     memories = None
     if mode == "memory":
@@ -499,6 +592,7 @@ __all__ = [
     "check_sampling",
     "encode_prompts",
     "generate",
+    "generate_from_ids",
     "load_inference",
     "rag_context",
     "rag_references",

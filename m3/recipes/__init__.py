@@ -55,6 +55,7 @@ from m3.recipes.loading import load_recipe
 from m3.recipes.schema import (
     BankSection,
     EvaluationSection,
+    GenerationMetricSection,
     GenerationSection,
     ModelSpec,
     Recipe,
@@ -77,6 +78,7 @@ __all__ = [
     "Config",
     "DataSection",
     "EvaluationSection",
+    "GenerationMetricSection",
     "GenerationSection",
     "ModelSpec",
     "Problem",

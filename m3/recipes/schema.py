@@ -83,6 +83,30 @@ class WorldSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GenerationMetricSection:
+    """The generation metric of `m3 evaluate` (`m3.inference.generation_score`).
+
+    Greedy generation after each cloze prompt, scored by whether the continuation states
+    the correct answer (its words first: exact; anywhere: contains).
+
+    Attributes:
+        n_questions: Questions asked (the first cloze questions that the evaluation reads);
+            null: all of them.
+        max_new_tokens: Tokens generated per question; the contains-match looks at all of
+            them, so a larger value is looser.
+        batch_size: Questions decoded together.
+        modes: Which of "memory", "none", "rag" to score.
+    """
+
+    n_questions: Annotated[int, Bounds(ge=1)] | None = 200
+    max_new_tokens: Annotated[int, Bounds(ge=1)] = 16
+    batch_size: Annotated[int, Bounds(ge=1)] = 64
+    modes: list[Literal["memory", "none", "rag"]] = field(
+        default_factory=lambda: ["memory", "none", "rag"]
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
 class EvaluationSection:
     """What `m3 evaluate` scores (`m3.inference.evaluate`), and the edits an `edit` stage tries.
 
@@ -101,6 +125,8 @@ class EvaluationSection:
         without_memory: How the `none` mode reads the model: "empty" (memory mode with no
             memories: the same model reading nothing, for a model trained with memory) or
             "warmup" (warmup mode: no reference prefix, for a model trained without memory).
+        generation: Also score greedy generation after the cloze prompts (`{}` for the
+            defaults of `GenerationMetricSection`); null: not scored.
     """
 
     cloze: str | None = None
@@ -113,6 +139,7 @@ class EvaluationSection:
     edits: str | None = None
     n_edits: Annotated[int, Bounds(ge=1)] | None = None
     without_memory: Literal["empty", "warmup"] = "empty"
+    generation: GenerationMetricSection | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
