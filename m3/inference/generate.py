@@ -30,8 +30,9 @@ for chunk in out.provenance[0]:                        # which references each c
 ```
 
 `generate_from_ids` continues contexts given as token ids, for callers that lay out the
-context themselves. Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
-mode with an empty pool: the reference prefix and positions stay as in training), and
+context themselves. Two baselines use the same model and retriever: `mode="none"` reads no
+memories (memory mode with an empty pool: the reference prefix and positions stay as in
+training), and
 `mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
 their texts before the prompt (`m3.inference.rag`), reading no memories.
 """
