@@ -73,7 +73,15 @@ def read_documents(sources: Sequence[TextSource]) -> tuple[list[Document], int]:
 
 
 def empty_knowledge(sources: Sequence[TextSource], skipped: int) -> UserError:
-    """The error for a knowledge base none of whose documents has a token, naming its sources."""
+    """The error for a knowledge base none of whose documents has a token.
+
+    Args:
+        sources: The knowledge base's sources, named in the message.
+        skipped: Empty documents left out, counted in the message.
+
+    Returns:
+        The error, to raise.
+    """
     names = "; ".join(s.describe() for s in sources) or "(no sources)"
     return UserError(
         f"data.knowledge: the knowledge base is empty: no document with text in {names} "
