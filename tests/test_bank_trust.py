@@ -353,6 +353,19 @@ def test_verify_names_an_index_that_disagrees_with_the_store(
     assert "1 references not indexed" in capsys.readouterr().out
 
 
+def test_verify_names_a_damaged_or_foreign_reference_table(
+    inputs, reference_bank, tmp_path, capsys
+):
+    out = copy_bank(reference_bank, tmp_path)
+    table = json.loads((out / "references" / "manifest.json").read_text())
+    (out / "references" / "manifest.json").write_text(json.dumps({**table, "knowledge": "0" * 64}))
+    assert main(["verify", str(out)]) == 1
+    assert "references/ holds the references of another knowledge base" in capsys.readouterr().out
+    (out / "references" / "shard-00000" / "tokens.npy").write_bytes(b"x")
+    assert main(["verify", str(out)]) == 1
+    assert "a shard of the reference table is damaged" in capsys.readouterr().out
+
+
 def test_verify_names_a_missing_bank(tmp_path, capsys):
     assert main(["verify", str(tmp_path / "nowhere")]) == 2
     assert "no such bank folder" in capsys.readouterr().err

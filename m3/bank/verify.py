@@ -23,7 +23,8 @@ from m3.backends.hdf5_salvage import interrupted_writer
 from m3.backends.hdf5_store import HDF5Store
 from m3.bank.inputs import bank_problems, read_manifest
 from m3.bank.layers import edited_ids
-from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE, index_path, layered_edits
+from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE, TABLE, index_path, layered_edits
+from m3.bank.table import ReferenceTable
 from m3.core import registry
 from m3.core.errors import UserError
 
@@ -129,7 +130,22 @@ def verify_bank(folder: str | Path, *, progress: bool = True) -> BankReport:
         )
     report.damaged = np.setdiff1d(expected, sound).tolist()
     _verify_index(folder, manifest, expected, report)
+    _verify_table(folder, manifest, report)
     return report
+
+
+def _verify_table(folder: Path, manifest: dict, report: BankReport) -> None:
+    """Check the reference table against the manifest (a bank built before it has none)."""
+    if not (folder / TABLE).exists():
+        return
+    try:
+        table = ReferenceTable(folder / TABLE)
+    except UserError as error:
+        report.problems.append(f"{TABLE}/: {error}")
+        return
+    built = (manifest.get("built_from") or {}).get("knowledge")
+    if built is not None and table.knowledge != built:
+        report.problems.append(f"{TABLE}/ holds the references of another knowledge base")
 
 
 def _verify_file(
