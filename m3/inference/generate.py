@@ -32,7 +32,10 @@ for chunk in out.provenance[0]:                        # which references each c
 Two baselines use the same model and retriever: `mode="none"` reads no memories (memory
 mode with an empty pool: the reference prefix and positions stay as in training), and
 `mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
-their texts before the prompt (`m3.inference.rag`), reading no memories.
+their texts before the prompt (`m3.inference.rag`), reading no memories. `mode="warmup"`
+reads the model as a plain causal LM: no reference prefix, no memories, positions from the
+context's `<s>` (right for a model trained without memory, and what an exported Hugging Face
+checkpoint computes, `m3.inference.export`).
 """
 
 from __future__ import annotations
@@ -60,9 +63,10 @@ from m3.inference.rag import (
 if TYPE_CHECKING:
     from m3.data.tokenizer import Tokenizer
 
-#: What `generate` can do: read explicit memories, read none, or read references as text.
-Mode = Literal["memory", "none", "rag"]
-MODES: tuple[str, ...] = ("memory", "none", "rag")
+#: What `generate` can do: read explicit memories, read none, read references as text, or
+#: read the model as a plain causal LM (warmup mode: no reference prefix).
+Mode = Literal["memory", "none", "rag", "warmup"]
+MODES: tuple[str, ...] = ("memory", "none", "rag", "warmup")
 
 
 # ------------------------------------------------------------------------------ results
@@ -105,7 +109,7 @@ class Generation:
         finish_reasons: Per row, "eos" or "length" (`max_new_tokens` or the model's
             `block_size` reached).
         provenance: Per row, the references each chunk of its context read, in chunk order.
-        mode: "memory", "none" or "rag".
+        mode: "memory", "none", "rag" or "warmup".
         times: Seconds spent in "retrieve" (every retrieval call, swaps included), "prefill",
             "decode" (the model's decoding steps) and "sample".
     """
@@ -304,7 +308,8 @@ def generate(
         max_new_tokens: Most tokens generated per row; a row also stops at EOS or when its
             context reaches the model's `block_size`.
         mode: "memory" (memories per chunk, swapped every `chunk_length` tokens), "none" (no
-            memories) or "rag" (`k` references as text before the prompt, no memories).
+            memories), "rag" (`k` references as text before the prompt, no memories) or
+            "warmup" (warmup mode: no reference prefix, no memories).
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_k: Sample among the `top_k` most likely tokens only.
         top_p: Sample from the smallest set of likeliest tokens whose mass reaches `top_p`.
@@ -352,7 +357,8 @@ def generate(
     idx, lengths = right_pad(contexts, tokenizer.pad_id)
     width = idx.shape[1]
     budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
-    cache = model.new_cache(batch, width + max(budget), prefix=inference.prefix)
+    prefix = None if mode == "warmup" else inference.prefix
+    cache = model.new_cache(batch, width + max(budget), prefix=prefix)
 
     memories = None
     if mode == "memory":
