@@ -20,6 +20,7 @@ from typing import Any
 
 from m3 import __version__
 from m3.core.errors import UserError
+from m3.inference.harness_runs import add_lm_eval_verb
 from m3.recipes.arguments import add_recipe_arguments, recipe_from_args, split_recipe_arguments
 
 Verb = Callable[[argparse.Namespace], int]
@@ -581,6 +582,7 @@ _VERBS: list[Callable[[Subparsers], None]] = [
     _add_edit,
     _add_verify,
     _add_export,
+    add_lm_eval_verb,
     _add_size,
     _add_smoke,
 ]

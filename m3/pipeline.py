@@ -12,6 +12,7 @@ that make it one stage (`m3.recipes.stage_recipes`). Each stage writes to its ow
 | `evaluate` | `m3.inference.evaluate.evaluate_recipe` |
 | `generate` | `generate_sample`: a generation sample with its references, decode speed |
 | `edit` | `measure_edits_stage`: knowledge edits on a copy of the bank |
+| `lm_eval` | `m3.inference.harness_runs.lm_eval_recipe`: lm-evaluation-harness tasks per mode |
 
 **Skipping.** A stage is done when its folder is complete for its recipe *and* every stage
 before it is unchanged: each stage's fingerprint chains its recipe's fingerprint with the
@@ -257,6 +258,10 @@ def _runner(stage: str) -> Callable[..., Path]:
         return generate_sample
     if stage == "edit":
         return measure_edits_stage
+    if stage == "lm_eval":
+        from m3.inference.harness_runs import lm_eval_recipe
+
+        return lm_eval_recipe
     raise UserError(f"stage: no runner for stage {stage!r}")
 
 

@@ -1,7 +1,8 @@
 """The report of a pipeline run: one Markdown page with the figures next to it.
 
 `write_report` gathers what the stages wrote — training curves (`curves.png`), the
-evaluation table and plots, the knowledge edits, the generation sample with its references,
+evaluation table and plots, the lm-evaluation-harness table (one row per task, one column
+per mode), the knowledge edits, the generation sample with its references,
 the bank's storage per reference — into `<output>/report.md`, and adds the verdict on the
 paper's central effect: cloze accuracy with memory against without memory (95% intervals),
 and the shuffled-memory control against the no-memory level; with the generation metric,
@@ -167,6 +168,8 @@ def write_report(
                 image(png, "storage per reference"),
                 "",
             ]
+        elif stage.stage == "lm_eval" and (folder / "lm_eval.md").is_file():
+            lines += [f"## lm-evaluation-harness: {name}", "", (folder / "lm_eval.md").read_text()]
         elif stage.stage in ("edit", "generate"):
             for markdown in sorted(folder.glob("*.md")):
                 lines += [markdown.read_text(), ""]

@@ -127,6 +127,25 @@ def test_cached_generation_with_swaps_equals_a_full_forward_per_token(inference,
         )
 
 
+def test_warmup_mode_generates_as_a_plain_causal_lm(inference) -> None:
+    """mode="warmup": no reference prefix, no memories, the cache equals a full forward."""
+    model, tokenizer = inference.model, inference.tokenizer
+    steps = 20
+    out = generate(inference, PROMPTS, max_new_tokens=steps, mode="warmup")
+    for b, prompt in enumerate(PROMPTS):
+        context, want = [tokenizer.bos_id, *tokenizer.encode(prompt)], []
+        while len(want) < steps:
+            logits = model(torch.tensor([context]))[:, -1]  # warmup mode: no prefix
+            token = int(allowed_logits(logits, tokenizer).argmax(-1))
+            if token == tokenizer.eos_id:
+                break
+            want.append(token)
+            context.append(token)
+        assert out.tokens[b] == want, f"row {b}"
+    assert out.mode == "warmup" and all(row == [] for row in out.provenance)
+    assert out.tokens != generate(inference, PROMPTS, max_new_tokens=steps, mode="none").tokens
+
+
 def test_provenance_lists_every_chunk_with_the_references_it_read(inference) -> None:
     out = generate(inference, PROMPTS, max_new_tokens=40)
     retriever, chunk = inference.retriever, inference.model.config.chunk_length

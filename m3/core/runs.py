@@ -38,7 +38,7 @@ def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:
     # the description and the progress bar change no output
     keep = {k: v for k, v in recipe_dict.items() if k != "description"}
     # sections added after runs were fingerprinted count only when set
-    for section in ("retrieval", "generation", "bank", "world", "evaluation", "stages"):
+    for section in ("retrieval", "generation", "bank", "world", "evaluation", "lm_eval", "stages"):
         if keep.get(section, "set") is None:
             del keep[section]
     # options added after runs were fingerprinted count only when set, likewise

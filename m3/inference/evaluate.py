@@ -38,15 +38,18 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
-from torch import Tensor
 from torchmetrics.aggregation import MeanMetric, SumMetric
 from tqdm.auto import tqdm
 
-from m3.core.checks import right_pad
 from m3.core.errors import UserError
-from m3.core.memories import Memories
 from m3.data.tokenizer import Tokenizer
 from m3.inference.rag import rag_prefixes
+from m3.inference.scoring import (
+    heldout_memories,
+    reference_prefix_ids,
+    rows_of,
+    scored_tokens,
+)
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -135,68 +138,7 @@ class TextScore:
     tokens: int
 
 
-# ------------------------------------------------------------------------------- helpers
-
-
-def _prefix(tokenizer: Tokenizer, device: torch.device) -> Tensor:
-    return torch.tensor(tokenizer.reference_prefix(), dtype=torch.long, device=device)
-
-
-def _rows_of(memories: Memories, rows: Tensor) -> Memories:
-    """The memories of chosen rows (a row may be taken several times)."""
-    return Memories(
-        memories.keys[rows], memories.values[rows], memories.valid[rows], memories.visible[rows]
-    )
-
-
 # --------------------------------------------------------------------------------- cloze
-
-
-@torch.no_grad()
-def _scored_tokens(
-    model: Memory3,
-    rows: list[list[int]],
-    scored_from: list[int],
-    memories: Memories | None,
-    prefix: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Read right-padded rows and score their tokens from `scored_from` on.
-
-    Args:
-        model: The model.
-        rows: `R` token-id rows, each starting with `<s>`.
-        scored_from: Per row, the position of its first scored token (≥ 1).
-        memories: The rows' memories (every chunk sees what chunk 0 sees when the pool has
-            one chunk); None reads none.
-        prefix: The reference prefix ids (memory mode), or None to read the rows in warmup
-            mode (no prefix, no memories).
-
-    Returns:
-        `(R, T − 1)` log-probabilities of each next token, whether it was the argmax, and
-        the mask of scored positions.
-    """
-    device = next(model.parameters()).device
-    idx, lengths = right_pad(rows, 0)
-    idx, lengths = idx.to(device), lengths.to(device)
-    chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
-    if prefix is None:
-        assert memories is None, "warmup mode reads no memories"
-        logits = model(idx).float()[:, :-1]
-    else:
-        if memories is None:
-            memories = Memories.empty(len(rows), chunks, memory_shape=model.config.memory_shape)
-        elif memories.num_chunks == 1 and chunks > 1:
-            visible = memories.visible.expand(-1, chunks, -1)
-            memories = Memories(memories.keys, memories.values, memories.valid, visible)
-        memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
-        logits = model(idx, memories, prefix=prefix).float()[:, :-1]
-    targets = idx[:, 1:, None]
-    token_logp = torch.log_softmax(logits, -1).gather(-1, targets)[..., 0]
-    hits = (logits.argmax(-1, keepdim=True) == targets)[..., 0].float()
-    position = torch.arange(idx.shape[1] - 1, device=device)[None]
-    start = torch.tensor(scored_from, device=device)[:, None]
-    mask = (position >= start - 1) & (position < lengths[:, None] - 1)
-    return token_logp, hits, mask
 
 
 def evaluate_cloze(
@@ -243,7 +185,7 @@ def evaluate_cloze(
         raise UserError("cloze modes other than 'none' need a retriever")
     model.eval()
     device = next(model.parameters()).device
-    prefix = _prefix(tokenizer, device)
+    prefix = reference_prefix_ids(tokenizer, device)
     contexts = [[tokenizer.bos_id, *tokenizer.encode(q.prompt)] for q in questions]
     option_ids = [[tokenizer.encode(o) for o in q.options] for q in questions]
     retrieved = None
@@ -272,9 +214,9 @@ def evaluate_cloze(
             memories = None
             if mode in ("memory", "shuffled"):
                 source = (order if mode == "memory" else shuffled)[torch.tensor(owner)]
-                memories = _rows_of(retrieved, source)  # type: ignore[arg-type]
+                memories = rows_of(retrieved, source)  # type: ignore[arg-type]
             reading = None if mode == "none" and without_memory == "warmup" else prefix
-            token_logp, _, mask = _scored_tokens(model, lines, scored_from, memories, reading)
+            token_logp, _, mask = scored_tokens(model, lines, scored_from, memories, reading)
             scores = (token_logp * mask).sum(-1).cpu()
             at = 0
             for q in batch:
@@ -365,7 +307,7 @@ def evaluate_heldout(
         raise UserError("held-out modes other than 'none' need a retriever")
     model.eval()
     device = next(model.parameters()).device
-    prefix = _prefix(tokenizer, device)
+    prefix = reference_prefix_ids(tokenizer, device)
     windows = heldout_sequences(
         tokenizer, texts, seq_length=seq_length, max_sequences=max_sequences
     )
@@ -385,22 +327,19 @@ def evaluate_heldout(
                 batch = windows[start : start + batch_size]
                 rows, scored_from, memories = batch, [1] * len(batch), None
                 if mode == "memory":
-                    # chunk c covers positions c·64 .. c·64 + 63; the <s> is not text
-                    chunks = [
-                        [w[max(s, 1) : s + chunk] for s in range(0, len(w), chunk)] for w in batch
-                    ]
-                    leaks = [w[1:] for w in batch]
-                    if protocol == "causal":  # chunk c reads what chunk c − 1 retrieved
-                        chunks, leaks = [[None, *c[:-1]] for c in chunks], None
-                    retrieval = retriever.retrieve(chunks, leak_texts=leaks)  # type: ignore[union-attr]
-                    memories = retrieval.memories
+                    memories = heldout_memories(
+                        retriever,  # type: ignore[arg-type]
+                        batch,
+                        chunk_length=chunk,
+                        protocol=protocol,
+                    )
                 elif mode == "rag":
                     queries = [tokenizer.decode(w[1:]) for w in batch]
                     before = rag_prefixes(retriever, tokenizer, queries)  # type: ignore[arg-type]
                     rows = [[w[0], *b, *w[1:]] for w, b in zip(batch, before, strict=True)]
                     scored_from = [1 + len(b) for b in before]
                 reading = None if mode == "none" and without_memory == "warmup" else prefix
-                token_logp, hits, mask = _scored_tokens(model, rows, scored_from, memories, reading)
+                token_logp, hits, mask = scored_tokens(model, rows, scored_from, memories, reading)
                 metrics[0].update(-token_logp[mask].cpu())
                 metrics[1].update(hits[mask].cpu())
             loss = float(metrics[0].compute())

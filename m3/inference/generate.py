@@ -34,7 +34,10 @@ context themselves. Two baselines use the same model and retriever: `mode="none"
 memories (memory mode with an empty pool: the reference prefix and positions stay as in
 training), and
 `mode="rag"` retrieves `k` references once with the whole prompt as query text and puts
-their texts before the prompt (`m3.inference.rag`), reading no memories.
+their texts before the prompt (`m3.inference.rag`), reading no memories. `mode="warmup"`
+reads the model as a plain causal LM: no reference prefix, no memories, positions from the
+context's `<s>` (right for a model trained without memory, and what an exported Hugging Face
+checkpoint computes, `m3.inference.export`).
 """
 
 from __future__ import annotations
@@ -62,9 +65,10 @@ from m3.inference.rag import (
 if TYPE_CHECKING:
     from m3.data.tokenizer import Tokenizer
 
-#: What `generate` can do: read explicit memories, read none, or read references as text.
-Mode = Literal["memory", "none", "rag"]
-MODES: tuple[str, ...] = ("memory", "none", "rag")
+#: What `generate` can do: read explicit memories, read none, read references as text, or
+#: read the model as a plain causal LM (warmup mode: no reference prefix).
+Mode = Literal["memory", "none", "rag", "warmup"]
+MODES: tuple[str, ...] = ("memory", "none", "rag", "warmup")
 
 
 # ------------------------------------------------------------------------------ results
@@ -107,7 +111,7 @@ class Generation:
         finish_reasons: Per row, "eos" or "length" (`max_new_tokens` or the model's
             `block_size` reached).
         provenance: Per row, the references each chunk of its context read, in chunk order.
-        mode: "memory", "none" or "rag".
+        mode: "memory", "none", "rag" or "warmup".
         times: Seconds spent in "retrieve" (every retrieval call, swaps included), "prefill",
             "decode" (the model's decoding steps) and "sample".
     """
@@ -306,7 +310,8 @@ def generate(
         max_new_tokens: Most tokens generated per row; a row also stops at EOS or when its
             context reaches the model's `block_size`.
         mode: "memory" (memories per chunk, swapped every `chunk_length` tokens), "none" (no
-            memories) or "rag" (`k` references as text before the prompt, no memories).
+            memories), "rag" (`k` references as text before the prompt, no memories) or
+            "warmup" (warmup mode: no reference prefix, no memories).
         temperature: 0 for greedy decoding, else the sampling temperature.
         top_k: Sample among the `top_k` most likely tokens only.
         top_p: Sample from the smallest set of likeliest tokens whose mass reaches `top_p`.
@@ -348,7 +353,8 @@ def generate(
                 )
             )  # fmt: skip
     return _decode(
-        inference, prompts, contexts, provenance, mode=mode, prefix=inference.prefix,
+        inference, prompts, contexts, provenance, mode=mode,
+        prefix=None if mode == "warmup" else inference.prefix,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         seed=seed, ignore_eos=ignore_eos, clock=clock,
     )  # fmt: skip

@@ -17,8 +17,8 @@ chunker = build(recipe, "chunker")      # the recipe's, or m3's default
 
 What lives where (everything is importable from `m3.recipes` itself):
 
-- `schema`: `Recipe`, its plain sections (`world:`, `evaluation:`, `retrieval:`, `bank:`,
-  `generation:`) and `ModelSpec`; where a recipe names components;
+- `schema`: `Recipe`, its plain sections (`world:`, `evaluation:`, `lm_eval:`, `retrieval:`,
+  `bank:`, `generation:`) and `ModelSpec`; where a recipe names components;
 - `sections`: the sections that are a component's constructor arguments, each option said
   once, on that constructor: `training:` (`Memory3Module`), `data:` (`TextDataModule`),
   `trainer:` (Lightning's `Trainer`);
@@ -57,6 +57,7 @@ from m3.recipes.schema import (
     EvaluationSection,
     GenerationMetricSection,
     GenerationSection,
+    LmEvalSection,
     ModelSpec,
     Recipe,
     RetrievalSection,
@@ -80,6 +81,7 @@ __all__ = [
     "EvaluationSection",
     "GenerationMetricSection",
     "GenerationSection",
+    "LmEvalSection",
     "ModelSpec",
     "Problem",
     "Recipe",

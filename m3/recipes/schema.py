@@ -1,8 +1,8 @@
 """The shape of a recipe: `Recipe`, its plain sections, and where it names components.
 
 A `Recipe` is a frozen dataclass whose fields are its top-level keys. A group of plain
-values is a nested dataclass here (`world:`, `evaluation:`, `retrieval:`, `bank:`,
-`generation:`); a section that is a component's constructor arguments (`training:`,
+values is a nested dataclass here (`world:`, `evaluation:`, `lm_eval:`, `retrieval:`,
+`bank:`, `generation:`); a section that is a component's constructor arguments (`training:`,
 `data:`, `trainer:`) is a `m3.recipes.sections.Section`; an interchangeable part is a
 `ComponentSpec | None` field with `metadata={"kind": "<kind>"}`. Adding a section is local:
 add a field to `Recipe`.
@@ -24,9 +24,18 @@ from m3.recipes.sections import DataSection, Section, TrainerSection, TrainingSe
 
 #: What a recipe is for: `m3 fit` runs warmup and continual, `m3 build-memory` build_memory,
 #: `m3 evaluate` evaluate, `m3 generate` generate; `world` (write the synthetic world and its
-#: tokenizer) and `edit` (measure knowledge edits) run as stages of a `pipeline` (`m3 run`).
+#: tokenizer), `edit` (measure knowledge edits) and `lm_eval` (score lm-evaluation-harness
+#: tasks) run as stages of a `pipeline` (`m3 run`).
 Stage = Literal[
-    "world", "warmup", "continual", "build_memory", "evaluate", "generate", "edit", "pipeline"
+    "world",
+    "warmup",
+    "continual",
+    "build_memory",
+    "evaluate",
+    "generate",
+    "edit",
+    "lm_eval",
+    "pipeline",
 ]
 
 
@@ -143,6 +152,38 @@ class EvaluationSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class LmEvalSection:
+    """What an `lm_eval` stage scores with lm-evaluation-harness (`m3.inference.harness_runs`).
+
+    Attributes:
+        tasks: lm-eval task names (e.g. `arc_challenge`, whose dataset lm-eval downloads
+            from the Hugging Face Hub), task YAML files, or `m3_cloze`: the questions of
+            `evaluation.cloze` as a local task, whose `acc` is `m3 evaluate`'s accuracy.
+        modes: How the model reads: "memory", "none" (memory mode, nothing to read), "rag"
+            (references as text) and "warmup" (a plain causal LM); one column each.
+        limit: Documents scored per task (the first ones); null: all.
+        num_fewshot: Few-shot examples per document; null: each task's own.
+        batch_size: Rows per forward pass.
+        protocol: Retrieval of rolling log-likelihood windows: "paper" (each chunk with its
+            own text) or "causal" (with the text before it).
+        include_path: A folder of task YAMLs that lm-eval searches too.
+        bootstrap_iters: lm-eval's bootstrap resamples for the standard errors of metrics
+            that are not means (0: none).
+    """
+
+    tasks: list[str] = field(default_factory=lambda: ["m3_cloze"])
+    modes: list[Literal["memory", "none", "rag", "warmup"]] = field(
+        default_factory=lambda: ["memory", "none", "rag"]
+    )
+    limit: Annotated[int, Bounds(ge=1)] | None = None
+    num_fewshot: Annotated[int, Bounds(ge=0)] | None = None
+    batch_size: Annotated[int, Bounds(ge=1)] = 16
+    protocol: Literal["paper", "causal"] = "paper"
+    include_path: str | None = None
+    bootstrap_iters: Annotated[int, Bounds(ge=0)] = 1000
+
+
+@dataclass(frozen=True, kw_only=True)
 class RetrievalSection:
     """How inference reads a memory bank (`m3.retrieval.Retriever`, `m3.inference.generate`).
 
@@ -249,6 +290,7 @@ class Recipe:
         bank: How `m3 build-memory` writes the bank: dtype, batch size, index, quantizer.
         world: The synthetic world a `world` stage writes.
         evaluation: What `m3 evaluate` scores.
+        lm_eval: What an `lm_eval` stage scores with lm-evaluation-harness.
         stages: The stages of a `pipeline` recipe, in order (`m3 run`): stage name -> the
             recipe keys merged over the pipeline recipe (without `stages`) to give the
             stage's own recipe, which must set `stage`; its outputs go to
@@ -274,6 +316,7 @@ class Recipe:
     bank: BankSection | None = None
     world: WorldSection | None = None
     evaluation: EvaluationSection | None = None
+    lm_eval: LmEvalSection | None = None
     stages: dict[str, dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
