@@ -94,6 +94,16 @@ def run_lm_eval_cli(arguments: Sequence[str]) -> int:
 
     import m3.inference.harness  # noqa: F401  (registers the m3 model)
 
+    if list(arguments) in ([], ["-h"], ["--help"]):  # m3's usage first, then lm-eval's help
+        print(
+            "usage: m3 lm-eval LM_EVAL_ARGUMENTS ...\n\n"
+            "lm-eval's command line with m3's model registered, e.g.\n"
+            "  m3 lm-eval --model m3 --model_args bank=BANK,weights=RUN,mode=memory "
+            "--tasks TASKS\n"
+            "(modes: memory, none, rag, warmup; see docs/guides/lm-eval.md). lm-eval's own "
+            "help follows.\n"
+        )
+        arguments = ["--help"]
     setup_logging()
     saved = sys.argv
     sys.argv = ["lm-eval", *arguments]  # HarnessCLI reads sys.argv, as `lm_eval` does
