@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install m3 from this checkout, with optional extras: scripts/install.sh [dev|docs|scann].
+# Install m3 from this checkout, with optional extras: scripts/install.sh [dev|docs|scann|milvus].
 # When no torch is importable, torch's CPU build is installed first, so that resolving m3's
 # `torch` range never pulls a multi-GB CUDA build onto a CPU machine. Set M3_TORCH to install
 # another torch (e.g. a CUDA build, or one from PyTorch's CPU wheel index on other machines).

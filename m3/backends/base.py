@@ -15,6 +15,7 @@ a user's subclass can run the same suites.
 from __future__ import annotations
 
 import json
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -373,6 +374,19 @@ class MemoryIndex(ABC):
         Returns:
             The index.
         """
+
+    @classmethod
+    def discard(cls, directory: str | Path) -> None:
+        """Delete a folder that `save` wrote, and whatever it alone keeps elsewhere.
+
+        The bank's garbage collection calls it for index folders no manifest names any
+        more. By default the folder is deleted; an index that keeps its vectors outside
+        the folder (`MilvusIndex`: a collection) releases them too.
+
+        Args:
+            directory: The folder; one that is already gone is no error.
+        """
+        shutil.rmtree(directory, ignore_errors=True)
 
     def ids(self) -> Tensor:
         """The stored reference ids, `(N,)` int64, ascending.

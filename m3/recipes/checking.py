@@ -295,4 +295,12 @@ def _check_bank(recipe: Recipe) -> list[Problem]:
         except UserError as err:
             detail = str(err).split("\n")[-1].strip()
             problems.append(Problem("bank.quantizer.init_args", f"rejected: {detail}"))
+    if bank.index is not None:  # built once (cheap, nothing opened), as at the end of a build
+        embedder_args = recipe.embedder.init_args if recipe.embedder is not None else {}
+        dim = embedder_args.get("dim")
+        try:
+            registry.instantiate("index", bank.index, dim=dim if isinstance(dim, int) else 256)
+        except UserError as err:
+            detail = str(err).split("\n")[-1].strip()
+            problems.append(Problem("bank.index.init_args", f"rejected: {detail}"))
     return problems
