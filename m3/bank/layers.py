@@ -43,6 +43,7 @@ from m3.backends.hdf5_salvage import marker_path
 from m3.backends.hdf5_store import HDF5Store
 from m3.backends.sharded import LayeredStore
 from m3.bank.layout import EDIT_LAYERS, EDIT_LOCK, MANIFEST, index_path, layered_edits
+from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.core.references import Reference
@@ -248,7 +249,9 @@ def collect_garbage(folder: Path, manifest: dict[str, Any]) -> list[str]:
     """Delete what no manifest names: an interrupted edit's files, replaced indexes.
 
     Called with the edit lock held. A reader that opened the bank before the manifest it
-    names these in was replaced holds its index in memory and reads no file deleted here.
+    names these in was replaced holds its index in memory and reads no file deleted here;
+    replaced indexes go through their class's `MemoryIndex.discard` (a `MilvusIndex` keeps
+    a retired collection searchable a while for such readers).
 
     Args:
         folder: The bank folder.
@@ -260,10 +263,15 @@ def collect_garbage(folder: Path, manifest: dict[str, Any]) -> list[str]:
     listed = {folder / edit["layer"] for edit in layered_edits(manifest)}
     listed |= {marker_path(path) for path in listed}
     keep_index = folder / index_path(manifest)
+    indexes = [p for p in [folder / "index", *sorted(folder.glob("index-*"))] if p != keep_index]
     gone = [p for p in sorted((folder / EDIT_LAYERS).glob("*")) if p not in listed]
-    gone += [p for p in sorted(folder.glob("index-*")) if p != keep_index]
-    gone += [p for p in (folder / "index", folder / (MANIFEST + ".tmp")) if p != keep_index]
+    gone += [folder / (MANIFEST + ".tmp")]
     deleted = []
+    index_class = registry.class_of(manifest["index"]["class"], "index")
+    for path in indexes:  # through the index class: one may keep its vectors elsewhere
+        if path.exists():
+            index_class.discard(path)
+            deleted.append(path.name)
     for path in gone:
         if path.is_dir():
             shutil.rmtree(path)
