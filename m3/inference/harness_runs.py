@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,6 +106,9 @@ def run_lm_eval_cli(arguments: Sequence[str]) -> int:
         )
         arguments = ["--help"]
     setup_logging()
+    for handler in logging.getLogger("lm_eval").handlers:  # lm-eval binds stderr once, at
+        if type(handler) is logging.StreamHandler:  # its first call: follow the current one
+            handler.stream = sys.stderr  # (setStream would flush the old one, maybe closed)
     saved = sys.argv
     sys.argv = ["lm-eval", *arguments]  # HarnessCLI reads sys.argv, as `lm_eval` does
     try:
