@@ -168,6 +168,30 @@ def test_distractors_are_references_of_other_rows_read_by_every_chunk_at_no_enco
         ContinualCollator(references, distractors=-1)
 
 
+def test_previous_share_makes_chunks_read_what_the_previous_chunks_retrieved():
+    tokenizer = ByteTokenizer()
+    references = knowledge(tokenizer)
+    items = [
+        {"tokens": torch.arange(9), "references": torch.tensor([r, (r + 1) % 4, -1, r])}
+        for r in range(4) for _ in range(4)
+    ]  # fmt: skip
+    plain = ContinualCollator(references)(items)
+    every = ContinualCollator(references, previous_share=1.0)(items)
+    # the same pool; each chunk's slot is its predecessor's, chunk 0 reads none of its own
+    assert torch.equal(every["pool"], plain["pool"])
+    assert (every["slots"][:, 0] == -1).all()
+    assert torch.equal(every["slots"][:, 1:], plain["slots"][:, :-1])
+    half = ContinualCollator(references, previous_share=0.5, seed=3)(items)
+    shifted = (half["slots"] != plain["slots"]).any(1)
+    assert 0 < int(shifted.sum()) < len(items)
+    assert torch.equal(half["slots"][shifted], every["slots"][shifted])
+    assert torch.equal(
+        half["slots"], ContinualCollator(references, previous_share=0.5, seed=3)(items)["slots"]
+    )
+    with pytest.raises(UserError, match="previous_share"):
+        ContinualCollator(references, previous_share=1.5)
+
+
 def test_epoch_sampler_resumes_mid_epoch_with_the_same_order():
     sampler = EpochSampler(10, shuffle=True, seed=3)
     sampler.set_epoch(2)

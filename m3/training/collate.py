@@ -82,7 +82,12 @@ class ContinualCollator:
         memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
             the references' memories from instead of encoding them; None to encode.
         distractors: References of other rows each row also reads (0: none).
-        seed: Seed of the distractors' draw.
+        previous_share: Share of the rows (drawn per batch, like the distractors) whose
+            chunk *c* reads the references of chunks *c−5..c−1* instead of *c−4..c*: what
+            the previous chunks retrieved, as in generation, where a chunk's memories are
+            retrieved before it is written (its `slots` shift by one chunk; chunk 0 reads
+            none of its own). 0: none.
+        seed: Seed of the draws.
     """
 
     def __init__(
@@ -91,10 +96,14 @@ class ContinualCollator:
         *,
         memories: str | Path | None = None,
         distractors: int = 0,
+        previous_share: float = 0.0,
         seed: int = 0,
     ) -> None:
         if distractors < 0:
             raise UserError(f"distractors must be ≥ 0, got {distractors}")
+        if not 0 <= previous_share <= 1:
+            raise UserError(f"previous_share must lie in [0, 1], got {previous_share}")
+        self.previous_share = previous_share
         self.reference_ids = [list(r.ids) for r in references]
         self.memories = None if memories is None else Path(memories)
         self.distractors, self.seed = distractors, seed
@@ -132,7 +141,8 @@ class ContinualCollator:
         retrieved = torch.stack([item["references"] for item in items])  # (B, C)
         unique = torch.unique(retrieved[retrieved >= 0])  # encoded (or read) once per batch
         rows = [torch.unique(r[r >= 0]) for r in retrieved]
-        extra = self._draw(retrieved, unique, rows)
+        generator = self._generator(retrieved)
+        extra = self._draw(generator, unique, rows)
         width = max(1, max(len(r) + len(e) for r, e in zip(rows, extra, strict=True)))
         pool = torch.full((len(items), width), -1, dtype=torch.long)
         shared = torch.zeros(len(items), width, dtype=torch.bool)
@@ -143,6 +153,11 @@ class ContinualCollator:
             shared[b, len(row) : len(row) + len(more)] = True
             hit = retrieved[b] >= 0
             slots[b, hit] = torch.searchsorted(row, retrieved[b, hit])
+        if self.previous_share:  # these rows read what their previous chunks retrieved
+            shifted = torch.rand(len(items), generator=generator) < self.previous_share
+            slots[shifted] = torch.cat(
+                [torch.full_like(slots[shifted, :1], -1), slots[shifted, :-1]], dim=1
+            )
         if unique.numel() == 0:  # no chunk retrieved anything: one dummy reference, no slot uses it
             pool.fill_(-1)
         batch = {"tokens": tokens, "pool": pool, "slots": slots}
@@ -155,13 +170,16 @@ class ContinualCollator:
         reference_tokens, lengths = right_pad(rows, 0)
         return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
 
-    def _draw(self, retrieved: Tensor, unique: Tensor, rows: list[Tensor]) -> list[Tensor]:
+    def _generator(self, retrieved: Tensor) -> torch.Generator:
+        """A generator seeded by `seed` and the batch's reference ids."""
+        digest = hashlib.sha256(retrieved.numpy().tobytes()).digest()
+        seed = (int.from_bytes(digest[:8], "little") + self.seed) % 2**63
+        return torch.Generator().manual_seed(seed)
+
+    def _draw(self, generator: torch.Generator, unique: Tensor, rows: list[Tensor]) -> list[Tensor]:
         """Per row, up to `distractors` of the batch's references the row did not retrieve."""
         if not self.distractors:
             return [unique[:0]] * len(rows)
-        digest = hashlib.sha256(retrieved.numpy().tobytes()).digest()
-        seed = (int.from_bytes(digest[:8], "little") + self.seed) % 2**63
-        generator = torch.Generator().manual_seed(seed)
         extra = []
         for row in rows:
             others = unique[~torch.isin(unique, row)]

@@ -245,6 +245,10 @@ class TextDataModule(L.LightningDataModule):
             ignore memories that are not about its text, as it must at inference, where
             most of a chunk's `k` memories are about something else; None or 0: none (the
             paper's setting). Held-out batches read only their own.
+        previous_share: For the continual stage: the share of training sequences whose chunk
+            *c* reads the references of chunks *c−5..c−1* (what the previous chunks
+            retrieved, as in generation) instead of *c−4..c*
+            (`m3.training.collate.ContinualCollator`); None or 0: none (the paper's setting).
     """
 
     def __init__(
@@ -267,6 +271,7 @@ class TextDataModule(L.LightningDataModule):
         pairing_file: str | Path | None = None,
         memories: str | Path | None = None,
         distractors: Annotated[int, Bounds(ge=0)] | None = None,
+        previous_share: Annotated[float, Bounds(ge=0, le=1)] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -292,6 +297,9 @@ class TextDataModule(L.LightningDataModule):
         if distractors is not None and distractors < 0:
             raise UserError(f"distractors must be ≥ 0, got {distractors}")
         self.distractors = distractors or 0
+        if previous_share is not None and not 0 <= previous_share <= 1:
+            raise UserError(f"previous_share must lie in [0, 1], got {previous_share}")
+        self.previous_share = previous_share or 0.0
         self.references: list[Reference] = []
         self.train_set: SequenceDataset | None = None
         self.val_set: SequenceDataset | None = None
@@ -484,9 +492,12 @@ class TextDataModule(L.LightningDataModule):
     def _collate(self, *, train: bool = False) -> ContinualCollator | None:
         if not self.references:
             return None
-        distractors = self.distractors if train else 0
         return ContinualCollator(
-            self.references, memories=self.memories, distractors=distractors, seed=self.seed
+            self.references,
+            memories=self.memories,
+            distractors=self.distractors if train else 0,
+            previous_share=self.previous_share if train else 0.0,
+            seed=self.seed,
         )
 
     def train_dataloader(self) -> DataLoader:
