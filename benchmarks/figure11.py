@@ -46,7 +46,9 @@ RUNS = {
 def run_recipe(base: dict, *, warmup: bool, memory: bool, steps: tuple[int, int]) -> dict:
     """One run's pipeline: data, [warmup], train, bank, evaluate — from the quickstart's."""
     stages = base["stages"]
-    train = json.loads(json.dumps(stages["continual"]))  # a deep copy
+    # the quickstart's first continual stage (one-chunk sequences, from the warmup weights):
+    # its second one starts from the first one's weights, which these runs do not have
+    train = json.loads(json.dumps(stages["reading"]))  # a deep copy
     train["trainer"]["max_steps"] = steps[1] if warmup else sum(steps)
     if not warmup:
         train["training"]["init_weights"] = "random" if memory else None

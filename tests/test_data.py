@@ -132,6 +132,66 @@ def test_collator_encodes_each_reference_once_and_maps_chunks_to_pool_slots():
             assert batch["reference_tokens"][unique, :length].tolist() == list(references[ref].ids)
 
 
+def test_distractors_are_references_of_other_rows_read_by_every_chunk_at_no_encoding_cost():
+    tokenizer = ByteTokenizer()
+    references = knowledge(tokenizer)
+    items = [
+        {"tokens": torch.arange(9), "references": torch.tensor([0, -1])},
+        {"tokens": torch.arange(9), "references": torch.tensor([1, 1])},
+        {"tokens": torch.arange(9), "references": torch.tensor([2, 3])},
+        {"tokens": torch.arange(9), "references": torch.tensor([-1, -1])},
+    ]
+    plain = ContinualCollator(references)(items)
+    assert "shared" not in plain
+    batch = ContinualCollator(references, distractors=2, seed=5)(items)
+    # nothing more to encode: distractors are references the batch encodes anyway
+    assert torch.equal(batch["reference_tokens"], plain["reference_tokens"])
+    assert torch.equal(batch["slots"], plain["slots"])
+    own = plain["pool"]
+    for b, item in enumerate(items):
+        mine = set(item["references"][item["references"] >= 0].tolist())
+        pool = batch["pool"][b]
+        # a row's own references keep their slots, the distractors come after them
+        assert torch.equal(pool[: own.shape[1]][own[b] >= 0], own[b][own[b] >= 0])
+        drawn = {int(pool[m]) for m in range(pool.shape[0]) if batch["shared"][b, m]}
+        assert len(drawn) == min(2, 4 - len(mine))  # 4 distinct references in the batch
+        assert not drawn & {int(plain["pool"][b, m]) for m in range(own.shape[1]) if own[b, m] >= 0}
+        assert all(pool[m] >= 0 for m in range(pool.shape[0]) if batch["shared"][b, m])
+    # seeded by the batch: the same batch draws the same distractors in every process
+    again = ContinualCollator(references, distractors=2, seed=5)(items)
+    assert torch.equal(again["pool"], batch["pool"])
+    assert torch.equal(again["shared"], batch["shared"])
+    pools = [ContinualCollator(references, distractors=1, seed=s)(items)["pool"] for s in range(8)]
+    draws = {tuple(pool.flatten().tolist()) for pool in pools}
+    assert len(draws) > 1
+    with pytest.raises(UserError, match="distractors"):
+        ContinualCollator(references, distractors=-1)
+
+
+def test_previous_share_makes_chunks_read_what_the_previous_chunks_retrieved():
+    tokenizer = ByteTokenizer()
+    references = knowledge(tokenizer)
+    items = [
+        {"tokens": torch.arange(9), "references": torch.tensor([r, (r + 1) % 4, -1, r])}
+        for r in range(4) for _ in range(4)
+    ]  # fmt: skip
+    plain = ContinualCollator(references)(items)
+    every = ContinualCollator(references, previous_share=1.0)(items)
+    # the same pool; each chunk's slot is its predecessor's, chunk 0 reads none of its own
+    assert torch.equal(every["pool"], plain["pool"])
+    assert (every["slots"][:, 0] == -1).all()
+    assert torch.equal(every["slots"][:, 1:], plain["slots"][:, :-1])
+    half = ContinualCollator(references, previous_share=0.5, seed=3)(items)
+    shifted = (half["slots"] != plain["slots"]).any(1)
+    assert 0 < int(shifted.sum()) < len(items)
+    assert torch.equal(half["slots"][shifted], every["slots"][shifted])
+    assert torch.equal(
+        half["slots"], ContinualCollator(references, previous_share=0.5, seed=3)(items)["slots"]
+    )
+    with pytest.raises(UserError, match="previous_share"):
+        ContinualCollator(references, previous_share=1.5)
+
+
 def test_epoch_sampler_resumes_mid_epoch_with_the_same_order():
     sampler = EpochSampler(10, shuffle=True, seed=3)
     sampler.set_epoch(2)

@@ -35,7 +35,7 @@ def trainer(tmp_path, steps, **kwargs):
     )  # fmt: skip
 
 
-def data_module(tmp_path, *, continual=False):
+def data_module(tmp_path, *, continual=False, distractors=None):
     write_corpus(tmp_path)
     extra = {}
     if continual:
@@ -43,6 +43,7 @@ def data_module(tmp_path, *, continual=False):
             knowledge=[FilesSource([tmp_path / "kb.jsonl"])],
             chunker=FixedChunker(64),
             embedder=HashedNgramEmbedder(dim=256),
+            distractors=distractors,
         )
     train = [FilesSource([tmp_path / "train.txt"])]
     return TextDataModule(ByteTokenizer(), train, seq_length=64, batch_size=4, chunk_length=32,
@@ -129,6 +130,27 @@ def test_continual_stage_trains_through_the_memories(tmp_path):
     )
     trainer(tmp_path / "cont", 2).fit(module, datamodule=data)
     assert module.trainer.global_step == 2
+
+
+def test_every_chunk_reads_its_window_and_the_distractors_of_its_row(tmp_path):
+    prefix = ByteTokenizer().reference_prefix()
+    data = data_module(tmp_path, continual=True, distractors=2)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    assert batch["shared"].any() and "shared" not in next(iter(data.val_dataloader()))
+    module = Memory3Module(MODEL, stage="continual", reference_prefix=prefix, window=1)
+    visible = module.memories_for(batch).visible  # (B, C, M)
+    slots, shared = batch["slots"], batch["shared"]
+    for b in range(slots.shape[0]):
+        for c in range(slots.shape[1]):
+            expected = shared[b].clone()
+            if slots[b, c] >= 0:
+                expected[slots[b, c]] = True
+            assert torch.equal(visible[b, c], expected)
+    # the distractors change what the model reads
+    plain = {k: v for k, v in batch.items() if k != "shared"}
+    with torch.no_grad():
+        assert not torch.allclose(module(batch), module(plain))
 
 
 def test_bad_settings_are_refused(tmp_path):

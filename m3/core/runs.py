@@ -23,7 +23,12 @@ from typing import Any
 from m3.core.errors import UserError
 
 #: (section, option) pairs added to the schema after run folders were fingerprinted
-_ADDED_OPTIONS = (("retrieval", "min_score"), ("evaluation", "generation"))
+_ADDED_OPTIONS = (
+    ("retrieval", "min_score"),
+    ("evaluation", "generation"),
+    ("data", "distractors"),
+    ("data", "previous_share"),
+)
 
 
 def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:

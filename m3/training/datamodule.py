@@ -5,9 +5,9 @@
 - `pair_references` precomputes, for every 64-token chunk of every sequence, the one
   reference it retrieves (paper §3.5, §5): the chunk's text is embedded and searched; a candidate
   whose overlap with the training sequence exceeds 0.9 (Eq. 6) is skipped for the next hit.
-- `ContinualCollator` builds a batch's memory pool: the batch's distinct references (each
-  encoded once, on the fly, by the LightningModule, or read from a memory bank's store:
-  `training.encode: store`), each row's pool and each chunk's slot.
+- `ContinualCollator` (`m3.training.collate`) builds a batch's memory pool: the batch's
+  distinct references (each encoded once, on the fly, by the LightningModule, or read from a
+  memory bank's store: `training.encode: store`), each row's pool and each chunk's slot.
 - `TextDataModule` ties them together, with a held-out split, DataLoader workers, and a
   data position that checkpoints save and restore; `read_data` checks the text first.
 """
@@ -28,9 +28,7 @@ from tqdm.auto import tqdm
 
 from m3.backends.base import MemoryIndex, MemoryStore
 from m3.core import registry
-from m3.core.checks import right_pad
 from m3.core.errors import UserError
-from m3.core.memories import SparseMemory
 from m3.core.values import Bounds
 from m3.data.chunking import Chunker, Reference
 from m3.data.sources import TextSource, gather
@@ -38,6 +36,7 @@ from m3.data.tokenizer import Tokenizer
 from m3.recipes.defaults import default_spec
 from m3.retrieval.embedders import Embedder
 from m3.retrieval.overlap import leak_mask
+from m3.training.collate import ContinualCollator, open_memory_store
 
 if TYPE_CHECKING:
     from m3.model.memory3 import Memory3
@@ -166,115 +165,6 @@ class SequenceDataset(Dataset):
         return item
 
 
-def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
-    """Open the store of a memory bank for `training.encode: store`, without its index.
-
-    `m3.bank.open.open_bank_store`, with problems reported under `training.memories`.
-
-    Args:
-        folder: The bank folder (`training.memories`).
-
-    Returns:
-        The store and the bank's `manifest.json`.
-
-    Raises:
-        UserError: Naming `training.memories` and the folder, when it holds no finished bank
-            or a shard that does not open.
-    """
-    from m3.bank.open import open_bank_store
-
-    if not Path(folder).is_dir():
-        raise UserError(
-            f"training.memories: {folder} does not exist (expected the bank folder "
-            "m3 build-memory wrote: build the bank first?)"
-        )
-    try:
-        return open_bank_store(folder)
-    except UserError as error:
-        raise UserError(f"training.memories: {error}") from None
-
-
-class ContinualCollator:
-    """Builds a continual batch: the distinct references once, each row's pool and slots.
-
-    The batch's distinct references come as token ids to encode (`reference_tokens`,
-    `reference_lengths`), or, with `memories`, as their memories read from a bank's store
-    by reference id (`memory_keys`, `memory_values`, `memory_valid`, `memory_positions`):
-    nothing is encoded then. The store is opened lazily, once in each process that collates
-    (each DataLoader worker), and is never pickled open.
-
-    Args:
-        references: The knowledge base's references (reference id = position, the ids
-            `m3.bank.knowledge.read_knowledge` gives and the bank builder stores them under).
-        memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
-            the references' memories from instead of encoding them; None to encode.
-    """
-
-    def __init__(
-        self, references: Sequence[Reference], *, memories: str | Path | None = None
-    ) -> None:
-        self.reference_ids = [list(r.ids) for r in references]
-        self.memories = None if memories is None else Path(memories)
-        self._store: MemoryStore | None = None
-
-    @property
-    def store(self) -> MemoryStore:
-        """The bank's store, opened on first use in this process."""
-        if self.memories is None:
-            raise UserError("this collator encodes references: it was given no memories")
-        if self._store is None:
-            self._store = open_memory_store(self.memories)[0]
-        return self._store
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_store"] = None  # each worker opens its own
-        return state
-
-    def __call__(self, items: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Collate items of `SequenceDataset` into a batch for `Memory3Module`."""
-        tokens = torch.stack([item["tokens"] for item in items])
-        retrieved = torch.stack([item["references"] for item in items])  # (B, C)
-        unique = torch.unique(retrieved[retrieved >= 0])  # encoded (or read) once per batch
-        rows = [torch.unique(r[r >= 0]) for r in retrieved]
-        width = max(1, max(len(r) for r in rows))
-        pool = torch.full((len(items), width), -1, dtype=torch.long)
-        slots = torch.full_like(retrieved, -1)
-        for b, row in enumerate(rows):
-            pool[b, : len(row)] = torch.searchsorted(unique, row)
-            hit = retrieved[b] >= 0
-            slots[b, hit] = torch.searchsorted(row, retrieved[b, hit])
-        if unique.numel() == 0:  # no chunk retrieved anything: one dummy reference, no slot uses it
-            pool.fill_(-1)
-        batch = {"tokens": tokens, "pool": pool, "slots": slots}
-        if self.memories is not None:
-            return batch | self._read(unique)
-        # a batch that retrieved nothing still carries one (padding) reference row
-        rows = [self.reference_ids[i] for i in unique.tolist()] or [[0]]
-        reference_tokens, lengths = right_pad(rows, 0)
-        return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
-
-    def _read(self, unique: Tensor) -> dict[str, Tensor]:
-        store = self.store
-        if unique.numel():
-            memory = store.read(unique)
-        else:  # the dummy reference: no valid token
-            layers, _, heads, kept, dim = store.info.memory_shape
-            memory = SparseMemory(
-                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
-                torch.zeros(1, layers, heads, kept, dim, dtype=store.info.torch_dtype),
-                torch.zeros(1, kept, dtype=torch.bool),
-                torch.full((1, layers, heads, kept), -1, dtype=torch.long),
-            )
-        whole = torch.contiguous_format  # copies: store reads are views into a reused buffer
-        return {
-            "memory_keys": memory.keys.clone(memory_format=whole),
-            "memory_values": memory.values.clone(memory_format=whole),
-            "memory_valid": memory.valid.clone(memory_format=whole),
-            "memory_positions": memory.positions.clone(memory_format=whole),
-        }
-
-
 class EpochSampler(Sampler[int]):
     """A seeded permutation per epoch that can start part-way (to resume mid-epoch).
 
@@ -349,6 +239,16 @@ class TextDataModule(L.LightningDataModule):
             checks all of that before training). Batches then carry the memories of their
             references, read from its store, instead of their token ids to encode;
             `check_memories` checks that the bank fits.
+        distractors: For the continual stage: besides the references of its window, every
+            training chunk also reads this many references that other sequences of its batch
+            retrieved (`m3.training.collate.ContinualCollator`), so that it learns to
+            ignore memories that are not about its text, as it must at inference, where
+            most of a chunk's `k` memories are about something else; None or 0: none (the
+            paper's setting). Held-out batches read only their own.
+        previous_share: For the continual stage: the share of training sequences whose chunk
+            *c* reads the references of chunks *c−5..c−1* (what the previous chunks
+            retrieved, as in generation) instead of *c−4..c*
+            (`m3.training.collate.ContinualCollator`); None or 0: none (the paper's setting).
     """
 
     def __init__(
@@ -370,6 +270,8 @@ class TextDataModule(L.LightningDataModule):
         candidates: Annotated[int, Bounds(ge=1)] = 8,
         pairing_file: str | Path | None = None,
         memories: str | Path | None = None,
+        distractors: Annotated[int, Bounds(ge=0)] | None = None,
+        previous_share: Annotated[float, Bounds(ge=0, le=1)] | None = None,
     ) -> None:
         super().__init__()
         if not 0 <= val_fraction < 1:
@@ -392,6 +294,12 @@ class TextDataModule(L.LightningDataModule):
         self.chunk_length, self.threshold, self.candidates = chunk_length, threshold, candidates
         self.pairing_file = None if pairing_file is None else Path(pairing_file)
         self.memories = None if memories is None else Path(memories)
+        if distractors is not None and distractors < 0:
+            raise UserError(f"distractors must be ≥ 0, got {distractors}")
+        self.distractors = distractors or 0
+        if previous_share is not None and not 0 <= previous_share <= 1:
+            raise UserError(f"previous_share must lie in [0, 1], got {previous_share}")
+        self.previous_share = previous_share or 0.0
         self.references: list[Reference] = []
         self.train_set: SequenceDataset | None = None
         self.val_set: SequenceDataset | None = None
@@ -581,10 +489,16 @@ class TextDataModule(L.LightningDataModule):
         return train_pairs, val_pairs
 
     # ----------------------------------------------------------------------------- loaders
-    def _collate(self):
+    def _collate(self, *, train: bool = False) -> ContinualCollator | None:
         if not self.references:
             return None
-        return ContinualCollator(self.references, memories=self.memories)
+        return ContinualCollator(
+            self.references,
+            memories=self.memories,
+            distractors=self.distractors if train else 0,
+            previous_share=self.previous_share if train else 0.0,
+            seed=self.seed,
+        )
 
     def train_dataloader(self) -> DataLoader:
         """Shuffled training batches, resuming at the saved data position."""
@@ -596,7 +510,7 @@ class TextDataModule(L.LightningDataModule):
             self._sampler.start = self._position["samples"]
         return DataLoader(
             self.train_set, batch_size=self.batch_size, sampler=self._sampler, drop_last=True,
-            num_workers=self.num_workers, collate_fn=self._collate(),
+            num_workers=self.num_workers, collate_fn=self._collate(train=True),
             persistent_workers=self.num_workers > 0,
         )  # fmt: skip
 

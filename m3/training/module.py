@@ -205,7 +205,9 @@ class Memory3Module(L.LightningModule):
         Args:
             batch: A continual batch: `pool` `(B, M)` indices into the batch's unique
                 references (−1 = empty slot), `slots` `(B, C)` the pool slot each chunk
-                retrieved (−1 = none), and either `reference_tokens` `(U, R)` with
+                retrieved (−1 = none), optionally `shared` `(B, M)` bool (slots every chunk
+                of the row reads, the collator's distractors), and either
+                `reference_tokens` `(U, R)` with
                 `reference_lengths` `(U,)`, or the unique references' precomputed memories
                 `memory_keys`, `memory_values`, `memory_valid`, `memory_positions` (the
                 fields of a `SparseMemory`, as
@@ -239,6 +241,8 @@ class Memory3Module(L.LightningModule):
         dtype = self.model.lm_head.weight.dtype
         pool = batch["pool"]
         visible = sliding_window_visibility(batch["slots"], pool.shape[1], window=self.window)
+        if "shared" in batch:  # distractors: slots every chunk of the row reads
+            visible = visible | batch["shared"][:, None, :].to(visible.device)
         return Memories.from_references(memory.to(dtype=dtype), pool, visible)
 
     def forward(self, batch: dict[str, Tensor]) -> Tensor:
