@@ -130,7 +130,7 @@ def test_continuations_are_what_generation_writes_in_each_mode(tiny_bank, infere
     rows = [
         [tokenizer.bos_id, *b, *tokenizer.encode(p)] for b, p in zip(before, prompts, strict=True)
     ]
-    rag = generate_from_ids(inference, rows, max_new_tokens=28, memory=False)
+    rag = generate_from_ids(inference, rows, max_new_tokens=28, mode="none")
     assert [s["continuation"] for s in scores["rag"].samples] == rag.texts
 
 

@@ -353,10 +353,9 @@ def generate(
                 )
             )  # fmt: skip
     return _decode(
-        inference, prompts, contexts, provenance, mode=mode,
-        prefix=None if mode == "warmup" else inference.prefix,
-        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, ignore_eos=ignore_eos, clock=clock,
+        inference, prompts, contexts, provenance, mode=mode, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
+        clock=clock,
     )  # fmt: skip
 
 
@@ -366,8 +365,7 @@ def generate_from_ids(
     contexts: Sequence[Sequence[int]],
     *,
     max_new_tokens: int = 128,
-    memory: bool = True,
-    reference_prefix: bool = True,
+    mode: Literal["memory", "none", "warmup"] = "memory",
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
@@ -384,10 +382,9 @@ def generate_from_ids(
         contexts: `B` non-empty token-id contexts, each starting with `<s>`, each within the
             model's `block_size`.
         max_new_tokens: Most tokens generated per row.
-        memory: Read memories, retrieved and swapped as in `generate`'s "memory" mode; False
-            reads none (its "none" mode, and its "rag" mode on a RAG context).
-        reference_prefix: False reads in warmup mode (no reference prefix: a model trained
-            without memory); needs `memory=False`.
+        mode: As in `generate`, without "rag" (lay a RAG context out as the rows, and read
+            it with "none"): "memory" retrieves and swaps memories, "none" reads none,
+            "warmup" reads the model without the reference prefix.
         temperature: As in `generate`.
         top_k: As in `generate`.
         top_p: As in `generate`.
@@ -395,17 +392,16 @@ def generate_from_ids(
         ignore_eos: As in `generate`.
 
     Returns:
-        As `generate`; `prompts` are the contexts decoded (the `<s>` left out), `mode` is
-        "memory" or "none".
+        As `generate`; `prompts` are the contexts decoded (the `<s>` left out).
 
     Raises:
-        UserError: For an empty context, one longer than the model's context, warmup mode
-            with memories, or bad sampling settings.
+        UserError: For an empty context, one longer than the model's context, an unknown
+            mode or bad sampling settings.
     """
+    if mode not in ("memory", "none", "warmup"):
+        raise UserError(f"generate_from_ids: mode must be memory, none or warmup, got {mode!r}")
     check_int(None, "generation.max_new_tokens", max_new_tokens, low=1)
     check_sampling(temperature, top_k, top_p)
-    if memory and not reference_prefix:
-        raise UserError("warmup mode (no reference prefix) reads no memories")
     block_size = inference.model.config.block_size
     contexts = [list(c) for c in contexts]
     if not contexts:
@@ -420,10 +416,9 @@ def generate_from_ids(
             )
     prompts = [inference.tokenizer.decode(ids[1:]) for ids in contexts]
     return _decode(
-        inference, prompts, contexts, [[] for _ in contexts], mode="memory" if memory else "none",
-        prefix=inference.prefix if reference_prefix else None, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-        clock=_Clock(inference.device),
+        inference, prompts, contexts, [[] for _ in contexts], mode=mode,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        seed=seed, ignore_eos=ignore_eos, clock=_Clock(inference.device),
     )  # fmt: skip
 
 
@@ -434,7 +429,6 @@ def _decode(
     provenance: list[list[ChunkReferences]],
     *,
     mode: str,
-    prefix: Tensor | None,
     max_new_tokens: int,
     temperature: float,
     top_k: int | None,
@@ -443,7 +437,10 @@ def _decode(
     ignore_eos: bool,
     clock: _Clock,
 ) -> Generation:
-    """Prefill the contexts, then decode (the loop `generate` describes)."""
+    """Prefill the contexts, then decode (the loop `generate` describes).
+
+    Warmup mode reads without the reference prefix; every other mode with it.
+    """
     model, tokenizer, retriever = inference.model, inference.tokenizer, inference.retriever
     config = model.config
     chunk = config.chunk_length
@@ -452,6 +449,7 @@ def _decode(
     idx, lengths = right_pad(contexts, tokenizer.pad_id)
     width = idx.shape[1]
     budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
+    prefix = None if mode == "warmup" else inference.prefix
     cache = model.new_cache(batch, width + max(budget), prefix=prefix)
 
     memories = None

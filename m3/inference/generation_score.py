@@ -188,11 +188,7 @@ def _generate(
         return generate_from_ids(inference, contexts, max_new_tokens=max_new_tokens)
     warmup = mode == "none" and without_memory == "warmup"
     return generate_from_ids(
-        inference,
-        contexts,
-        max_new_tokens=max_new_tokens,
-        memory=False,
-        reference_prefix=not warmup,
+        inference, contexts, max_new_tokens=max_new_tokens, mode="warmup" if warmup else "none"
     )
 
 
