@@ -679,16 +679,27 @@ def mutations(b: int, s: int) -> st.SearchStrategy[Mutation]:
 
 
 def unknown_keys(scope: Scope) -> st.SearchStrategy[Mutation]:
-    nodes = [
-        path
-        for path, _ in dict_nodes(scope.view)
+    nodes = {
+        path: free_mapping(path, node)
+        for path, node in dict_nodes(scope.view)
         if path[:1] != ("stages",) and scope.reachable(path)
-    ]
+    }
     name = st.from_regex(r"[a-z][a-z_]{0,11}", fullmatch=True).filter(lambda n: n not in KNOWN)
     value = st.one_of(st.integers(0, 9), TEXT)
-    return st.tuples(st.sampled_from(nodes), name, value).map(
-        lambda t: Mutation("unknown key", (*scope.prefix, *t[0], t[1]), t[2], (t[1],))
+    return st.tuples(st.sampled_from(sorted(nodes, key=str)), name, value).map(
+        lambda t: Mutation(
+            "unknown key", (*scope.prefix, *t[0], t[1]), t[2], (t[1],), alone=nodes[t[0]]
+        )
     )
+
+
+def free_mapping(path: tuple[Any, ...], node: dict[str, Any]) -> bool:
+    """A mapping that is one constructor argument (MilvusIndex's `index_params`).
+
+    Its keys are the class's to check, when the part is built: for the bank's index, a
+    cross-check that runs once the rest of the recipe passed.
+    """
+    return len(path) >= 2 and path[-2] == "init_args" and "class_path" not in node
 
 
 def missing_files(scope: Scope) -> st.SearchStrategy[Mutation]:

@@ -130,8 +130,13 @@ def test_sections_write_out_what_recipes_always_wrote() -> None:
     assert DataSection.defaults() == {
         "train": None, "val": None, "knowledge": None, "val_fraction": 0.05,
         "seq_length": 256, "batch_size": 8, "num_workers": 0, "threshold": 0.9,
-        "candidates": 8, "pairing_file": None,
+        "candidates": 8, "pairing_file": None, "distractors": None, "previous_share": None,
     }  # fmt: skip
+    # the two added last count in the fingerprint only when set
+    written = load_recipe(TINY).to_dict()
+    added = ("distractors", "previous_share")
+    before = {k: v for k, v in written["data"].items() if k not in added}
+    assert recipe_fingerprint(written) == recipe_fingerprint({**written, "data": before})
     assert list(TrainerSection.defaults()) == [
         "max_steps", "accelerator", "devices", "num_nodes", "strategy", "precision",
         "accumulate_grad_batches", "gradient_clip_val", "val_check_interval",
