@@ -203,22 +203,31 @@ def test_recipe_fingerprints_are_unchanged(name: str, monkeypatch: pytest.Monkey
     assert _fingerprints(entry["files"], entry["overrides"]) == _recorded(entry)
 
 
+#: Shipped recipe files whose values changed on purpose since the fixture was recorded
+CHANGED_ON_PURPOSE = {
+    "recipes/quickstart.yaml": "continual training in two parts, for robust reading",
+}
+
+
 @pytest.mark.parametrize("name", sorted(RECORDED["recipes"]))
 def test_shipped_recipe_fingerprints_are_unchanged(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The repository's own recipe files, where their values (not comments) are unchanged
-    since, give the same fingerprints."""
+    """The repository's own recipe files give the recorded fingerprints, except those whose
+    values changed on purpose: those are listed, and they must give other fingerprints."""
     entry = RECORDED["recipes"][name]
     changed = [
         f for f in entry["files"]
         if not (ROOT / f).is_file()
         or yaml.safe_load((ROOT / f).read_text()) != yaml.safe_load((FIXTURES / f).read_text())
     ]  # fmt: skip
-    if changed:
-        pytest.skip(f"{', '.join(changed)} changed since the fixture was recorded")
+    assert set(changed) == set(entry["files"]) & set(CHANGED_ON_PURPOSE)
     monkeypatch.chdir(ROOT)
-    assert _fingerprints(entry["files"], entry["overrides"]) == _recorded(entry)
+    fingerprints = _fingerprints(entry["files"], entry["overrides"])
+    if changed:
+        assert fingerprints[0] != _recorded(entry)[0]
+    else:
+        assert fingerprints == _recorded(entry)
 
 
 # ------------------------------------------------------------------------------ run folders
