@@ -372,7 +372,8 @@ def _add_generate(verbs: Subparsers) -> None:
             "bank folder given as RECIPE), check that they belong together, and continue each "
             "prompt: every 64-token chunk reads the memories its text retrieved, swapped while "
             "decoding. --mode none reads no memories; --mode rag puts the retrieved references "
-            "before the prompt as text. Options override the recipe's generation: section."
+            "before the prompt as text; --mode warmup reads the model as a plain causal LM (no "
+            "reference prefix, no memories). Options override the recipe's generation: section."
         ),
     )
     add_recipe_arguments(generate)
@@ -380,7 +381,9 @@ def _add_generate(verbs: Subparsers) -> None:
         "--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)"
     )
     generate.add_argument("--max-new-tokens", type=int, metavar="N", help="most new tokens")
-    generate.add_argument("--mode", choices=["memory", "none", "rag"], help="what the model reads")
+    generate.add_argument(
+        "--mode", choices=["memory", "none", "rag", "warmup"], help="what the model reads"
+    )
     generate.add_argument(
         "--temperature", type=float, metavar="T", help="sampling temperature (0: greedy)"
     )

@@ -16,12 +16,14 @@ from m3.bank.build import build_memory
 from m3.cli import main
 from m3.core.errors import UserError
 from m3.core.memories import Memories
+from m3.data.tokenizer import ByteTokenizer
 from m3.inference.generate import (
     allowed_logits,
     generate,
     load_inference,
     rag_context,
     sample_next,
+    stop_at,
 )
 from m3.model.memory3 import Memory3
 from m3.recipes import load_recipe
@@ -167,6 +169,47 @@ def test_provenance_lists_every_chunk_with_the_references_it_read(inference) -> 
     inherited = out.provenance[3][2]
     assert inherited.retrieved_with == "inherited"
     assert inherited.ids == out.provenance[3][1].ids
+
+
+# byte tokens: "a", "b", "€" (e2 82 ac) whole or cut short, a stray continuation byte, and
+# one never valid in UTF-8
+_PIECES = [b"a", b"b", b"\xe2\x82\xac", b"\xe2\x82", b"\x80", b"\xff"]
+
+
+@given(data=st.data())
+@settings(max_examples=400, deadline=None)
+def test_a_growing_text_is_cut_for_good_only_where_its_whole_text_is_cut(data) -> None:
+    """Stopping at the first prefix whose cut holds gives the cut of decoding every token."""
+    tokenizer = ByteTokenizer()
+    ids = list(b"".join(data.draw(st.lists(st.sampled_from(_PIECES), max_size=12))))
+    full = tokenizer.decode(ids)
+    pieces = st.tuples(st.integers(0, len(full)), st.integers(1, 3))  # parts of the text
+    stops = [full[i : i + n] for i, n in data.draw(st.lists(pieces, max_size=3))]
+    stops += data.draw(st.lists(st.text(alphabet="ab€\ufffd", max_size=3), max_size=2))
+    want = stop_at(full, stops, final=True)
+    assert want == min((full.find(s) for s in stops if s and s in full), default=None)
+    for t in range(1, len(ids) + 1):
+        text = tokenizer.decode(ids[:t])
+        cut = stop_at(text, stops)
+        if cut is not None:
+            assert want is not None and text[:cut] == full[:want], (t, text)
+            break
+
+
+def test_rows_stop_once_their_text_holds_a_stop_string(inference) -> None:
+    steps = 40  # memory swaps at 16-token boundaries happen before and after the stops
+    full = generate(inference, PROMPTS, max_new_tokens=steps)
+    assert all(len(t) >= 12 for t in full.texts)
+    stops = [text[8:10] for text in full.texts]  # every row holds one early
+    out = generate(inference, PROMPTS, max_new_tokens=steps, stop=stops)
+    decode = inference.tokenizer.decode
+    for b, tokens in enumerate(out.tokens):
+        assert out.finish_reasons[b] == "stop" and len(tokens) < steps
+        assert tokens == full.tokens[b][: len(tokens)]
+        assert stop_at(decode(tokens[:-1]), stops) is None  # the first token that could stop
+        cut = stop_at(out.texts[b], stops, final=True)
+        assert out.texts[b][:cut] == full.texts[b][: stop_at(full.texts[b], stops, final=True)]
+        assert out.provenance[b][-1].end == len(out.contexts[b]) + len(tokens) - 1
 
 
 def test_rows_stop_at_the_models_context(inference) -> None:
@@ -352,6 +395,31 @@ def test_the_command_takes_a_recipe_with_overrides(bank, capsys) -> None:
     )  # fmt: skip
     out = capsys.readouterr().out
     assert code == 0 and "rag, 5 new tokens" in out and "rag prompt, tokens 0-" in out
+
+
+def test_warmup_mode_from_the_command_and_the_recipe(bank, capsys) -> None:
+    with load_inference(bank) as loaded:
+        want = generate(loaded, PROMPTS[:1], max_new_tokens=6, mode="warmup").texts[0]
+    for extra in (["--mode", "warmup"], ["generation.mode=warmup"]):
+        assert (
+            main(["generate", str(bank), *extra, "--prompt", PROMPTS[0], "--max-new-tokens", "6"])
+            == 0
+        )
+        out = capsys.readouterr().out
+        assert out.startswith("=== 1: warmup, ") and PROMPTS[0] + want in out
+
+
+def test_an_unknown_mode_names_the_key_and_the_modes(bank, capsys) -> None:
+    with pytest.raises(SystemExit) as exited:  # argparse's own refusal, its usage first
+        main(["generate", str(bank), "--mode", "text", "--prompt", "a"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --mode: invalid choice: 'text'" in err
+    assert "'memory', 'none', 'rag', 'warmup'" in err and "Traceback" not in err
+    assert main(["generate", str(bank), "generation.mode=text", "--prompt", "a"]) == 2
+    err = capsys.readouterr().err
+    assert "generation.mode: expected one of 'memory', 'none', 'rag', 'warmup', got 'text'" in err
+    assert "Traceback" not in err
 
 
 def test_the_command_reports_bad_input_in_one_line(bank, capsys) -> None:

@@ -24,9 +24,15 @@ from m3.core.errors import UserError
 from m3.core.memories import Memories
 from m3.data.world import ClozeQuestion
 from m3.inference.evaluate import evaluate_cloze, evaluate_heldout
-from m3.inference.generate import generate
+from m3.inference.generate import generate, generate_from_ids, stop_at
+from m3.inference.generation_score import answer_words, evaluate_generation
 from m3.inference.harness import M3LM
-from m3.inference.harness_runs import cloze_task, lm_eval_recipe, markdown_table
+from m3.inference.harness_runs import (
+    cloze_task,
+    generation_task,
+    lm_eval_recipe,
+    markdown_table,
+)
 from m3.inference.loading import Inference, load_inference
 from m3.recipes import RECIPES_DIR, load_recipe
 from m3.retrieval.retriever import Retriever
@@ -195,6 +201,103 @@ def test_generate_until_is_greedy_generation_cut_at_until() -> None:
         ]
 
 
+def test_generate_until_stops_early_with_the_text_of_decoding_every_token() -> None:
+    inference = small_inference()
+    prompts = [q.prompt for q in QUESTIONS[:6]]
+    steps = 40
+    for mode in MODES:
+        lm = M3LM.from_inference(inference, mode=mode, batch_size=2)
+        full = generate(inference, prompts, max_new_tokens=steps, mode=mode).texts  # type: ignore[arg-type]
+        until = [text[5:7] for text in full]  # every row holds one of them early
+        out = lm.continue_texts([(p, {"until": until, "max_gen_toks": steps}) for p in prompts])
+        assert out == [t[: stop_at(t, until, final=True)] for t in full], mode
+        # the batches stopped decoding early: every row at the first token that could stop
+        rows = lm._generation_contexts(prompts)
+        found = generate_from_ids(
+            inference, rows, max_new_tokens=steps, mode="none" if mode == "rag" else mode,  # type: ignore[arg-type]
+            stop=until,
+        )  # fmt: skip
+        reasons = ["stop" if len(t) >= 7 else "eos" for t in full]  # short: EOS came first
+        assert found.finish_reasons == reasons and "stop" in reasons, mode
+        assert max(len(t) for t in found.tokens) < steps // 2, mode
+
+
+@pytest.fixture(scope="module")
+def bank_inference(tiny_bank):
+    """The tiny bank with its writer's weights, k=5 and the evaluation's threshold."""
+    with load_inference(tiny_bank.folder, k=5, threshold=0.667) as inference:
+        yield inference
+
+
+def answered(inference: Inference, questions: list[ClozeQuestion], steps: int):
+    """The questions, every third one's answer the first word that memory mode writes after
+    its prompt and every third after it a later word (random weights state no fact)."""
+    rows = [[TOKENIZER.bos_id, *TOKENIZER.encode(q.prompt)] for q in questions]
+    texts = generate_from_ids(inference, rows, max_new_tokens=steps).texts
+    out = []
+    for n, (question, text) in enumerate(zip(questions, texts, strict=True)):
+        words = answer_words(text)
+        if n % 3 == 2 or len(words) < 2:
+            out.append(question)
+            continue
+        options = list(question.options)
+        options[question.answer] = " " + (words[0] if n % 3 == 0 else words[-1])
+        out.append(question._replace(options=tuple(options)))
+    return out
+
+
+def test_lm_evals_generation_task_scores_as_the_generation_metric_per_mode(
+    tiny_bank, bank_inference, tmp_path: Path
+) -> None:
+    steps = 16
+    asked = tiny_bank.world.cloze_questions(12) + tiny_bank.world.cloze_questions(6, split="train")
+    questions = answered(bank_inference, asked, steps)
+    task = generation_task(
+        write_questions(tmp_path / "cloze.jsonl", questions), max_new_tokens=steps
+    )
+    ours = evaluate_generation(bank_inference, questions, max_new_tokens=steps, batch_size=8)
+    ours["warmup"] = evaluate_generation(
+        bank_inference, questions, modes=["none"], max_new_tokens=steps, batch_size=8,
+        without_memory="warmup",
+    )["none"]  # fmt: skip
+    figures = {}
+    for mode, score in ours.items():
+        model = M3LM.from_inference(bank_inference, mode=mode, batch_size=8)
+        out = lm_eval.simple_evaluate(
+            model=model, tasks=[task], task_manager=local_only(), bootstrap_iters=0
+        )
+        found = out["results"]["m3_generation"]
+        assert found["exact,none"] == pytest.approx(score.exact), mode
+        assert found["contains,none"] == pytest.approx(score.contains), mode
+        samples = sorted(out["samples"]["m3_generation"], key=lambda s: s["doc_id"])
+        assert len(samples) == len(questions)
+        for sample, seen in zip(samples, score.samples, strict=False):  # the first ones
+            assert sample["arguments"][0] == (seen["prompt"], task["generation_kwargs"])
+            assert sample["filtered_resps"][0] == seen["continuation"], mode
+            assert (sample["exact"], sample["contains"]) == (seen["exact"], seen["contains"])
+        figures[mode] = (score.exact, score.contains)
+    # not vacuous: hits and misses of both matches, figures that differ between modes
+    assert 0 < figures["memory"][0] < figures["memory"][1] < 1
+    assert len(set(figures.values())) > 1, figures
+
+
+def test_generate_in_warmup_mode_is_lm_evals_warmup_model(tiny_bank, capsys) -> None:
+    from lm_eval.api.instance import Instance
+
+    prompt = tiny_bank.world.cloze_questions(1)[0].prompt
+    code = main([
+        "generate", str(tiny_bank.folder), "--mode", "warmup", "--prompt", prompt,
+        "--max-new-tokens", "12",
+    ])  # fmt: skip
+    assert code == 0
+    header, printed = capsys.readouterr().out.split("\n", 1)
+    request = Instance("generate_until", {}, (prompt, {"until": [], "max_gen_toks": 12}), 0)
+    lm = M3LM(bank=str(tiny_bank.folder), mode="warmup")
+    text = lm.generate_until([request])[0]
+    assert header.startswith("=== 1: warmup, ") and printed == prompt + text + "\n"
+    assert text != M3LM.from_inference(lm.inference, mode="none").generate_until([request])[0]
+
+
 # ------------------------------------------------------------------ export and hf
 
 
@@ -256,22 +359,31 @@ def refused(capsys, *args: str) -> str:
 def test_the_command_runs_lm_evals_cli_with_m3_registered(
     tiny_bank, tmp_path: Path, quick_cli, capsys
 ) -> None:
-    from m3.inference.harness_runs import write_cloze_task
+    from m3.inference.harness_runs import write_cloze_task, write_generation_task
 
     questions = tiny_bank.world.cloze_questions(8)
-    yaml = write_cloze_task(write_questions(tmp_path / "cloze.jsonl", questions), tmp_path)
+    cloze = write_questions(tmp_path / "cloze.jsonl", questions)
+    yaml = write_cloze_task(cloze, tmp_path)
+    generation = write_generation_task(cloze, tmp_path / "gen", max_new_tokens=8)
     bank = tiny_bank.folder
     code = main([
         "lm-eval", "--model", "m3", "--model_args", f"bank={bank},mode=memory,k=5",
-        "--tasks", str(yaml), "--batch_size", "8", "--output_path", str(tmp_path / "out"),
+        "--tasks", f"{yaml},{generation}", "--batch_size", "8",
+        "--output_path", str(tmp_path / "out"),
     ])  # fmt: skip
     assert code == 0
     assert "m3_cloze" in capsys.readouterr().out
     written = list((tmp_path / "out").rglob("results_*.json"))
     assert len(written) == 1
-    acc = json.loads(written[0].read_text())["results"]["m3_cloze"]["acc,none"]
+    results = json.loads(written[0].read_text())["results"]
     with load_inference(bank, k=5) as inference:
-        assert acc == pytest.approx(m3_cloze(inference, questions, "memory"))
+        assert results["m3_cloze"]["acc,none"] == pytest.approx(
+            m3_cloze(inference, questions, "memory")
+        )
+        # the YAML's !function metrics, from the module written next to it
+        score = evaluate_generation(inference, questions, modes=["memory"], max_new_tokens=8)
+        assert results["m3_generation"]["exact,none"] == score["memory"].exact
+        assert results["m3_generation"]["contains,none"] == score["memory"].contains
 
     args = ["--tasks", str(yaml), "--model", "m3"]
     err = refused(capsys, *args, "--model_args", f"bank={bank},mode=memroy")
@@ -294,8 +406,9 @@ def test_the_command_runs_lm_evals_cli_with_m3_registered(
     )
 
 
-def stage_recipe(tiny_bank, tmp_path: Path, *overrides: str):
-    cloze = write_questions(tmp_path / "cloze.jsonl", tiny_bank.world.cloze_questions(10))
+def stage_recipe(tiny_bank, tmp_path: Path, *overrides: str, questions=None):
+    questions = questions or tiny_bank.world.cloze_questions(10)
+    cloze = write_questions(tmp_path / "cloze.jsonl", questions)
     return load_recipe(
         [RECIPES_DIR / "tiny" / "base.yaml"],
         [
@@ -310,22 +423,37 @@ def stage_recipe(tiny_bank, tmp_path: Path, *overrides: str):
 
 
 def test_the_stage_writes_results_and_a_table_the_report_includes(
-    tiny_bank, tmp_path: Path
+    tiny_bank, bank_inference, tmp_path: Path
 ) -> None:
     from m3.data.world import read_cloze
     from m3.report import write_report
 
-    recipe, cloze = stage_recipe(tiny_bank, tmp_path)
+    questions = answered(bank_inference, tiny_bank.world.cloze_questions(10), 8)
+    recipe, cloze = stage_recipe(
+        tiny_bank, tmp_path, "lm_eval.tasks=[m3_cloze, m3_generation]",
+        "evaluation.generation={max_new_tokens: 8}", questions=questions,
+    )  # fmt: skip
     folder = lm_eval_recipe(recipe)
     scores = json.loads((folder / "lm_eval.json").read_text())["scores"]
     with load_inference(recipe) as inference:
+        asked = read_cloze(cloze)[:6]
+        generation = evaluate_generation(inference, asked, modes=["memory"], max_new_tokens=8)
+        warm = evaluate_generation(
+            inference, asked, modes=["none"], max_new_tokens=8, without_memory="warmup"
+        )
         for mode in ("memory", "warmup"):
-            expected = m3_cloze(inference, read_cloze(cloze)[:6], mode)
+            expected = m3_cloze(inference, asked, mode)
             assert scores[mode]["m3_cloze"]["acc,none"] == pytest.approx(expected)
+            score = generation["memory"] if mode == "memory" else warm["none"]
+            assert scores[mode]["m3_generation"]["exact,none"] == score.exact
+            assert scores[mode]["m3_generation"]["contains,none"] == score.contains
+    assert scores["memory"]["m3_generation"]["contains,none"] > 0  # the answered questions
     table = (folder / "lm_eval.md").read_text()
     assert table == markdown_table(scores)
     assert "| task | metric | memory | warmup |" in table and "| m3_cloze | acc |" in table
-    assert (folder / "m3_cloze.yaml").is_file() and (folder / "done.json").is_file()
+    assert "| m3_generation | exact |" in table
+    for name in ("m3_cloze.yaml", "m3_generation.yaml", "m3_generation_metrics.py", "done.json"):
+        assert (folder / name).is_file(), name
     report = write_report(recipe, [("lm_eval", recipe)], {"lm_eval": {"seconds": 1.0}})
     assert table in report.read_text()
 
@@ -355,4 +483,6 @@ def test_bad_model_arguments_name_the_argument(tiny_bank) -> None:
         M3LM(bank="nowhere")
     with pytest.raises(UserError, match="model_args batch_size=0"):
         M3LM.from_inference(small_inference(), batch_size=0)
+    with pytest.raises(UserError, match=r"a generate_until context of 5001 tokens \(with <s>\)"):
+        M3LM.from_inference(small_inference()).continue_texts([("x" * 5000, {})])
     assert M3LM(bank=str(tiny_bank.folder), mode=None).mode == "none"  # lm-eval's `none`

@@ -13,7 +13,7 @@ batch of prompts:
    decoded chunk after a prompt that ends on a boundary inherits the last prompt chunk's
    memories (the same text retrieves the same references);
 3. tokens are chosen greedily or sampled (temperature, top-k, top-p, a seeded generator)
-   until EOS, `max_new_tokens`, or the model's context (`block_size`) is full.
+   until EOS, `max_new_tokens`, a stop string, or the model's context (`block_size`) is full.
 
 Every row reports its *provenance*: for every chunk of its context, the reference ids (with
 their scores and texts) whose memories that chunk read.
@@ -108,8 +108,8 @@ class Generation:
         tokens: Per row, the generated token ids (an EOS that ended the row not included).
         contexts: Per row, the token ids the model read before generating: `<s>`, then the
             prompt (for RAG: the references, then the prompt).
-        finish_reasons: Per row, "eos" or "length" (`max_new_tokens` or the model's
-            `block_size` reached).
+        finish_reasons: Per row, "eos", "length" (`max_new_tokens` or the model's
+            `block_size` reached) or "stop" (a stop string, `generate`'s `stop`).
         provenance: Per row, the references each chunk of its context read, in chunk order.
         mode: "memory", "none", "rag" or "warmup".
         times: Seconds spent in "retrieve" (every retrieval call, swaps included), "prefill",
@@ -239,6 +239,32 @@ def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -
         raise UserError(f"generation.top_p must be in (0, 1] or null, got {top_p!r}")
 
 
+def stop_at(text: str, stop: Sequence[str], *, final: bool = False) -> int | None:
+    """Where a text is cut at its first stop string (lm-eval's `until`), or None.
+
+    Args:
+        text: A row's generated text so far.
+        stop: The stop strings (empty ones ignored).
+        final: The text is complete; else it may still grow, and a cut counts only once more
+            tokens cannot move it: it lies before any trailing U+FFFD (bytes that the next
+            token may complete) and no stop string that would start earlier can still complete.
+
+    Returns:
+        The index the first stop string starts at, as cutting the complete text finds it
+        (for a tokenizer whose decoding of more tokens extends that of fewer).
+    """
+    settled = text if final else text.rstrip("\ufffd")
+    found = [settled.find(s) for s in stop if s and s in settled]
+    if not found:
+        return None
+    first = min(found)
+    for s in () if final else stop:  # a longer stop string, begun before `first`, may complete
+        begun = range(max(0, len(settled) - len(s) + 1), first)
+        if s and any(s.startswith(settled[i:]) for i in begun):
+            return None
+    return first
+
+
 # ------------------------------------------------------------------------------ generation
 def encode_prompts(
     tokenizer: Tokenizer, prompts: Sequence[str], *, block_size: int, what: str = "prompt"
@@ -301,6 +327,7 @@ def generate(
     top_p: float | None = None,
     seed: int = 0,
     ignore_eos: bool = False,
+    stop: Sequence[str] = (),
 ) -> Generation:
     """Continue a batch of prompts, reading explicit memories (or a baseline's context).
 
@@ -317,6 +344,8 @@ def generate(
         top_p: Sample from the smallest set of likeliest tokens whose mass reaches `top_p`.
         seed: Seed of the sampling generator (the same seed gives the same text).
         ignore_eos: Keep generating past EOS (fixed-length rows, e.g. for benchmarks).
+        stop: Stop strings (lm-eval's `until`): a row stops once its text holds one for good
+            (`stop_at`); the text keeps it (`stop_at(text, stop, final=True)` cuts there).
 
     Returns:
         Texts, token ids, contexts, finish reasons, provenance and phase times per row.
@@ -355,7 +384,7 @@ def generate(
     return _decode(
         inference, prompts, contexts, provenance, mode=mode, max_new_tokens=max_new_tokens,
         temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, ignore_eos=ignore_eos,
-        clock=clock,
+        stop=stop, clock=clock,
     )  # fmt: skip
 
 
@@ -371,6 +400,7 @@ def generate_from_ids(
     top_p: float | None = None,
     seed: int = 0,
     ignore_eos: bool = False,
+    stop: Sequence[str] = (),
 ) -> Generation:
     """Continue contexts given as token ids, as `generate` continues its encoded prompts.
 
@@ -390,6 +420,7 @@ def generate_from_ids(
         top_p: As in `generate`.
         seed: As in `generate`.
         ignore_eos: As in `generate`.
+        stop: As in `generate`.
 
     Returns:
         As `generate`; `prompts` are the contexts decoded (the `<s>` left out).
@@ -418,7 +449,7 @@ def generate_from_ids(
     return _decode(
         inference, prompts, contexts, [[] for _ in contexts], mode=mode,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        seed=seed, ignore_eos=ignore_eos, clock=_Clock(inference.device),
+        seed=seed, ignore_eos=ignore_eos, stop=stop, clock=_Clock(inference.device),
     )  # fmt: skip
 
 
@@ -435,6 +466,7 @@ def _decode(
     top_p: float | None,
     seed: int,
     ignore_eos: bool,
+    stop: Sequence[str],
     clock: _Clock,
 ) -> Generation:
     """Prefill the contexts, then decode (the loop `generate` describes).
@@ -449,6 +481,7 @@ def _decode(
     idx, lengths = right_pad(contexts, tokenizer.pad_id)
     width = idx.shape[1]
     budget = [min(max_new_tokens, config.block_size - len(c)) for c in contexts]
+    stop = [stop] if isinstance(stop, str) else list(stop)
     prefix = None if mode == "warmup" else inference.prefix
     cache = model.new_cache(batch, width + max(budget), prefix=prefix)
 
@@ -493,7 +526,9 @@ def _decode(
                 finish[b] = "eos"
                 continue
             generated[b].append(token)
-            if len(generated[b]) == budget[b]:
+            if stop and stop_at(tokenizer.decode(generated[b]), stop) is not None:
+                finish[b] = "stop"  # decoding further cannot change the cut text
+            elif len(generated[b]) == budget[b]:
                 finish[b] = "length"
             else:
                 feed[b] = token
@@ -508,7 +543,7 @@ def _decode(
         clock.stop("decode", start)
 
     for b in range(batch):  # each chunk's span ends with the last token the model read
-        unread = 1 if finish[b] == "length" and generated[b] else 0
+        unread = 1 if finish[b] in ("length", "stop") and generated[b] else 0
         read = len(contexts[b]) + len(generated[b]) - unread
         for entry in provenance[b]:
             if entry.chunk >= 0:
@@ -586,20 +621,8 @@ def _swap_at_boundaries(
 
 
 __all__ = [
-    "MODES",
-    "RAG_TEMPLATE",
-    "ChunkReferences",
-    "Generation",
-    "Inference",
-    "Mode",
-    "RetrievedReference",
-    "allowed_logits",
-    "check_sampling",
-    "encode_prompts",
-    "generate",
-    "generate_from_ids",
-    "load_inference",
-    "rag_context",
-    "rag_references",
-    "sample_next",
-]
+    "MODES", "RAG_TEMPLATE", "ChunkReferences", "Generation", "Inference", "Mode",
+    "RetrievedReference", "allowed_logits", "check_sampling", "encode_prompts", "generate",
+    "generate_from_ids", "load_inference", "rag_context", "rag_references", "sample_next",
+    "stop_at",
+]  # fmt: skip

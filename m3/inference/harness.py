@@ -23,8 +23,9 @@ The three request types:
 - `loglikelihood_rolling(text)`: the text in windows of `<s>` + up to `seq_length` tokens
   (`heldout_sequences`), each window scored as `evaluate_heldout` scores it, under the
   `paper` or `causal` retrieval protocol (the `protocol` model argument);
-- `generate_until(context, gen_kwargs)`: greedy batched decoding with `generate` (memories
-  swapped every 64 tokens), cut at the first `until` string, at most `max_gen_toks` tokens.
+- `generate_until(context, gen_kwargs)`: greedy batched decoding with `m3 generate`'s loop
+  (memories swapped every 64 tokens), at most `max_gen_toks` tokens, cut at the first
+  `until` string; a batch stops decoding once every row holds one.
 
 ```python
 import lm_eval
@@ -55,7 +56,7 @@ from tqdm.auto import tqdm
 from m3.core.errors import UserError
 from m3.core.memories import Memories
 from m3.inference.evaluate import heldout_sequences
-from m3.inference.generate import generate
+from m3.inference.generate import generate_from_ids, stop_at
 from m3.inference.loading import Inference, load_inference
 from m3.inference.rag import rag_prefixes
 from m3.inference.scoring import heldout_memories, scored_tokens
@@ -401,8 +402,13 @@ class M3LM(LM):
     ) -> list[str]:
         """Greedy continuations of contexts (what `generate_until` runs).
 
-        Requests with the same `gen_kwargs` are decoded together, `batch_size` at a time,
-        by `m3.inference.generate.generate` in this model's mode.
+        Requests with the same `gen_kwargs` are decoded together, `batch_size` at a time, by
+        `m3.inference.generate.generate_from_ids` in this model's mode, from `<s>` + the
+        context's ids (`rag`: `<s>` + the references + the context's ids, as `score_pairs`
+        and `m3 evaluate` lay them out, read without memories). A batch stops decoding once
+        each of its rows holds an `until` string that more tokens cannot move
+        (`m3.inference.generate.stop_at`), which gives the text that decoding all
+        `max_gen_toks` tokens and cutting would.
 
         Args:
             requests: `(context, gen_kwargs)` pairs.
@@ -410,6 +416,9 @@ class M3LM(LM):
 
         Returns:
             Per request, the generated text up to its first `until` string.
+
+        Raises:
+            UserError: For a context (with `<s>` and RAG references) longer than the model's.
         """
         groups: dict[str, list[int]] = {}
         for n, (_, kwargs) in enumerate(requests):
@@ -425,16 +434,17 @@ class M3LM(LM):
             temperature = float(kwargs.pop("temperature", 0.0)) if sample else 0.0
             for start in range(0, len(members), self.batch_size):
                 batch = members[start : start + self.batch_size]
-                found = generate(
+                found = generate_from_ids(
                     self.inference,
-                    [requests[n][0] for n in batch],
+                    self._generation_contexts([requests[n][0] for n in batch]),
                     max_new_tokens=steps,
-                    mode=self.mode,  # type: ignore[arg-type]
+                    mode="none" if self.mode == "rag" else self.mode,  # type: ignore[arg-type]
                     temperature=temperature,
+                    stop=until,
                 )
                 for n, text in zip(batch, found.texts, strict=True):
-                    cuts = [text.find(stop) for stop in until if stop and stop in text]
-                    out[n] = text[: min(cuts)] if cuts else text
+                    cut = stop_at(text, until, final=True)
+                    out[n] = text if cut is None else text[:cut]
                 bar.update(len(batch))
         bar.close()
         return out
@@ -456,6 +466,24 @@ class M3LM(LM):
                 + ("; give a smaller model_args seq_length" if key == "seq_length" else "")
             )
         return [row[0], *row[len(row) - self.block_size + 1 :]]
+
+    def _generation_contexts(self, contexts: list[str]) -> list[list[int]]:
+        """`<s>` + each context's ids; with `rag`, the references' ids between them."""
+        tokenizer = self.inference.tokenizer
+        before: dict[str, list[int]] = {}
+        if self.mode == "rag":  # one retrieval per distinct context, as score_pairs
+            asked = sorted({c for c in contexts if c})
+            texts = rag_prefixes(self.inference.retriever, tokenizer, asked) if asked else []
+            before = dict(zip(asked, texts, strict=True))
+        rows = [[tokenizer.bos_id, *before.get(c, []), *tokenizer.encode(c)] for c in contexts]
+        for row in rows:
+            if len(row) > self.block_size:
+                raise UserError(
+                    f"a generate_until context of {len(row)} tokens (with <s>"
+                    + (" and its RAG references" if self.mode == "rag" else "")
+                    + f") does not fit the model's context (block_size {self.block_size})"
+                )
+        return rows
 
     def _context_memories(
         self, rows: list[list[int]], scored_from: list[int], contexts: list[list[int]]

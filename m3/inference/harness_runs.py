@@ -12,10 +12,12 @@ m3 lm-eval --model m3 --model_args bank=runs/tiny/bank,mode=memory,k=5,threshold
 A recipe's `lm_eval` stage (`stage: lm_eval`, the `lm_eval:` section) scores its tasks once
 per mode, loading the model and its bank once, and writes `lm_eval.json` (every metric of
 every task per mode) and `lm_eval.md` (one row per task, one column per mode) into its
-output folder; a pipeline's report includes the table. The task `m3_cloze` is written by
-the stage itself (`write_cloze_task`): the recipe's `evaluation.cloze` questions as a local
-multiple-choice task whose `acc` is `m3 evaluate`'s cloze accuracy. Nothing here needs a
-hub: local tasks (`m3_cloze`, YAML files) load offline.
+output folder; a pipeline's report includes the table. Two local tasks are written by the
+stage itself from the recipe's `evaluation.cloze` questions: `m3_cloze` (`write_cloze_task`),
+a multiple-choice task whose `acc` is `m3 evaluate`'s cloze accuracy, and `m3_generation`
+(`write_generation_task`), a `generate_until` task whose `exact` and `contains` are the
+generation metric's (`m3.inference.generation_score`). Nothing here needs a hub: local tasks
+(`m3_cloze`, `m3_generation`, YAML files) load offline.
 
 This module imports lm-eval and torch only inside its functions, so that `m3 --help`
 stays fast.
@@ -38,17 +40,26 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOZE_TASK",
+    "GENERATION_TASK",
     "add_lm_eval_verb",
     "cloze_task",
+    "contains",
+    "exact",
+    "generation_task",
     "lm_eval_recipe",
     "markdown_table",
     "run_lm_eval_cli",
     "task_specs",
     "write_cloze_task",
+    "write_generation_task",
 ]
 
-#: The local task the `lm_eval` stage writes from `evaluation.cloze`.
+#: The local multiple-choice task the `lm_eval` stage writes from `evaluation.cloze`.
 CLOZE_TASK = "m3_cloze"
+#: The local generation task the `lm_eval` stage writes from `evaluation.cloze`.
+GENERATION_TASK = "m3_generation"
+#: The module next to a written `m3_generation` YAML that its `!function` metrics name.
+_METRICS_MODULE = "m3_generation_metrics"
 
 _OFFLINE = (
     "lm-eval's tasks download their datasets from the Hugging Face Hub; where it cannot be "
@@ -197,6 +208,128 @@ def write_cloze_task(cloze: str | Path, folder: str | Path, *, name: str = CLOZE
     return path
 
 
+def exact(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """The `m3_generation` task's `exact`: the continuation's first words are the answer's.
+
+    lm-eval calls a task's metric function once per document, with one reference and one
+    prediction; this is `m3.inference.generation_score.match_answer`'s exact match.
+
+    Args:
+        references: `[answer]`, the correct option's text.
+        predictions: `[continuation]`, the generated text.
+
+    Returns:
+        1.0 or 0.0.
+    """
+    from m3.inference.generation_score import match_answer
+
+    return float(match_answer(predictions[0], references[0])[0])
+
+
+def contains(references: Sequence[str], predictions: Sequence[str]) -> float:
+    """The `m3_generation` task's `contains`: the answer's words appear in the continuation.
+
+    Args:
+        references: `[answer]`, the correct option's text.
+        predictions: `[continuation]`, the generated text.
+
+    Returns:
+        1.0 or 0.0 (`m3.inference.generation_score.match_answer`'s contains match).
+    """
+    from m3.inference.generation_score import match_answer
+
+    return float(match_answer(predictions[0], references[0])[1])
+
+
+def generation_task(
+    cloze: str | Path, *, max_new_tokens: int = 16, name: str = GENERATION_TASK
+) -> dict[str, Any]:
+    """A local lm-eval `generate_until` task over cloze questions: the generation metric.
+
+    Each document's context is the cloze prompt; the model decodes greedily
+    `max_new_tokens` tokens with no stop string (EOS aside), as
+    `m3.inference.generation_score.evaluate_generation` does; `exact` and `contains` score
+    the continuation against the correct option exactly as that function does.
+
+    Args:
+        cloze: The questions' JSON Lines file (`prompt`, `options`, `answer`).
+        max_new_tokens: Tokens generated per question (`evaluation.generation.max_new_tokens`).
+        name: The task's name.
+
+    Returns:
+        The task's config, its metric functions as callables (`write_generation_task`
+        writes them as `!function` references).
+
+    Raises:
+        UserError: When the questions' file does not exist.
+    """
+    cloze = Path(cloze)
+    if not cloze.is_file():
+        raise UserError(f"evaluation.cloze: {cloze} does not exist (the {name} task reads it)")
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(cloze.resolve())}},
+        "test_split": "test",
+        "output_type": "generate_until",
+        "doc_to_text": "prompt",
+        "doc_to_choice": "options",
+        "doc_to_target": "answer",
+        "generation_kwargs": {
+            "until": [],
+            "max_gen_toks": max_new_tokens,
+            "do_sample": False,
+            "temperature": 0.0,
+        },
+        "metric_list": [
+            {"metric": exact, "aggregation": "mean", "higher_is_better": True},
+            {"metric": contains, "aggregation": "mean", "higher_is_better": True},
+        ],
+    }
+
+
+def write_generation_task(
+    cloze: str | Path,
+    folder: str | Path,
+    *,
+    max_new_tokens: int = 16,
+    name: str = GENERATION_TASK,
+) -> Path:
+    """Write `generation_task` as a task YAML, with the module its metrics come from.
+
+    Next to `<name>.yaml` goes `m3_generation_metrics.py`, which imports `exact` and
+    `contains` from m3: lm-eval resolves a YAML's `!function module.name` from a file beside it.
+
+    Args:
+        cloze: The questions' JSON Lines file.
+        folder: Where the YAML goes.
+        max_new_tokens: Tokens generated per question.
+        name: The task's name.
+
+    Returns:
+        The YAML file (`<folder>/<name>.yaml`).
+    """
+    import yaml
+
+    task = generation_task(cloze, max_new_tokens=max_new_tokens, name=name)
+    metrics = task.pop("metric_list")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{_METRICS_MODULE}.py").write_text(
+        f'"""The {name} task\'s metrics (written by m3.inference.harness_runs)."""\n\n'
+        "from m3.inference.harness_runs import contains, exact\n\n"
+        '__all__ = ["contains", "exact"]\n'
+    )
+    listed = "".join(
+        f"- metric: !function {_METRICS_MODULE}.{m['metric'].__name__}\n"
+        f"  aggregation: {m['aggregation']}\n  higher_is_better: true\n"
+        for m in metrics
+    )
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(task, sort_keys=False) + "metric_list:\n" + listed)
+    return path
+
+
 def task_specs(tasks: Sequence[str]) -> tuple[list[str | dict[str, Any]], bool]:
     """lm-eval task specs: names as they are, YAML files read as task configs.
 
@@ -238,7 +371,7 @@ def _scores(results: dict[str, Any]) -> dict[str, dict[str, float]]:
 
 def _main_metric(metrics: dict[str, float]) -> str | None:
     names = [k for k in metrics if "_stderr" not in k]
-    for preferred in ("acc,", "exact_match,", "acc_norm,", "word_perplexity,"):
+    for preferred in ("acc,", "exact_match,", "exact,", "acc_norm,", "word_perplexity,"):
         for name in names:
             if name.startswith(preferred):
                 return name
@@ -249,8 +382,8 @@ def markdown_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     """lm-eval's results as Markdown: one row per task, one column per mode.
 
     Each cell is the task's main metric (`acc` where it has one, else `exact_match`,
-    `acc_norm`, `word_perplexity` or its first), with its standard error where lm-eval gives
-    one.
+    `exact` (`m3_generation`), `acc_norm`, `word_perplexity` or its first), with its
+    standard error where lm-eval gives one.
 
     Args:
         scores: Mode -> task -> metric -> value (`lm_eval.json`'s `scores`).
@@ -286,12 +419,21 @@ def markdown_table(scores: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines)
 
 
+def _generation_tokens(recipe: Recipe) -> int:
+    """`evaluation.generation.max_new_tokens`, or its default: the `m3_generation` task's."""
+    from m3.recipes import GenerationMetricSection
+
+    settings = recipe.evaluation.generation if recipe.evaluation else None
+    return (settings or GenerationMetricSection()).max_new_tokens
+
+
 def lm_eval_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
     """Run the lm-eval stage a recipe describes (`stage: lm_eval`).
 
     Loads the model and its bank once (`load_inference`), then scores the `lm_eval.tasks`
     once per mode of `lm_eval.modes` through `lm_eval.simple_evaluate`; writes
-    `lm_eval.json` and `lm_eval.md` into the recipe's output folder.
+    `lm_eval.json` and `lm_eval.md` into the recipe's output folder. `m3_generation`
+    decodes `evaluation.generation.max_new_tokens` tokens per question (16 by default).
 
     Args:
         recipe: A checked recipe with an `lm_eval:` section and what `load_inference` needs
@@ -303,8 +445,8 @@ def lm_eval_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
 
     Raises:
         UserError: For no tasks, a task lm-eval cannot find or load (naming
-            `lm_eval.tasks`), the `m3_cloze` task without `evaluation.cloze`, or a bank that
-            does not belong to the model.
+            `lm_eval.tasks`), the `m3_cloze` or `m3_generation` task without
+            `evaluation.cloze`, or a bank that does not belong to the model.
     """
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -323,13 +465,16 @@ def lm_eval_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
         return run.path
     specs, local = task_specs(spec.tasks)
     cloze = recipe.evaluation.cloze if recipe.evaluation else None
-    if CLOZE_TASK in specs:
-        if cloze is None:
-            raise UserError(
-                f"lm_eval.tasks: the {CLOZE_TASK} task reads evaluation.cloze; name the file"
-            )
-        specs[specs.index(CLOZE_TASK)] = cloze_task(cloze)
-        local = all(isinstance(s, dict) for s in specs)
+    steps = _generation_tokens(recipe)
+    for name, build in ((CLOZE_TASK, cloze_task), (GENERATION_TASK, generation_task)):
+        if name in specs:
+            if cloze is None:
+                raise UserError(
+                    f"lm_eval.tasks: the {name} task reads evaluation.cloze; name the file"
+                )
+            extra = {"max_new_tokens": steps} if name == GENERATION_TASK else {}
+            specs[specs.index(name)] = build(cloze, **extra)
+            local = all(isinstance(s, dict) for s in specs)
     manager = TaskManager(include_path=spec.include_path, include_defaults=not local)
     with _tasks_named("lm_eval.tasks"):
         manager.load(specs)  # checked before the model loads and the folder is claimed
@@ -338,6 +483,8 @@ def lm_eval_recipe(recipe: Recipe, *, overwrite: bool = False) -> Path:
         run.claim(overwrite=overwrite)
         if cloze is not None and CLOZE_TASK in spec.tasks:  # to read, and to run with lm_eval
             write_cloze_task(cloze, run.path)
+        if cloze is not None and GENERATION_TASK in spec.tasks:
+            write_generation_task(cloze, run.path, max_new_tokens=steps)
         for mode in spec.modes:
             model = M3LM.from_inference(
                 inference,

@@ -247,8 +247,9 @@ class GenerationSection:
     Attributes:
         max_new_tokens: Most tokens generated per prompt.
         mode: "memory" (explicit memories, swapped every chunk), "none" (the same model
-            without memories) or "rag" (the `retrieval.k` references as text before the
-            prompt, no memories).
+            without memories), "rag" (the `retrieval.k` references as text before the
+            prompt, no memories) or "warmup" (a plain causal LM: no reference prefix, no
+            memories, as lm-eval's `m3` model with `mode=warmup`).
         temperature: Softmax temperature; 0 decodes greedily.
         top_k: Sample among the `top_k` most likely tokens only; null: all.
         top_p: Sample among the most likely tokens whose probabilities sum to `top_p`
@@ -256,7 +257,7 @@ class GenerationSection:
     """
 
     max_new_tokens: Annotated[int, Bounds(ge=1)] = 128
-    mode: Literal["memory", "none", "rag"] = "memory"
+    mode: Literal["memory", "none", "rag", "warmup"] = "memory"
     temperature: Annotated[float, Bounds(ge=0)] = 0.0
     top_k: Annotated[int, Bounds(ge=1)] | None = None
     top_p: Annotated[float, Bounds(gt=0, le=1)] | None = None
