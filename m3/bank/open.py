@@ -10,9 +10,10 @@ when it is the one the bank was built from: its knowledge fingerprint is the man
 
 **A bank built before the table** (no `references/`) opens as it always did: its shards'
 own copies of the token ids serve `store.references` (and the retriever, which falls back
-to them), so it retrieves the same ids and filters the same. Nothing needs to be rebuilt; a build
-that resumes it, or rebuilds it (`m3 build-memory --overwrite`), writes its table. A table
-that does not match (or is damaged) is left unused, with a warning naming it.
+to them), so it retrieves the same ids and filters the same. Nothing needs to be rebuilt;
+a build that resumes it, or rebuilds it (`m3 build-memory --overwrite`), writes its table.
+A table that does not match (or is damaged) is left unused, with a warning naming it; so
+is the table of a bank whose shards an earlier m3 edited in place.
 """
 
 from __future__ import annotations

@@ -365,9 +365,11 @@ class TextDataModule(L.LightningDataModule):
 
             documents, skipped = self._unwritten
             assert self.chunker is not None
+            trainer = self.trainer  # the ranks of a run share the shards' work
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
             table = write_table(
                 pairing_table(self.pairing_file), documents, self.tokenizer,
-                chunker=self.chunker, skipped=skipped,
+                chunker=self.chunker, skipped=skipped, rank=rank, world=world,
             )  # fmt: skip
             if len(table) == 0:
                 raise empty_knowledge(self.knowledge or [], table.skipped)
