@@ -29,7 +29,9 @@ candidates' token ids through h5py), cache off, the runs taking turns: the decod
 the last boundary (a 2048-token context) and the batched 32-chunk prompt, each with the
 filter off, the previous filter, the current filter reading token ids through h5py (a bank
 built before the reference table) and the current filter reading them from the table, and
-the ratio previous ÷ current (median of `--baseline-rounds`).
+the ratio previous ÷ current (median of `--baseline-rounds`), then the same calls in the CPU
+time of this process (`time.process_time`), which other jobs on a shared machine do not
+inflate as they do wall time.
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
         [--threshold 0.667 | none] [--baseline-rounds 3]
@@ -179,13 +181,16 @@ def compare_filters(
 
                 candidates.leak_mask = timed_mask  # type: ignore[assignment]
                 try:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     run(retriever)
                     elapsed = time.perf_counter() - start
+                    cpu = time.process_time() - cpu
                 finally:
                     candidates.leak_mask = leak_mask  # type: ignore[assignment]
                 phase = retriever.phase_times()["filter"]
-                for what, seconds in (("total", elapsed), ("filter", phase), ("lcs", spent[0])):
+                for what, seconds in (
+                    ("total", elapsed), ("filter", phase), ("lcs", spent[0]), ("cpu", cpu)
+                ):  # fmt: skip
                     times.setdefault((scenario, name, what), []).append(seconds * 1e3)
     print(
         f"\nleakage filter, previous vs current (threshold {threshold:.3f}, cache off, median "
@@ -213,6 +218,13 @@ def compare_filters(
             + " | ".join(f"{c:>26}" for c in cells)
             + f" | {ratio:>5.0f} |"
         )
+    # CPU time of the calling process: what other processes on a shared machine leave alone
+    print("\nthe same calls in CPU time of this process, ms (median)")
+    print(f"| {'scenario':<32} | " + " | ".join(f"{n:>14}" for n in variants) + " |")
+    print("|" + "-" * 34 + "|" + "|".join("-" * 16 for _ in variants) + "|")
+    for scenario in scenarios:
+        cpu = [statistics.median(times[(scenario, n, "cpu")]) for n in variants]
+        print(f"| {scenario:<32} | " + " | ".join(f"{c:>14.1f}" for c in cpu) + " |")
 
 
 def main() -> None:
