@@ -2,10 +2,12 @@
 
 A knowledge base of `--count` references (~100-byte texts of random words, bytes as tokens)
 with random memories of the "small" preset's shape `(3, 2, 2, 8, 32)` in an `HDF5Store` on
-local disk (warm page cache: the file was just written), an `ExactIndex` of
-`HashedNgramEmbedder` vectors (dim 2048), k = 5, over-fetch 3, leakage threshold 2/3. Each
-query chunk holds rare words of a few references, so neighbouring chunks share some of their
-references, as adjacent chunks of a document do.
+local disk (warm page cache: the file was just written) and the references' token ids in a
+reference table (`m3.bank.table`), opened as `m3.bank.open.open_bank` opens a bank: a
+`ShardedStore` over the shard, given the table. An `ExactIndex` of `HashedNgramEmbedder`
+vectors (dim 2048), k = 5, over-fetch 3, leakage threshold 2/3. Each query chunk holds rare
+words of a few references, so neighbouring chunks share some of their references, as
+adjacent chunks of a document do.
 
 Scenarios (each the median of `--rounds` runs, times in ms):
 
@@ -22,10 +24,14 @@ calling thread's time (embed, search, filter, cache, assemble) and the store rea
 the overlapped scenario run in the reader thread, so they can add up to more than the total.
 
 A second table times the leakage filter side by side with its previous implementation
-(`m3.retrieval.overlap._baseline_leak_mask`, one bit-parallel LCS per window), cache off,
-the runs taking turns: the decoding step at the last boundary (a 2048-token context) and the
-batched 32-chunk prompt, each with the filter off, the previous filter and the current one,
-and the ratio previous ÷ current (median of `--baseline-rounds`).
+(`m3.retrieval.overlap._baseline_leak_mask`, one bit-parallel LCS per window, reading the
+candidates' token ids through h5py), cache off, the runs taking turns: the decoding step at
+the last boundary (a 2048-token context) and the batched 32-chunk prompt, each with the
+filter off, the previous filter, the current filter reading token ids through h5py (a bank
+built before the reference table) and the current filter reading them from the table, and
+the ratio previous ÷ current (median of `--baseline-rounds`), then the same calls in the CPU
+time of this process (`time.process_time`), which other jobs on a shared machine do not
+inflate as they do wall time.
 
     OMP_NUM_THREADS=1 python benchmarks/retrieval_latency.py [--count 4000] [--rounds 7]
         [--threshold 0.667 | none] [--baseline-rounds 3]
@@ -52,8 +58,11 @@ import m3.retrieval.candidates as candidates
 from m3.backends.base import StoreInfo
 from m3.backends.exact_index import ExactIndex
 from m3.backends.hdf5_store import HDF5Store
+from m3.backends.sharded import ShardedStore
+from m3.bank.table import ReferenceTable, write_table
 from m3.core.memories import SparseMemory
-from m3.data.chunking import Reference
+from m3.data.chunking import FixedChunker, Reference
+from m3.data.documents import Document
 from m3.data.tokenizer import ByteTokenizer
 from m3.model.config import Config
 from m3.retrieval.embedders import HashedNgramEmbedder
@@ -63,8 +72,10 @@ from m3.retrieval.retriever import PHASES, Retriever
 CHUNKS = 32
 
 
-def build_bank(directory: Path, count: int) -> tuple[HDF5Store, list[str], list[str]]:
-    """Write `count` random references; return the store, their texts and rare words."""
+def build_bank(
+    directory: Path, count: int
+) -> tuple[HDF5Store, ReferenceTable, list[str], list[str]]:
+    """Write `count` random references; return the store, their table, texts and rare words."""
     rng = random.Random(0)
 
     def word() -> str:
@@ -89,7 +100,10 @@ def build_bank(directory: Path, count: int) -> tuple[HDF5Store, list[str], list[
     with HDF5Store(directory / "bank.h5", info=info, mode="w") as store:
         store.write(torch.arange(count), memory, references)
         store.mark_complete()
-    return HDF5Store(directory / "bank.h5"), texts, rare
+    documents = [Document(i, text) for i, text in enumerate(texts)]
+    table = write_table(directory / "references", documents, tokenizer, chunker=FixedChunker(128))
+    assert list(table) == references, "the table holds the store's references"
+    return HDF5Store(directory / "bank.h5"), table, texts, rare
 
 
 def prompt_ids(rare: list[str], seed: int) -> list[int]:
@@ -125,24 +139,32 @@ def measure(run: Callable[[], int], retriever: Retriever, rounds: int) -> dict[s
 
 
 def compare_filters(
-    make: Callable[[float | None], Retriever], prompt: list[int], threshold: float, rounds: int
+    make: Callable[[float | None, bool], Retriever],
+    prompt: list[int],
+    threshold: float,
+    rounds: int,
 ) -> None:
     """Print the filter-off, previous-filter and current-filter times of two scenarios.
 
     The filter phase holds the overlap computation (timed apart: the time spent in the
-    mask function) and the reads of the candidates' token ids from the store.
+    mask function) and the reads of the candidates' token ids (through h5py, or from the
+    reference table). `make(threshold, table)` gives a retriever.
     """
     scenarios = {
         "decode step, 2048-token context": lambda r: r.retrieve_next([prompt]),
         "prompt, batched (32 chunks)": lambda r: r.retrieve_context([prompt]),
     }
-    variants = {"off": (None, leak_mask), "previous": (threshold, _baseline_leak_mask)}
-    variants["current"] = (threshold, leak_mask)
-    retrievers = {name: make(t) for name, (t, _) in variants.items()}
+    variants = {  # threshold, mask, token ids from the table
+        "off": (None, leak_mask, True),
+        "previous": (threshold, _baseline_leak_mask, False),
+        "current, h5py": (threshold, leak_mask, False),
+        "current, table": (threshold, leak_mask, True),
+    }
+    retrievers = {name: make(t, table) for name, (t, _, table) in variants.items()}
     times: dict[tuple[str, str, str], list[float]] = {}
     for _ in range(rounds):
         for scenario, run in scenarios.items():
-            for name, (_, mask) in variants.items():
+            for name, (_, mask, _) in variants.items():
                 retriever = retrievers[name]
                 retriever.reset_cache()
                 retriever.reset_stats()
@@ -159,20 +181,27 @@ def compare_filters(
 
                 candidates.leak_mask = timed_mask  # type: ignore[assignment]
                 try:
-                    start = time.perf_counter()
+                    start, cpu = time.perf_counter(), time.process_time()
                     run(retriever)
                     elapsed = time.perf_counter() - start
+                    cpu = time.process_time() - cpu
                 finally:
                     candidates.leak_mask = leak_mask  # type: ignore[assignment]
                 phase = retriever.phase_times()["filter"]
-                for what, seconds in (("total", elapsed), ("filter", phase), ("lcs", spent[0])):
+                for what, seconds in (
+                    ("total", elapsed), ("filter", phase), ("lcs", spent[0]), ("cpu", cpu)
+                ):  # fmt: skip
                     times.setdefault((scenario, name, what), []).append(seconds * 1e3)
     print(
         f"\nleakage filter, previous vs current (threshold {threshold:.3f}, cache off, median "
-        f"of {rounds} rounds in turns), ms: total / filter phase / of which overlap"
+        f"of {rounds} rounds in turns), ms: total / filter phase / of which overlap; "
+        "token ids read through h5py or from the reference table"
     )
-    print(f"| {'scenario':<32} | {'off':>6} | {'previous':>24} | {'current':>20} | ratio |")
-    print("|" + "-" * 34 + "|--------|--------------------------|----------------------|-------|")
+    shown = ("previous", "current, h5py", "current, table")
+    print(
+        f"| {'scenario':<32} | {'off':>6} | " + " | ".join(f"{n:>26}" for n in shown) + " | ratio |"
+    )
+    print("|" + "-" * 34 + "|--------|" + "|".join("-" * 28 for _ in shown) + "|-------|")
     for scenario in scenarios:
         m = {
             (n, w): statistics.median(times[(scenario, n, w)])
@@ -181,12 +210,21 @@ def compare_filters(
         }
         cells = [
             f"{m[(n, 'total')]:>8.1f} / {m[(n, 'filter')]:>7.1f} / {m[(n, 'lcs')]:>7.1f}"
-            for n in ("previous", "current")
+            for n in shown
         ]
+        ratio = m[("previous", "total")] / m[("current, table", "total")]
         print(
-            f"| {scenario:<32} | {m[('off', 'total')]:>6.1f} | {cells[0]:>24} | "
-            f"{cells[1]:>20} | {m[('previous', 'total')] / m[('current', 'total')]:>5.0f} |"
+            f"| {scenario:<32} | {m[('off', 'total')]:>6.1f} | "
+            + " | ".join(f"{c:>26}" for c in cells)
+            + f" | {ratio:>5.0f} |"
         )
+    # CPU time of the calling process: what other processes on a shared machine leave alone
+    print("\nthe same calls in CPU time of this process, ms (median)")
+    print(f"| {'scenario':<32} | " + " | ".join(f"{n:>14}" for n in variants) + " |")
+    print("|" + "-" * 34 + "|" + "|".join("-" * 16 for _ in variants) + "|")
+    for scenario in scenarios:
+        cpu = [statistics.median(times[(scenario, n, "cpu")]) for n in variants]
+        print(f"| {scenario:<32} | " + " | ".join(f"{c:>14.1f}" for c in cpu) + " |")
 
 
 def main() -> None:
@@ -202,7 +240,8 @@ def main() -> None:
     args = parser.parse_args()
     threshold = None if args.threshold.lower() == "none" else float(args.threshold)
     with tempfile.TemporaryDirectory() as tmp:
-        store, texts, rare = build_bank(Path(tmp), args.count)
+        shard, table, texts, rare = build_bank(Path(tmp), args.count)
+        bank_store = ShardedStore([shard], table=table)  # as open_bank opens a bank
         embedder = HashedNgramEmbedder(dim=2048)
         embedder.fit(texts)
         index = ExactIndex(embedder.dim, metric="cosine")
@@ -211,12 +250,15 @@ def main() -> None:
         boundaries = [prompt[: (c + 1) * 64] for c in range(CHUNKS)]
 
         def make(
-            cache_size: int, group_size: int, leak_threshold: float | None = threshold
+            cache_size: int,
+            group_size: int,
+            leak_threshold: float | None = threshold,
+            from_table: bool = True,
         ) -> Retriever:
             return Retriever(
                 embedder=embedder,
                 index=index,
-                store=store,
+                store=bank_store if from_table else shard,
                 tokenizer=ByteTokenizer(),
                 cache_size=cache_size,
                 group_size=group_size,
@@ -267,8 +309,13 @@ def main() -> None:
             overlapped.close()
         print_table(args.count, threshold, args.rounds, rows)
         if threshold is not None and args.baseline_rounds > 0:
-            compare_filters(lambda t: make(0, CHUNKS, t), prompt, threshold, args.baseline_rounds)
-        store.close()
+            compare_filters(
+                lambda t, from_table: make(0, CHUNKS, t, from_table),
+                prompt,
+                threshold,
+                args.baseline_rounds,
+            )
+        bank_store.close()
 
 
 def print_table(
@@ -277,7 +324,8 @@ def print_table(
     """The per-phase table of the current implementation."""
     print(
         f"{count} references of shape {Config.from_name('small').memory_shape} (fp32) in "
-        f"an HDF5Store, ExactIndex dim 2048, k=5, overfetch 3, threshold {threshold}, "
+        f"an HDF5Store, token ids from the reference table, ExactIndex dim 2048, k=5, "
+        f"overfetch 3, threshold {threshold}, "
         f"torch threads {torch.get_num_threads()}; median of {rounds} rounds, ms"
     )
     columns = ["total", *PHASES, "hit rate"]

@@ -104,7 +104,11 @@ def test_bank_holds_exactly_the_encoded_references(world, built):
     count = len(knowledge.references)
     assert 24 <= count <= 80
     bank = open_bank(built)
-    assert isinstance(bank.store, HDF5Store) and bank.store.complete
+    # one shard, read with the bank's reference table (m3.bank.open)
+    assert isinstance(bank.store, ShardedStore) and bank.store.table is not None
+    [shard] = bank.store.shards
+    assert isinstance(shard, HDF5Store) and shard.complete
+    assert shard.references(range(count)) == knowledge.references
     assert bank.store.ids().tolist() == list(range(count))
     assert_same(bank.store.read(torch.arange(count)), memory)
     assert bank.store.references(range(count)) == knowledge.references
@@ -292,8 +296,9 @@ def test_a_quantized_bank_round_trips_through_the_command(world, built, tmp_path
     out = tmp_path / "bank"
     assert main(["build-memory", *args(world, out, *QUANTIZED), "--batch-size", "8"]) == 0
     bank = open_bank(out)
-    store = bank.store
+    [store] = bank.store.shards
     assert isinstance(store, HDF5Store) and store.complete and store.quantizer is not None
+    assert bank.store.quantizer is store.quantizer
     saved = MemoryQuantizer.load(out / "quantizer.pt")
     fingerprint = saved.fingerprint()
     assert store.quantizer.fingerprint() == fingerprint

@@ -112,6 +112,30 @@ def test_pairing_retrieves_by_chunk_text_and_skips_leaking_references():
     assert leaked[0, 0] not in (0, -1)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    tokens=st.lists(st.lists(st.integers(0, 300), max_size=6), max_size=9),
+    batch=st.integers(1, 4),
+    rows=st.integers(0, 3),
+)
+def test_the_pairing_fingerprint_is_the_digest_of_the_whole_reference_list(tokens, batch, rows):
+    """Hashed a batch of references at a time, the digest pairing files have always carried."""
+    import m3.training.pairing as pairing
+    from m3.training.datamodule import fingerprint
+
+    references = [Reference("d", 0, len(ids), tuple(ids)) for ids in tokens]
+    train = torch.arange(rows * 5).view(rows, 5)
+    held_out = torch.zeros(0, 5, dtype=torch.long)
+    want = fingerprint(train, held_out, [list(r.ids) for r in references], "emb", 64, 0.9, 8)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pairing, "_BATCH", batch)  # batch boundaries anywhere
+        got = pairing.pairing_fingerprint(train, held_out, references, "emb", 64, 0.9, 8)
+        assert got == want
+        if references and list(references[-1].ids) != [301]:
+            changed = [*references[:-1], Reference("d", 0, 1, (301,))]
+            assert pairing.pairing_fingerprint(train, held_out, changed, "emb", 64, 0.9, 8) != want
+
+
 def test_collator_encodes_each_reference_once_and_maps_chunks_to_pool_slots():
     tokenizer = ByteTokenizer()
     references = knowledge(tokenizer)
@@ -266,11 +290,15 @@ def test_store_batches_carry_what_the_bank_holds_for_their_references(tiny_bank)
     import pickle
 
     from m3.bank.open import open_bank
+    from m3.bank.table import ReferenceTable
     from m3.training.datamodule import open_memory_store
 
     data = bank_data(tiny_bank, num_workers=2)
     data.check_memories(bank_model(tiny_bank))
     data.setup()
+    # the pairing read the bank's own reference table: nothing was cut again
+    assert isinstance(data.references, ReferenceTable)
+    assert data.references.folder == tiny_bank.folder / "references"
     bank = open_bank(tiny_bank.folder)
     # ids agree: the bank stored, under each id, the tokens of the pairing's reference
     assert len(bank.store) == len(data.references)

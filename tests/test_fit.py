@@ -54,6 +54,8 @@ def test_continual_stage_starts_from_the_warmup_weights(warmup_run, tmp_path):
     assert run(BASE, CONTINUAL, f"output={out}", init, *FAST) == 0
     done = json.loads((out / "done.json").read_text())
     assert done["stage"] == "continual" and (out / "pairing.pt").is_file()
+    # the pairing read the knowledge base's references from the table written beside it
+    assert (out / "pairing.references" / "manifest.json").is_file()
     before = torch.load(warmup_run / "model.pt")
     after = torch.load(out / "model.pt")
     assert not torch.equal(

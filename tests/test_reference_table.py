@@ -85,6 +85,42 @@ def test_ids_are_read_knowledges_on_the_test_world(tmp_path) -> None:
     assert list(table) == knowledge.references
     assert (table.documents, table.skipped) == (knowledge.documents, knowledge.skipped)
     assert len(table.manifest["shards"]) == -(-len(docs) // 7)
+    # the continual stage's pairing reads the same references, under the same ids, from the
+    # table it writes next to its pairing file; and its pairing file is the one the
+    # references cut in memory give
+    import torch
+
+    from m3.retrieval.embedders import HashedNgramEmbedder
+    from m3.training.datamodule import TextDataModule
+    from m3.training.pairing import pairing_table
+
+    def data(pairing_file: Path) -> TextDataModule:
+        return TextDataModule(
+            TOKENIZER, [FilesSource([tmp_path / "train.jsonl"])], knowledge=[source],
+            chunker=chunker, embedder=HashedNgramEmbedder(dim=256), seq_length=64,
+            batch_size=2, chunk_length=64, pairing_file=pairing_file,
+        )  # fmt: skip
+
+    paired = data(tmp_path / "run" / "pairing.pt")
+    paired.setup()
+    assert isinstance(paired.references, ReferenceTable)
+    assert paired.references.folder == pairing_table(tmp_path / "run" / "pairing.pt")
+    assert list(paired.references) == knowledge.references
+    in_memory = data(tmp_path / "old" / "pairing.pt")
+    in_memory.references = in_memory.build_references()  # as before the table
+    in_memory.setup()
+    assert isinstance(in_memory.references, list)
+    new = torch.load(tmp_path / "run" / "pairing.pt", weights_only=True)
+    old = torch.load(tmp_path / "old" / "pairing.pt", weights_only=True)
+    assert new.keys() == old.keys() and new["fingerprint"] == old["fingerprint"]
+    assert torch.equal(new["train"], old["train"]) and torch.equal(new["val"], old["val"])
+    assert (new["train"] >= 0).any()
+    # a second run keeps the table and accepts the pairing file
+    stamp = (paired.references.folder / "shard-00000" / "tokens.npy").stat().st_mtime_ns
+    again = data(tmp_path / "run" / "pairing.pt")
+    again.setup()
+    assert (again.references.folder / "shard-00000" / "tokens.npy").stat().st_mtime_ns == stamp
+    assert torch.equal(again.train_set.pairing, new["train"])
 
 
 def test_a_finished_table_is_kept_and_one_of_other_documents_replaced(tmp_path) -> None:

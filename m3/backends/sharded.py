@@ -3,11 +3,21 @@
 `ShardedStore` routes each id to the one shard that holds it. `LayeredStore` reads a bank
 with the layers its edits wrote on top (`m3.bank.layers`): the newest layer that holds an id
 serves it, and the ids a layer removed are hidden from the layers below.
+
+**Provenance from the reference table.** A bank built with a reference table
+(`m3.bank.table`, `<bank>/references/`) opens as a `ShardedStore` given that `table`: the
+token ids and provenance of the ids its shards hold are read from the table's memory-mapped
+arrays (`references`, and `reference_tokens` for the leakage filter), not through h5py;
+memories still come from the shards. In a `LayeredStore` the built bank is layer 0: the ids
+it serves come from its table, the ids an edit wrote from that edit's layer. Without a
+table (a bank built before it existed) every id's provenance is read from the shards, as
+before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,13 +35,19 @@ class ShardedStore(MemoryStore):
 
     Args:
         shards: The shards; each id must be in one of them only.
+        table: The references of every id the shards hold, by id (a bank's
+            `m3.bank.table.ReferenceTable`; anything whose `table[i]` is reference `i`, and
+            whose `tokens(ids)`, when it has one, gives their token ids): provenance is read
+            from it instead of the shards. None reads it from the shards.
 
     Raises:
         UserError: For shards of different memory shapes, dtypes, weights or quantizers, or an
             id held by two shards.
     """
 
-    def __init__(self, shards: Sequence[MemoryStore]) -> None:
+    def __init__(
+        self, shards: Sequence[MemoryStore], *, table: Sequence[Reference] | None = None
+    ) -> None:
         if not shards:
             raise UserError("a sharded store needs at least one shard")
         first = shards[0].info
@@ -46,6 +62,16 @@ class ShardedStore(MemoryStore):
         self.info = first.with_extra(rank=None)
         self.quantizer = getattr(shards[0], "quantizer", None)
         self._ids, self._owner = self._routing([s.ids().numpy() for s in self.shards])
+        self._table = table
+
+    @property
+    def table(self) -> Sequence[Reference] | None:
+        """The reference table provenance is read from (None: the shards)."""
+        return self._table
+
+    def table_ids(self) -> np.ndarray:
+        """The ids whose provenance `table` serves, `(N,)` int64, ascending (all, or none)."""
+        return self._ids.copy() if self._table is not None else self._ids[:0].copy()
 
     def _routing(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """The ids served, ascending, and the shard that serves each: every id is in one shard."""
@@ -100,12 +126,56 @@ class ShardedStore(MemoryStore):
         return memory
 
     def references(self, ids: Sequence[int] | Tensor) -> list[Reference]:
-        """The token ids and provenance of references, in order."""
+        """The token ids and provenance of references, in order (see the module docs).
+
+        Args:
+            ids: `(N,)` reference ids.
+
+        Returns:
+            One `Reference` per id.
+
+        Raises:
+            MissingReferenceError: For an id that is not served.
+        """
         array, owner = self._route(ids)
-        return [
-            self.shards[o].references([i])[0]
-            for i, o in zip(array.tolist(), owner.tolist(), strict=True)
-        ]
+        if self._table is not None:
+            table = self._table
+            return [table[i] for i in array.tolist()]
+        return self._gathered(array, owner, lambda store, part: store.references(part))
+
+    def reference_tokens(self, ids: Sequence[int] | Tensor) -> list[np.ndarray]:
+        """The token ids of references, in order, without their provenance.
+
+        What the leakage filter reads (`m3.retrieval.retriever.Retriever`): from the table's
+        mapped arrays when there is one (`ReferenceTable.tokens`), else from the shards.
+
+        Args:
+            ids: `(N,)` reference ids.
+
+        Returns:
+            One `(L_i,)` integer array per id (read-only: it may be a view of a mapped file).
+
+        Raises:
+            MissingReferenceError: For an id that is not served.
+        """
+        array, owner = self._route(ids)
+        table = self._table
+        if table is not None:
+            tokens = getattr(table, "tokens", None)
+            if tokens is not None:
+                return list(tokens(array))
+            return [np.asarray(table[i].ids, dtype=np.int64) for i in array.tolist()]
+        return self._gathered(array, owner, _tokens_of)
+
+    def _gathered(self, array: np.ndarray, owner: np.ndarray, read: Any) -> list[Any]:
+        """`read(store, ids)` of each serving store for its ids, put back in the asked order."""
+        out: list[Any] = [None] * len(array)
+        for serving in np.unique(owner).tolist():
+            rows = np.flatnonzero(owner == serving)
+            got = read(self.shards[serving], torch.from_numpy(array[rows]))
+            for row, value in zip(rows.tolist(), got, strict=True):
+                out[row] = value
+        return out
 
     def write(
         self, ids: Sequence[int] | Tensor, memory: SparseMemory, references: Sequence[Reference]
@@ -162,6 +232,17 @@ class LayeredStore(ShardedStore):
         self._removed = [np.asarray(r, dtype=np.int64) for r in removed]
         super().__init__(layers)
 
+    @property
+    def table(self) -> Sequence[Reference] | None:
+        """The built bank's reference table (layer 0's), None without one."""
+        return getattr(self.shards[0], "table", None)
+
+    def table_ids(self) -> np.ndarray:
+        """The ids whose provenance the built bank's table serves: those layer 0 serves."""
+        if self.table is None:
+            return self._ids[:0].copy()
+        return self._ids[self._owner == 0]
+
     def _routing(self, ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Apply the layers in order: each hides the ids it removed, then serves its own."""
         served = np.zeros(0, dtype=np.int64)
@@ -172,6 +253,14 @@ class LayeredStore(ShardedStore):
             owner = np.concatenate([owner[keep], np.full(len(held), layer)])
         order = np.argsort(served, kind="stable")
         return served[order], owner[order]
+
+
+def _tokens_of(store: MemoryStore, ids: Tensor) -> list[np.ndarray]:
+    """A store's token ids of references: its `reference_tokens`, else its `references`."""
+    fast = getattr(store, "reference_tokens", None)
+    if fast is not None:
+        return list(fast(ids))
+    return [np.asarray(r.ids, dtype=np.int64) for r in store.references(ids)]
 
 
 def shards_of(store: MemoryStore) -> list[MemoryStore]:

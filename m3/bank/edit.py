@@ -10,7 +10,10 @@ references as before, else the old ids are deleted and the new references get id
 every id the bank has used (`manifest["next_id"]`). The index drops the old embeddings and
 gains the new ones, embedded with the bank's own saved embedder (not refitted). Deleting a
 document removes its references from the store and the index. The manifest records the new
-counts and an entry per edit in `manifest["edits"]`.
+counts and an entry per edit in `manifest["edits"]`. The named documents' references are
+found in the bank's reference table (`m3.bank.table`: its spans, no token read) plus the
+layers of earlier edits (`document_references`); a bank built before the table existed is
+scanned through its shards, as before.
 
 An edit changes no file of the bank that a reader may hold: it writes the new memories to a
 layer of their own and the index to a new folder, then commits by one atomic replace of the
@@ -23,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -117,21 +120,42 @@ class _Documents(TextSource):
         return f"{len(self._documents)} replacement documents"
 
 
-def document_references(store: MemoryStore) -> dict[str, list[int]]:
+def document_references(
+    store: MemoryStore, documents: Collection[str] | None = None
+) -> dict[str, list[int]]:
     """Which references each document gave: document id -> reference ids.
+
+    With `documents` named and a bank opened with its reference table (`m3.bank.open`), the
+    table's spans find their references without reading any other reference; the ids that
+    edits wrote are read from their layers. Otherwise every served reference's provenance is
+    read (from the table when there is one, else from the shards).
 
     Args:
         store: A bank's store (as `open_bank` gives it: edits included).
+        documents: Only these documents (ids as strings); None: every document.
 
     Returns:
-        Document id (as a string) -> its reference ids, in the order of their spans.
+        Document id (as a string) -> its reference ids, in the order of their spans; a
+        named document the bank does not hold is absent.
     """
+    ids = store.ids().numpy()
+    wanted = None if documents is None else {str(d) for d in documents}
+    table = getattr(store, "table", None)
+    if wanted is not None and table is not None and hasattr(table, "document_rows"):
+        tabled = store.table_ids()  # type: ignore[attr-defined]
+        found = table.document_rows(wanted)
+        at = np.minimum(np.searchsorted(tabled, found), max(len(tabled) - 1, 0))
+        found = found[tabled[at] == found] if len(tabled) else found[:0]  # removed, rewritten
+        layered = np.ones(len(ids), dtype=bool)  # what edits wrote (tabled ⊆ ids, both sorted)
+        layered[np.searchsorted(ids, tabled)] = False
+        ids = np.union1d(found, ids[layered])
     spans: dict[str, list[tuple[int, int]]] = {}
-    ids = store.ids()
     for start in range(0, len(ids), _SCAN):
-        part = ids[start : start + _SCAN]
+        part = torch.from_numpy(ids[start : start + _SCAN])
         for reference_id, reference in zip(part.tolist(), store.references(part), strict=True):
-            spans.setdefault(str(reference.doc_id), []).append((reference.start, reference_id))
+            doc = str(reference.doc_id)
+            if wanted is None or doc in wanted:
+                spans.setdefault(doc, []).append((reference.start, reference_id))
     return {doc: [i for _, i in sorted(pairs)] for doc, pairs in spans.items()}
 
 
@@ -250,7 +274,7 @@ def _edit_locked(
                 f"{folder} was written with the reference prefix {list(info.reference_prefix)}, "
                 f"the tokenizer's is {prefix}"
             )
-        owned = document_references(bank.store)
+        owned = document_references(bank.store, named)  # from the table when it has one
         for doc_id in [d.id for d in documents] + deleted:
             if doc_id not in owned:
                 raise UserError(f"document {doc_id!r} is not in the bank {folder}")

@@ -35,7 +35,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
@@ -82,7 +82,7 @@ def documents_fingerprint(
 
 @dataclass(frozen=True)
 class _Shard:
-    """One shard's arrays, memory-mapped."""
+    """One shard's arrays, memory-mapped (as plain read-only arrays: slicing them is cheap)."""
 
     tokens: np.ndarray
     offsets: np.ndarray
@@ -91,10 +91,14 @@ class _Shard:
 
     @classmethod
     def open(cls, path: Path) -> _Shard:
+        def mapped(name: str) -> np.ndarray:
+            # a view as np.ndarray: slicing a np.memmap costs ~4x more, for nothing here
+            return np.load(path / name, mmap_mode="r").view(np.ndarray)
+
         return cls(
-            np.load(path / "tokens.npy", mmap_mode="r"),
-            np.load(path / "offsets.npy", mmap_mode="r"),
-            np.load(path / "spans.npy", mmap_mode="r"),
+            mapped("tokens.npy"),
+            mapped("offsets.npy"),
+            mapped("spans.npy"),
             json.loads((path / "documents.json").read_text()),
         )
 
@@ -180,9 +184,62 @@ class ReferenceTable(Sequence[Reference]):
         """Tokens per reference, `(N,)` int64, in id order."""
         return np.concatenate([np.diff(s.offsets) for s in self._shards]).astype(np.int64)
 
+    def _locate(self, ids: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The shard and row of each id; an id outside the table is named."""
+        array = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= len(self)):
+            bad = array[(array < 0) | (array >= len(self))][0]
+            raise IndexError(f"reference {int(bad)} is not in the table of {len(self)}")
+        shard = np.searchsorted(self._first, array, side="right") - 1
+        return shard, array - self._first[shard]
+
+    def tokens(self, ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """The token ids of references by id, without building `Reference`s.
+
+        The leakage filter's read (`m3.retrieval.retriever.Retriever`): two offset reads
+        and one slice of the mapped file per id.
+
+        Args:
+            ids: `(N,)` reference ids, repeats allowed.
+
+        Returns:
+            One `(L_i,)` int32 array per id, in order: read-only views of the mapped file.
+
+        Raises:
+            IndexError: For an id outside the table.
+        """
+        shards, rows = self._locate(ids)
+        out = []
+        for shard, row in zip(shards.tolist(), rows.tolist(), strict=True):
+            part = self._shards[shard]
+            out.append(part.tokens[part.offsets[row] : part.offsets[row + 1]])
+        return out
+
+    def document_rows(self, documents: Collection[str]) -> np.ndarray:
+        """The ids of the references cut from some documents, found without reading tokens.
+
+        Args:
+            documents: Document ids, compared as strings (`str(doc_id)`, as `m3 edit`
+                names documents).
+
+        Returns:
+            `(M,)` int64 reference ids, ascending.
+        """
+        wanted = {str(d) for d in documents}
+        found = []
+        for first, part in zip(self._first.tolist(), self._shards, strict=False):
+            rows = [n for n, doc in enumerate(part.documents) if str(doc) in wanted]
+            if rows:
+                found.append(first + np.flatnonzero(np.isin(part.spans[:, 0], rows)))
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
     def __iter__(self) -> Iterator[Reference]:
         for index in range(len(self)):
             yield self[index]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # reopened by folder in the receiving process: pickling the mapped arrays would copy them
+        return (ReferenceTable, (self.folder,))
 
 
 def write_table(

@@ -108,7 +108,10 @@ class Retriever:
     Args:
         embedder: Embeds query chunks; must be the embedder that built the index.
         index: Searches reference embeddings.
-        store: Holds the references' memories and token ids.
+        store: Holds the references' memories and token ids. The leakage filter reads the
+            token ids through the store's `reference_tokens(ids)` when it has one (a bank
+            opened by `m3.bank.open.open_bank` with its reference table: memory-mapped
+            arrays), else through `references(ids)` (e.g. an `HDF5Store`, through h5py).
         tokenizer: Decodes chunk token ids into text for the embedder and encodes string
             chunks for the leakage filter; may be None when chunks are given as text and the
             filter is off.
@@ -540,6 +543,7 @@ class Retriever:
         )
 
     def _reference_tokens(self, ids: set[int]) -> dict[int, list[int]]:
+        """The token ids of candidates: the token cache first, then one read of the rest."""
         out: dict[int, list[int]] = {}
         missing = []
         for reference_id in sorted(ids):
@@ -549,12 +553,22 @@ class Retriever:
             else:
                 out[reference_id] = tokens
         if missing:
-            for reference_id, reference in zip(
-                missing, self.store.references(missing), strict=True
-            ):
-                out[reference_id] = list(reference.ids)
-                self._tokens.put(reference_id, out[reference_id])
+            for reference_id, tokens in zip(missing, self._read_tokens(missing), strict=True):
+                out[reference_id] = tokens
+                self._tokens.put(reference_id, tokens)
         return out
+
+    def _read_tokens(self, ids: list[int]) -> list[list[int]]:
+        """Token ids from the store: its `reference_tokens` when it has one, else `references`.
+
+        A bank's store opened by `m3.bank.open.open_bank` reads them from the bank's reference
+        table (memory-mapped arrays, `m3.bank.table`) and an edit's layer for the ids an edit
+        wrote; any other store (and a bank built before the table) through `references`.
+        """
+        lookup = getattr(self.store, "reference_tokens", None)
+        if lookup is not None:
+            return [array.tolist() for array in lookup(ids)]
+        return [list(reference.ids) for reference in self.store.references(ids)]
 
     def _assemble(
         self,

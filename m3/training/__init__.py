@@ -1,7 +1,8 @@
 """Training: the paper's two stages with Lightning (§3.5, §5).
 
 `module` (`Memory3Module`: warmup and continual stages, AdamW with the WSD schedule),
-`datamodule` (packed sequences, reference pairing), `collate` (the continual collator: each
+`datamodule` (packed sequences, the stage's data), `pairing` (each training chunk's
+reference, read by id from a reference table), `collate` (the continual collator: each
 row's pool of references, with distractors on request), `fit` (`m3 fit`: a recipe's stage,
 run in its run folder, resumable).
 

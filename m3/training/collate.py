@@ -31,6 +31,7 @@ from m3.core.checks import right_pad
 from m3.core.errors import UserError
 from m3.core.memories import SparseMemory
 from m3.data.chunking import Reference
+from m3.training.pairing import reference_tokens
 
 
 def open_memory_store(folder: str | Path) -> tuple[MemoryStore, dict[str, Any]]:
@@ -78,7 +79,9 @@ class ContinualCollator:
 
     Args:
         references: The knowledge base's references (reference id = position, the ids
-            `m3.bank.knowledge.read_knowledge` gives and the bank builder stores them under).
+            `m3.bank.knowledge.read_knowledge` gives and the bank builder stores them under):
+            a list, or a reference table (`m3.bank.table.ReferenceTable`), read by id for
+            each batch (a table is pickled as its folder, and each worker maps it again).
         memories: A bank folder that `m3 build-memory` wrote (`training.memories`), to read
             the references' memories from instead of encoding them; None to encode.
         distractors: References of other rows each row also reads (0: none).
@@ -104,7 +107,7 @@ class ContinualCollator:
         if not 0 <= previous_share <= 1:
             raise UserError(f"previous_share must lie in [0, 1], got {previous_share}")
         self.previous_share = previous_share
-        self.reference_ids = [list(r.ids) for r in references]
+        self.references = references
         self.memories = None if memories is None else Path(memories)
         self.distractors, self.seed = distractors, seed
         self._store: MemoryStore | None = None
@@ -166,9 +169,9 @@ class ContinualCollator:
         if self.memories is not None:
             return batch | self._read(unique)
         # a batch that retrieved nothing still carries one (padding) reference row
-        rows = [self.reference_ids[i] for i in unique.tolist()] or [[0]]
-        reference_tokens, lengths = right_pad(rows, 0)
-        return batch | {"reference_tokens": reference_tokens, "reference_lengths": lengths}
+        rows = reference_tokens(self.references, unique.tolist()) or [[0]]
+        padded, lengths = right_pad(rows, 0)
+        return batch | {"reference_tokens": padded, "reference_lengths": lengths}
 
     def _generator(self, retrieved: Tensor) -> torch.Generator:
         """A generator seeded by `seed` and the batch's reference ids."""

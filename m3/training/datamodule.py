@@ -2,9 +2,11 @@
 
 - `pack` turns tokenized documents into sequences of `length + 1` tokens that each start
   with the BOS (token 0 of chunk 0, as memory mode counts chunks).
-- `pair_references` precomputes, for every 64-token chunk of every sequence, the one
-  reference it retrieves (paper §3.5, §5): the chunk's text is embedded and searched; a candidate
-  whose overlap with the training sequence exceeds 0.9 (Eq. 6) is skipped for the next hit.
+- `pair_references` (`m3.training.pairing`) precomputes, for every 64-token chunk of every
+  sequence, the one reference it retrieves (paper §3.5, §5): the chunk's text is embedded and
+  searched; a candidate whose overlap with the training sequence exceeds 0.9 (Eq. 6) is
+  skipped for the next hit. The references are read by id from a reference table (the
+  bank's, or one written next to the pairing file: `m3.training.pairing`).
 - `ContinualCollator` (`m3.training.collate`) builds a batch's memory pool: the batch's
   distinct references (each encoded once, on the fly, by the LightningModule, or read from a
   memory bank's store: `training.encode: store`), each row's pool and each chunk's slot.
@@ -14,8 +16,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -24,9 +24,8 @@ import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 
-from m3.backends.base import MemoryIndex, MemoryStore
+from m3.backends.base import MemoryStore
 from m3.core import registry
 from m3.core.errors import UserError
 from m3.core.values import Bounds
@@ -35,8 +34,26 @@ from m3.data.sources import TextSource, gather
 from m3.data.tokenizer import Tokenizer
 from m3.recipes.defaults import default_spec
 from m3.retrieval.embedders import Embedder
-from m3.retrieval.overlap import leak_mask
 from m3.training.collate import ContinualCollator, open_memory_store
+from m3.training.pairing import (
+    fingerprint,
+    pair_references,
+    pairing_fingerprint,
+    pairing_table,
+    reference_table_for,
+    reference_tokens,
+)
+
+__all__ = [
+    "ContinualCollator",
+    "EpochSampler",
+    "SequenceDataset",
+    "TextDataModule",
+    "fingerprint",
+    "open_memory_store",
+    "pack",
+    "pair_references",
+]
 
 if TYPE_CHECKING:
     from m3.model.memory3 import Memory3
@@ -68,79 +85,6 @@ def pack(documents: Iterable[Sequence[int]], *, length: int, bos_id: int, eos_id
         raise UserError(f"the text holds {len(stream)} tokens, fewer than one sequence of {length}")
     windows = torch.tensor(stream[: count * length], dtype=torch.long).view(count, length)
     return torch.cat([torch.full((count, 1), bos_id, dtype=torch.long), windows], dim=1)
-
-
-def fingerprint(*parts: Any) -> str:
-    """A sha256 digest of tensors, strings and JSON-serialisable values, in order.
-
-    Args:
-        *parts: The values; a tensor contributes its raw bytes, anything else its JSON text
-            (keys sorted).
-
-    Returns:
-        The hex digest.
-    """
-    digest = hashlib.sha256()
-    for part in parts:
-        if isinstance(part, Tensor):
-            digest.update(part.detach().cpu().contiguous().numpy().tobytes())
-        else:
-            digest.update(json.dumps(part, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-def pair_references(
-    sequences: Tensor,
-    references: Sequence[Reference],
-    *,
-    tokenizer: Tokenizer,
-    embedder: Embedder,
-    index: MemoryIndex,
-    chunk_length: int = 64,
-    threshold: float = 0.9,
-    candidates: int = 8,
-    batch_size: int = 1024,
-) -> Tensor:
-    """The reference each chunk of each training sequence retrieves (paper §3.5, §5).
-
-    Args:
-        sequences: `(N, T + 1)` packed sequences (inputs are `[:, :-1]`).
-        references: The knowledge base's references; reference id = position in this list.
-        tokenizer: Decodes chunk tokens to text for the embedder.
-        embedder: Embeds chunk texts (the index holds the references' embeddings).
-        index: Searchable index of the references' embeddings, by reference id.
-        chunk_length: Tokens per chunk.
-        threshold: Leakage threshold: a candidate overlapping the sequence by more is skipped.
-        candidates: Hits searched per chunk before giving up (then the chunk gets −1).
-        batch_size: Chunks embedded and searched together.
-
-    Returns:
-        `(N, C)` long reference ids, −1 where no candidate passed.
-    """
-    inputs = sequences[:, :-1]
-    count, length = inputs.shape
-    chunks = -(-length // chunk_length)
-    pairing = torch.full((count, chunks), -1, dtype=torch.long)
-    jobs = [(n, c) for n in range(count) for c in range(chunks)]
-    for start in tqdm(
-        range(0, len(jobs), batch_size), desc="pairing chunks with references", unit="batch"
-    ):
-        batch = jobs[start : start + batch_size]
-        texts = [
-            tokenizer.decode(inputs[n, c * chunk_length : (c + 1) * chunk_length].tolist())
-            for n, c in batch
-        ]
-        hits = index.search(embedder.embed(texts), min(candidates, len(index))).ids
-        for (n, c), row in zip(batch, hits.tolist(), strict=True):
-            found = [i for i in row if i >= 0]
-            if not found:
-                continue
-            leaks = leak_mask(inputs[n].tolist(), [references[i].ids for i in found], threshold)
-            for reference_id, leaked in zip(found, leaks.tolist(), strict=True):
-                if not leaked:
-                    pairing[n, c] = reference_id
-                    break
-    return pairing
 
 
 class SequenceDataset(Dataset):
@@ -232,7 +176,9 @@ class TextDataModule(L.LightningDataModule):
         candidates: Search hits tried per chunk when pairing.
         pairing_file: Where the pairing is cached with a fingerprint of its inputs (`m3 fit`:
             `pairing.pt` in the run folder); reused when the fingerprint matches, refused
-            (naming both) when it does not.
+            (naming both) when it does not. Unless the bank of `memories` has a table of
+            these references, the knowledge base's reference table is written next to it
+            (`m3.training.pairing.pairing_table`: `pairing.references/`) by `setup`.
         memories: For a continual stage with `encode="store"`, and only then: the bank
             folder that `m3 build-memory` wrote from the same knowledge base, chunker and
             tokenizer, with the weights training starts from (`training.memories`; `m3 fit`
@@ -300,7 +246,9 @@ class TextDataModule(L.LightningDataModule):
         if previous_share is not None and not 0 <= previous_share <= 1:
             raise UserError(f"previous_share must lie in [0, 1], got {previous_share}")
         self.previous_share = previous_share or 0.0
-        self.references: list[Reference] = []
+        # the knowledge base's references, id = position: a reference table or a list
+        self.references: Sequence[Reference] = []
+        self._unwritten: tuple[list[Any], int] | None = None  # documents for setup's table
         self.train_set: SequenceDataset | None = None
         self.val_set: SequenceDataset | None = None
         self._split: tuple[Tensor, Tensor] | None = None  # (train, held-out), by read_data
@@ -366,19 +314,67 @@ class TextDataModule(L.LightningDataModule):
                 f"{self.batch_size * length:,} tokens, the last partial batch is dropped): "
                 "give more training text, or lower data.batch_size or data.seq_length"
             )
-        if self.knowledge is not None and not self.references:  # unless check_memories did
-            self.references = self.build_references()
+        if self.knowledge is not None:
+            self._find_references()
         self._split = train, held_out
 
     def build_references(self) -> list[Reference]:
-        """Tokenize the knowledge base and cut it into references (ids = list positions)."""
+        """Tokenize the knowledge base and cut it into references, in memory (ids = positions)."""
         if self.knowledge is None:
             raise UserError(
                 "the continual stage needs data.knowledge: the knowledge base's sources"
             )
         from m3.bank.knowledge import read_knowledge  # the one definition of reference ids
 
-        return read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references
+        return list(read_knowledge(self.knowledge, self.tokenizer, chunker=self.chunker).references)
+
+    def _find_references(self) -> None:
+        """Read and check the knowledge base; find its references (`m3.training.pairing`).
+
+        The bank's table of these documents when `memories` has one; else, with a pairing
+        file, the documents are kept for `setup` to write a table next to it (after `m3 fit`
+        claimed the run folder: nothing is written here); else the references are cut in
+        memory.
+        """
+        if self.references or self._unwritten is not None or self.knowledge is None:
+            return
+        if self.memories is None and self.pairing_file is None:
+            self.references = self.build_references()
+            return
+        from m3.bank.knowledge import empty_knowledge, read_documents
+
+        documents, skipped = read_documents(self.knowledge)
+        if not any(d.text.strip() for d in documents):
+            raise empty_knowledge(self.knowledge, skipped)
+        if self.memories is not None and self.memories.is_dir():
+            table = reference_table_for(self.memories, documents, self.tokenizer, self.chunker)
+            if table is not None:
+                self.references = table
+                return
+        if self.pairing_file is not None:
+            self._unwritten = documents, skipped
+        else:  # a bank without a table of these documents, and no pairing file
+            self.references = self.build_references()
+
+    def _references_ready(self) -> Sequence[Reference]:
+        """The references, writing the table of the pairing file's folder if it is due."""
+        self._find_references()
+        if self._unwritten is not None and self.pairing_file is not None:
+            from m3.bank.knowledge import empty_knowledge
+            from m3.bank.table import write_table
+
+            documents, skipped = self._unwritten
+            assert self.chunker is not None
+            trainer = self.trainer  # the ranks of a run share the shards' work
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+            table = write_table(
+                pairing_table(self.pairing_file), documents, self.tokenizer,
+                chunker=self.chunker, skipped=skipped, rank=rank, world=world,
+            )  # fmt: skip
+            if len(table) == 0:
+                raise empty_knowledge(self.knowledge or [], table.skipped)
+            self.references, self._unwritten = table, None
+        return self.references
 
     def check_memories(self, model: Memory3) -> None:
         """Check that the bank of `memories` holds memories of these references for `model`.
@@ -398,7 +394,8 @@ class TextDataModule(L.LightningDataModule):
         """
         if self.memories is None:
             raise UserError("training.memories: no bank folder was given to read memories from")
-        if not self.references:
+        self._find_references()
+        if not self.references:  # before the run folder is claimed: nothing is written yet
             self.references = self.build_references()
         store, manifest = open_memory_store(self.memories)
         try:
@@ -430,8 +427,9 @@ class TextDataModule(L.LightningDataModule):
         # the manifest records no fingerprint of the knowledge base: compare the token ids
         # the bank stored with the references' at a few ids spread over the whole range
         picks = sorted({round(i * (len(self.references) - 1) / 15) for i in range(16)})
-        for reference_id, stored in zip(picks, store.references(picks), strict=True):
-            if list(stored.ids) != list(self.references[reference_id].ids):
+        ours = reference_tokens(self.references, picks)
+        for reference_id, stored, tokens in zip(picks, store.references(picks), ours, strict=True):
+            if list(stored.ids) != tokens:
                 raise UserError(
                     f"{where}: reference {reference_id} holds other tokens than data.knowledge's "
                     "reference of that id: build the bank from the same knowledge base and "
@@ -452,13 +450,14 @@ class TextDataModule(L.LightningDataModule):
         train, held_out = self._split or ()
         train_pairs = val_pairs = None
         if self.knowledge is not None:
+            self._references_ready()
             train_pairs, val_pairs = self._pairing(train, held_out)
         self.train_set = SequenceDataset(train, train_pairs)
         self.val_set = SequenceDataset(held_out, val_pairs) if len(held_out) else None
 
     def _pairing(self, train: Tensor, held_out: Tensor) -> tuple[Tensor, Tensor]:
-        key = fingerprint(
-            train, held_out, [list(r.ids) for r in self.references], self.embedder.fingerprint(),
+        key = pairing_fingerprint(
+            train, held_out, self.references, self.embedder.fingerprint(),
             self.chunk_length, self.threshold, self.candidates,
         )  # fmt: skip
         if self.pairing_file is not None and self.pairing_file.is_file():
