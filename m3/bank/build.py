@@ -53,7 +53,6 @@ from m3.model.memory3 import Memory3
 
 if TYPE_CHECKING:
     from m3.data.chunking import Chunker
-    from m3.data.documents import Document
     from m3.data.tokenizer import Tokenizer
     from m3.memory.quantize import MemoryQuantizer
     from m3.recipes import Recipe
@@ -68,7 +67,7 @@ from m3.bank.inputs import (
     read_manifest,
     shard_problem,
 )
-from m3.bank.knowledge import KnowledgeBase, empty_knowledge, read_documents
+from m3.bank.knowledge import KnowledgeBase, KnowledgeDocuments, empty_knowledge
 from m3.bank.layers import collect_garbage, edited_ids, replay_edits
 from m3.bank.layout import (
     EDIT_JOURNAL,
@@ -79,7 +78,7 @@ from m3.bank.layout import (
     layered_edits,
     shard_name,
 )
-from m3.bank.table import TABLE_MANIFEST, ReferenceTable, documents_fingerprint, write_table
+from m3.bank.table import TABLE_MANIFEST, ReferenceTable, write_table
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
 
 
@@ -200,13 +199,14 @@ def build_memory(
     chunker, encoder = build(recipe, "chunker"), build(recipe, "encoder")
     sparsifier, embedder = build(recipe, "sparsifier"), build(recipe, "embedder")
     sources = [registry.instantiate("source", s) for s in recipe.data.knowledge]
-    documents, skipped = read_documents(sources)
-    if not any(d.text.strip() for d in documents):
-        raise empty_knowledge(sources, skipped)
+    documents = KnowledgeDocuments(sources)  # streamed: read again by every pass
+    digest = documents.check(tokenizer, chunker)
+    if not documents.has_text:
+        raise empty_knowledge(sources, documents.skipped)
     table_folder = run.path / TABLE
     if run.complete and not overwrite:
         inputs = BuildInputs(
-            knowledge=_knowledge_of(table_folder, documents, tokenizer, chunker),
+            knowledge=_knowledge_of(table_folder, documents, digest, tokenizer, chunker),
             tokenizer=tokenizer.fingerprint(),
             model=model.memory_fingerprint(),
         )
@@ -237,10 +237,9 @@ def build_memory(
     # id from there on, by every rank
     rank, world_size = shard or (int(os.environ.get("LOCAL_RANK", 0)), 1)
     table = write_table(
-        table_folder, documents, tokenizer, chunker=chunker, skipped=skipped, rank=rank,
-        world=world_size,
+        table_folder, documents, tokenizer, chunker=chunker, skipped=documents.skipped,
+        rank=rank, world=world_size, digest=digest, count=documents.documents,
     )  # fmt: skip
-    del documents
     if len(table) == 0:
         raise empty_knowledge(sources, table.skipped)
     knowledge = KnowledgeBase(table, table.documents, table.skipped)
@@ -406,21 +405,21 @@ def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
 
 
 def _knowledge_of(
-    table: Path, documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
-) -> str:
+    table: Path, documents: KnowledgeDocuments, digest: str, tokenizer: Tokenizer,
+    chunker: Chunker,
+) -> str:  # fmt: skip
     """The knowledge fingerprint of these inputs, without holding their references.
 
-    The bank's table's when it was cut from them (a hash of the texts tells), else computed
-    in one streaming pass (a bank built before the table, or a changed knowledge base).
+    The bank's table's when it was cut from them (`digest`, their `documents_fingerprint`,
+    tells), else computed in one streaming pass (a bank built before the table, or a changed
+    knowledge base).
     """
     if (table / TABLE_MANIFEST).is_file():
         try:
             opened = ReferenceTable(table)
         except UserError:
             opened = None
-        if opened is not None and opened.manifest.get(
-            "documents_fingerprint"
-        ) == documents_fingerprint(documents, tokenizer, chunker):
+        if opened is not None and opened.manifest.get("documents_fingerprint") == digest:
             return opened.knowledge
     tokenized = ((d.id, tokenizer.encode(d.text) if d.text.strip() else []) for d in documents)
     return knowledge_fingerprint(iter_references(tokenized, chunker))
