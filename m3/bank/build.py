@@ -59,6 +59,7 @@ if TYPE_CHECKING:
     from m3.retrieval.embedders import Embedder
 
 from m3.backends.hdf5_salvage import interrupted_writer
+from m3.bank.embeddings import embed_references, fit_embedder
 from m3.bank.inputs import (
     BuildInputs,
     bank_problems,
@@ -79,7 +80,9 @@ from m3.bank.layout import (
     shard_name,
 )
 from m3.bank.table import TABLE_MANIFEST, ReferenceTable, write_table
+from m3.bank.vectors import EMBEDDINGS, finish_embeddings, index_from_shards, new_index
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
+from m3.recipes.defaults import default_spec
 
 
 def _folder_bytes(paths: Sequence[Path]) -> int:
@@ -118,12 +121,10 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    from m3.recipes.defaults import default_spec
-
     # texts are decoded a batch at a time, never all at once: the fit streams over them
     embedder.fit(tokenizer.decode(r.ids) for r in references)
     spec = index if index is not None else default_spec("index", references=len(references))
-    index = registry.instantiate("index", spec, dim=embedder.dim)
+    index = new_index(spec, embedder)
     for start in tqdm(
         range(0, len(references), batch_size), desc="embedding references", disable=not progress
     ):
@@ -219,7 +220,7 @@ def build_memory(
     keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
             "enable_progress_bar", "deterministic")  # fmt: skip
 
-    def make_trainer(writer: BankWriter | None) -> L.Trainer:
+    def make_trainer(writer: L.Callback | None) -> L.Trainer:
         return build_trainer(
             {k: v for k, v in options.items() if k in keep},
             default_root_dir=run.path,
@@ -277,6 +278,15 @@ def build_memory(
         )
     seconds = _now() - start
     writer.finish_shard(trainer)  # also when nothing was left to encode (no predict loop ran)
+    # each rank embeds its own references into embedding shards (m3.bank.embeddings)
+    rank, world_size = writer.rank_and_size(trainer)
+    fit_embedder(
+        embedder, table, tokenizer, run.path / EMBEDDINGS, rank=rank, world=world_size,
+        barrier=trainer.strategy.barrier if trainer.world_size > 1 else None,
+        progress=recipe.trainer.enable_progress_bar,
+    )  # fmt: skip
+    embedded = embed_references(make_trainer, embedder, table, tokenizer,
+                                run.path / EMBEDDINGS, shard=shard)  # fmt: skip
     if trainer.world_size > 1:
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
@@ -293,6 +303,7 @@ def build_memory(
         quantizer=quantizer,
         inputs=inputs,
         written=writer.written,
+        embedded=embedded,
         seconds=seconds,
         progress=recipe.trainer.enable_progress_bar,
     )
@@ -509,6 +520,7 @@ def _finish(
     quantizer: MemoryQuantizer | None = None,
     inputs: BuildInputs,
     written: int,
+    embedded: int = 0,
     seconds: float,
     progress: bool,
 ) -> Path:
@@ -529,12 +541,16 @@ def _finish(
         shards.append({"file": path.name, "references": count})
     previous = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
     edits = layered_edits(previous)  # a resumed bank keeps its edits (checked at the start)
-    index = build_index(
-        knowledge.references, tokenizer, embedder, progress=progress, index=index_spec
-    )
+    vectors = finish_embeddings(folder / EMBEDDINGS, knowledge.references, embedder)
+    if vectors is None:  # another rank's embedding shards are not written yet
+        return folder
+    count = len(knowledge.references)
+    index = new_index(index_spec or default_spec("index", references=count), embedder)
+    saved = index_from_shards(index, vectors, folder / "index")
     if edits:
         replay_edits(folder, edits, index, tokenizer, embedder)
-    index.save(folder / "index")
+    if edits or not saved:
+        index.save(folder / "index")
     if hasattr(embedder, "save"):
         embedder.save(folder / "embedder")
     manifest = {
@@ -557,6 +573,7 @@ def _finish(
             "spec": embedder_spec,
         },
         "index": {"class": registry.identity(type(index))},
+        "embeddings": {"path": EMBEDDINGS, "shards": len(vectors.shards)},
         "built_from": inputs.to_dict(),
         "saved": ["index"] + (["embedder"] if hasattr(embedder, "save") else []),
     }
@@ -566,13 +583,14 @@ def _finish(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     collect_garbage(folder, manifest)  # indexes of earlier edits, unfinished edits' layers
     outputs = [folder / s["file"] for s in shards]
-    outputs += [folder / "index", folder / "embedder", folder / QUANTIZER]
+    outputs += [folder / "index", folder / "embedder", folder / QUANTIZER, folder / EMBEDDINGS]
     summary = {
         "stage": "build_memory",
         "documents": knowledge.documents,
         "references": len(knowledge.references),
         "skipped": knowledge.skipped,
         "encoded_this_run": written,
+        "embedded_this_run": embedded,
         "bytes_written": _folder_bytes(outputs),
         "store_bytes": _folder_bytes(outputs[: len(shards)]),
         "references_per_second": round(written / seconds, 1) if seconds > 0 and written else None,
