@@ -4,11 +4,11 @@ The knowledge base (`data.knowledge` sources) is tokenized and cut into referenc
 reference's id is its position in that list, the same ids the continual stage uses, so a
 retriever maps ids back to token ids. The weights named by `training.init_weights` encode
 every reference through Lightning's `Trainer.predict`, in length-sorted batches;
-`BankWriter`, a prediction writer, appends each batch to its rank's HDF5 shard. Then every
-reference's text is embedded with the recipe's embedder (fitted on the references first) and
-an index is built. The bank folder holds:
-
-The folder's files are listed in `m3.bank.layout`.
+`BankWriter`, a prediction writer, appends each batch to its rank's HDF5 shard. Then each
+rank embeds its own references with the recipe's embedder (its fit split across the ranks)
+into embedding shards (`m3.bank.embeddings`), and the rank that finds every shard written
+builds the index from them (`m3.bank.vectors`). The folder's files are listed in
+`m3.bank.layout` (and the embedding shards' in `m3.bank.embeddings`).
 
 `m3.bank.open.open_bank(folder)` opens the shards as one store (`ShardedStore`, read-only)
 with the index and the embedder. An interrupted build resumes: each shard is reopened in
@@ -104,7 +104,10 @@ def build_index(
     progress: bool = True,
     index: Any = None,
 ) -> MemoryIndex:
-    """Fit the embedder on the references' texts, embed them and build an index.
+    """Fit the embedder on the references' texts, embed them and build an index, in one process.
+
+    The continual stage's pairing builds its index this way; `m3 build-memory` embeds per
+    rank instead (`m3.bank.embeddings`) and builds the same index from the shards.
 
     Args:
         references: Every reference (id = position).

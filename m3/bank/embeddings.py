@@ -1,9 +1,9 @@
 """Each rank embeds its own references into shards of vectors; the index is built from them.
 
 `m3 build-memory` embeds the references of its reference table (`m3.bank.table`) in ranges
-of `REFERENCES_PER_SHARD` ids: range `n` belongs to rank `n % world_size`, whatever the
-number of ranks, so a build on any number of ranks writes the same shards. The bank folder's
-`embeddings/` holds:
+of `m3.bank.vectors.REFERENCES_PER_SHARD` ids: range `n` belongs to rank `n % world_size`,
+whatever the number of ranks, so a build on any number of ranks writes the same shards. The
+bank folder's `embeddings/` holds:
 
 | file | what |
 |---|---|

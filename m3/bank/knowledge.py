@@ -114,10 +114,8 @@ class KnowledgeDocuments:
                     raise
                 raise UserError(f"data.knowledge: the knowledge base is empty: {error}") from None
             skipped += skipped_here
-        try:
-            seen.check(
-                lambda: ((d.id, p) for s in self.sources for p, d in s.placed() if d is not None)
-            )
+        try:  # places are read again (each source's `read()`) only when an id repeats
+            seen.check(lambda: ((d.id, p) for s in self.sources for d, p in s.read().placed()))
         except UserError as error:
             raise UserError(f"data.knowledge: {error}") from None
         self.documents, self.skipped, self.has_text = len(seen), skipped, has_text

@@ -43,9 +43,9 @@ from m3.data.documents import (
     MAX_DOCUMENT_BYTES,
     Corpus,
     Document,
-    _read_file,
     check_unique_ids,
     expand_paths,
+    iter_documents,
     read_corpus,
 )
 
@@ -197,13 +197,18 @@ class FilesSource(TextSource):
         self.check_whole(seen, skipped)
 
     def placed(self) -> Iterator[tuple[str, Document | None]]:
-        """The files' documents with their file and line, one file read at a time.
+        """The files' documents with their file, one file read at a time.
+
+        (`read()` also names each document's line, for messages.)
 
         Yields:
-            `(place, document)`, None for an empty document.
+            `(file, document)`, None for an empty document.
         """
         for path in expand_paths(self.paths):
-            yield from _read_file(path, self.text_field, self.max_document_bytes)
+            for document in iter_documents(
+                path, text_field=self.text_field, max_document_bytes=self.max_document_bytes
+            ):
+                yield str(path), document
 
     def check_whole(self, seen: SeenIds, skipped: int, *, start: int = 0) -> None:
         """Refuse an id given twice, and files without text, as `read_corpus` does.
@@ -214,9 +219,10 @@ class FilesSource(TextSource):
             start: Where this source's ids begin in `seen`.
 
         Raises:
-            UserError: For an id given twice (naming both places) or no text at all.
+            UserError: For an id given twice (naming both places: the files are read again,
+                by `read_corpus`, only then) or no text at all.
         """
-        seen.check(lambda: ((d.id, p) for p, d in self.placed() if d is not None), start=start)
+        seen.check(lambda: ((d.id, p) for d, p in self.read().placed()), start=start)
         if len(seen) == start:
             names = ", ".join(str(p) for p in expand_paths(self.paths))
             raise UserError(f"no text in {names} ({skipped} empty documents skipped)")
