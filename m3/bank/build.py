@@ -239,7 +239,7 @@ def build_memory(
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     # the references, cut once into the bank's reference table (m3.bank.table) and read by
     # id from there on, by every rank
-    rank, world_size = shard or (int(os.environ.get("LOCAL_RANK", 0)), 1)
+    rank, world_size = shard or _launched_rank()
     table = write_table(
         table_folder, documents, tokenizer, chunker=chunker, skipped=documents.skipped,
         rank=rank, world=world_size, digest=digest, count=documents.documents,
@@ -398,6 +398,19 @@ def bank_quantizer(
         quantizer.save(partial)
         partial.replace(saved)  # a file that exists is whole
     return quantizer
+
+
+def _launched_rank() -> tuple[int, int]:
+    """This process's rank and the ranks started with it, before Lightning sets them up.
+
+    torchrun sets `RANK`/`WORLD_SIZE`, `srun` `SLURM_PROCID`/`SLURM_NTASKS`; Lightning's own
+    launcher starts the other ranks later (`LOCAL_RANK`), once the table is written. Any
+    answer is safe: a table writer also writes the shards it finds missing.
+    """
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), max(1, int(os.environ[world]))
+    return int(os.environ.get("LOCAL_RANK", 0)), 1
 
 
 def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:

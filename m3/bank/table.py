@@ -322,19 +322,17 @@ def _write_shard(
         shutil.rmtree(tmp)
 
 
-def _raw_to_npy(raw: Path, path: Path, count: int, block: int = 1 << 18) -> None:
-    """Copy `count` int32 values from a raw file into a `.npy` file, a block at a time."""
-    if count == 0:
-        np.save(path, np.zeros(0, np.int32))
-    else:
-        out = np.lib.format.open_memmap(path, mode="w+", dtype=np.int32, shape=(count,))
-        for start in range(0, count, block):
-            part = np.fromfile(
-                raw, dtype=np.int32, count=min(block, count - start), offset=4 * start
-            )
-            out[start : start + len(part)] = part
-        out.flush()
-        del out
+def _raw_to_npy(raw: Path, path: Path, count: int) -> None:
+    """Make a raw file of `count` int32 values a `.npy` file: a header, then the bytes copied.
+
+    (Written through the file, not a memory map: the pages stay page cache, not this
+    process's memory.)
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+              "fortran_order": False, "shape": (count,)}  # fmt: skip
+    with path.open("wb") as out, raw.open("rb") as source:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(source, out, 1 << 16)
     raw.unlink()
 
 
