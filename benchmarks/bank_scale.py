@@ -22,6 +22,7 @@ vectors, twice, on disk).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -116,7 +117,7 @@ def one(args: argparse.Namespace) -> None:
         return
     seconds = time.perf_counter() - start
     stages: dict[str, dict] = {}
-    for (stage, at, _), (_, until, after) in zip(marks, marks[1:], strict=False):
+    for (stage, at, _), (_, until, after) in itertools.pairwise(marks):
         entry = stages.setdefault(stage, {"seconds": 0.0, "peak": 0})
         entry["seconds"] += until - at
         entry["peak"] = max(entry["peak"], after["VmHWM"])
@@ -130,8 +131,8 @@ def one(args: argparse.Namespace) -> None:
              for name in ("embeddings", "index", "references")}  # fmt: skip
     print("RESULT " + json.dumps({
         "references": done["references"], "seconds": seconds, "stages": stages,
-        "index_rss": (after[0]["VmRSS"] - before[0]["VmRSS"]) if before and after else None,
-        "index_rss_file": (after[0]["RssFile"] - before[0]["RssFile"]) if before and after else None,
+        "index_rss": after[0]["VmRSS"] - before[0]["VmRSS"] if before and after else None,
+        "index_rss_file": after[0]["RssFile"] - before[0]["RssFile"] if before and after else None,
         "children_peak": children, "bytes": sizes,
         "store_bytes": done["store_bytes"],
         "marks": [(stage, {k: v >> 20 for k, v in m.items()}) for stage, _, m in marks],
@@ -170,8 +171,10 @@ def main() -> None:
         kb, out = root / f"kb-{size}", root / f"bank-{size}"
         shutil.rmtree(out, ignore_errors=True)
         write_knowledge(kb, size)
-        command = [sys.executable, __file__, "--one", "--kb", str(kb), "--weights", str(weights),
-                   "--out", str(out), "--dim", str(args.dim), "--ranks", str(args.ranks)]  # fmt: skip
+        command = [
+            sys.executable, __file__, "--one", "--kb", str(kb), "--weights", str(weights),
+            "--out", str(out), "--dim", str(args.dim), "--ranks", str(args.ranks),
+        ]  # fmt: skip
         run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
         lines = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
         if run.returncode != 0 or not lines:
