@@ -6,15 +6,18 @@ import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 
 from m3.backends import ExactIndex, HDF5Store, StoreInfo
 from m3.backends.cold_start import ColdStartStore
 from m3.backends.sharded import ShardedStore
+from m3.bank import vectors
 from m3.bank.build import build_memory
 from m3.bank.knowledge import read_knowledge
 from m3.bank.open import open_bank
+from m3.bank.vectors import EmbeddingShards
 from m3.cli import main
 from m3.core.errors import UserError
 from m3.data.chunking import FixedChunker
@@ -177,13 +180,23 @@ def test_an_interrupted_build_resumes_where_it_stopped(world, tmp_path, capsys):
     assert_same(store.read(torch.arange(len(store))), memory)
 
 
-def test_two_shards_open_as_one_store(world, built, tmp_path, capsys):
+def embeddings_of(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every reference's embedding in a bank's shards, and the ids, in id order."""
+    parts = list(EmbeddingShards(folder / "embeddings").parts())
+    return np.concatenate([v for v, _ in parts]), np.concatenate([i for _, i in parts])
+
+
+def test_two_shards_open_as_one_store(world, built, tmp_path, capsys, monkeypatch):
     _, _, knowledge, memory = expected(world)
     out = tmp_path / "bank"
     recipe = recipe_of(world, out)
+    monkeypatch.setattr(vectors, "REFERENCES_PER_SHARD", 8)  # both ranks embed shards
     build_memory(recipe, batch_size=8, shard=(1, 2))
     assert "shard 0 of 2 is not written yet" in capsys.readouterr().out
     assert not (out / "done.json").exists()
+    shards = sorted(p.name for p in (out / "embeddings").glob("shard-*"))
+    count = len(knowledge.references)
+    assert shards == [f"shard-{n:05d}" for n in range(1, -(-count // 8), 2)]  # rank 1's own
     build_memory(recipe, batch_size=8, shard=(0, 2))
     bank = open_bank(out)
     count = len(knowledge.references)
@@ -207,6 +220,12 @@ def test_two_shards_open_as_one_store(world, built, tmp_path, capsys):
     assert bank.manifest["references"] == one.manifest["references"] == count
     assert bank.manifest["embedder"] == one.manifest["embedder"]
     queries = bank.embedder.embed([bytes(r.ids).decode() for r in one.store.references(ids)])
+    # the same embeddings, by id, from shards of 8 written by two ranks as from one shard
+    (got, got_ids), (want, want_ids) = embeddings_of(out), embeddings_of(built)
+    assert np.array_equal(got_ids, np.arange(count)) and np.array_equal(want_ids, got_ids)
+    assert np.array_equal(got, want) and got.shape == (count, bank.embedder.dim)
+    assert bank.manifest["embeddings"]["shards"] == -(-count // 8)
+    assert one.manifest["embeddings"]["shards"] == 1
     assert torch.equal(bank.index.ids().sort().values, one.index.ids().sort().values)
     found, expected_hits = bank.index.search(queries, 5), one.index.search(queries, 5)
     assert torch.equal(found.ids, expected_hits.ids)

@@ -126,7 +126,7 @@ def test_duplicate_ids_across_sources_are_refused_before_tokenizing(tmp_path):
         read_knowledge(sources, Refusing(), chunker=FixedChunker(32))
     # a generated source is placed by its description and position
     world = WorldSource("kb", n_people=6, n_places=6, n_orgs=6)
-    first = world.documents()[0]
+    first = next(iter(world.documents()))
     copy = jsonl(tmp_path / "copy.jsonl", {"id": first.id, "text": "A copy."})
     with pytest.raises(UserError, match=rf"'{first.id}' is given twice: at world kb .*document 1"):
         read_knowledge([world, FilesSource([copy])], ByteTokenizer(), chunker=FixedChunker(32))
@@ -182,14 +182,14 @@ def test_a_document_longer_than_the_limit_is_refused_naming_it(tmp_path):
     source = FilesSource([kb], max_document_bytes=2_000_000)
     assert [d.id for d in source.documents()] == ["small", "huge"]
     with pytest.raises(UserError, match="'small' holds 2 bytes of UTF-8 text, more than the"):
-        FilesSource([kb], max_document_bytes=1).documents()
+        list(FilesSource([kb], max_document_bytes=1).documents())
 
 
 def test_the_limit_counts_utf8_bytes_not_characters(tmp_path):
     kb = jsonl(tmp_path / "kb.jsonl", {"id": "accents", "text": "é" * 600})  # 1,200 bytes
-    assert FilesSource([kb], max_document_bytes=1200).documents()[0].text == "é" * 600
+    assert next(FilesSource([kb], max_document_bytes=1200).documents()).text == "é" * 600
     with pytest.raises(UserError, match="'accents' holds 1,200 bytes"):
-        FilesSource([kb], max_document_bytes=1199).documents()
+        list(FilesSource([kb], max_document_bytes=1199).documents())
 
 
 def test_max_document_bytes_is_a_checked_recipe_key(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from m3.core.errors import UserError
 from m3.retrieval.embedders import HashedNgramEmbedder
@@ -386,3 +389,47 @@ def test_fitting_on_a_stream_of_texts_gives_the_idf_of_the_whole_list():
     streamed.fit(one_pass())  # a generator: read once, never measured
     assert consumed == texts
     assert torch.equal(streamed.idf, listed.idf) and streamed.fingerprint() == listed.fingerprint()
+
+
+def idf_as_fitted_before(embedder: HashedNgramEmbedder, texts: list[str]) -> torch.Tensor:
+    """`HashedNgramEmbedder.fit` as it was before the fit could be split (the reference)."""
+    document_frequency = torch.zeros(embedder.dim, dtype=torch.float64)
+    count = 0
+    for text in texts:
+        buckets = {abs(key) - 1 for key in embedder._features(text)}
+        if buckets:
+            document_frequency[list(buckets)] += 1
+        count += 1
+    return (torch.log((1 + count) / (1 + document_frequency)) + 1).float()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(alphabet=st.sampled_from("ab cd\n字é1"), max_size=30), min_size=1,
+             max_size=40),
+    st.lists(st.integers(0, 40), max_size=6),
+    st.sampled_from([8, 64, 1000]),
+)  # fmt: skip
+def test_a_fit_split_into_parts_and_merged_is_exactly_todays_fit(texts, cuts, dim):
+    want = idf_as_fitted_before(HashedNgramEmbedder(dim=dim), texts)
+    whole = HashedNgramEmbedder(dim=dim)
+    whole.fit(iter(texts))
+    assert torch.equal(whole.idf, want)
+    bounds = [0, *sorted(min(c, len(texts)) for c in cuts), len(texts)]
+    split = HashedNgramEmbedder(dim=dim)
+    parts = [split.fit_partial(iter(texts[a:b])) for a, b in itertools.pairwise(bounds)]
+    split.fit_merge(parts[::-1])  # in any order
+    assert torch.equal(split.idf, want) and split.fingerprint() == whole.fingerprint()
+
+
+def test_which_embedders_fit_and_how() -> None:
+    from m3.retrieval.embedders import ModelStateEmbedder
+
+    hashed = HashedNgramEmbedder(dim=16)
+    assert hashed.needs_fit and hashed.fit_partial([])["documents"] == 0
+    with pytest.raises(UserError, match="empty corpus"):
+        hashed.fit_merge([hashed.fit_partial([]), hashed.fit_partial([])])
+    states = ModelStateEmbedder("nowhere.pt")  # nothing is read until it is used
+    assert not states.needs_fit and states.fit_partial(["a"]) is None
+    with pytest.raises(NotImplementedError):
+        states.fit_merge([])

@@ -14,11 +14,19 @@ index.save("bank/index"); ExactIndex.load("bank/index")
 
 Its rows of ids and vectors are `m3.backends.slots.VectorRows`; its input checks are
 `m3.backends.checks`, shared with `m3.backends.scann_index`.
+
+A saved index loads memory-mapped (copy on write: changes stay in the process, the files
+never change), so that opening a bank costs no time and processes on one machine share the
+pages. `add_parts` streams vectors given part by part (a bank's embedding shards) into the
+saved form without holding them in memory twice; `save` replaces each file by one rename,
+so that a process that mapped the previous files keeps reading them whole.
 """
 
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +48,72 @@ from m3.backends.checks import (
 from m3.backends.slots import VectorRows
 from m3.core.checks import check_int
 from m3.core.errors import UserError
+
+
+def write_vectors(
+    path: str | Path,
+    parts: Iterable[tuple[Tensor | np.ndarray, Tensor | np.ndarray]],
+    count: int,
+    *,
+    dim: int,
+    metric: str,
+    where: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stream vectors given part by part into one `.npy` file, in the form an index scores.
+
+    Each part is checked and normalised (`as_vectors`) as it comes and written to a
+    memory-mapped file, so no more than one part is held in memory; the file appears by
+    one rename once whole.
+
+    Args:
+        path: The `.npy` file to write.
+        parts: `(vectors, ids)`: `(n, dim)` float vectors and their `(n,)` int64 ids.
+        count: The number of vectors in all parts.
+        dim: Their dimension.
+        metric: "cosine" (rows L2-normalised) or "dot".
+        where: Name of the index, for messages.
+
+    Returns:
+        The vectors `(count, dim)` float32, memory-mapped read-only from `path`, and the ids
+        `(count,)` int64 in the same order.
+
+    Raises:
+        UserError: For a part of another dimension, bad values or ids, repeated ids, or
+            parts holding another number of vectors than `count`.
+    """
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(count, dim))
+    ids = np.zeros(count, dtype=np.int64)
+    filled = 0
+    try:
+        for vectors, part_ids in parts:
+            x = as_vectors(vectors, dim, metric=metric, name="embeddings", where=where)
+            rows = as_index_ids(part_ids, x.shape[0], where=where)
+            if filled + len(rows) > count:
+                raise UserError(f"{where}: the parts hold more than {count} vectors")
+            out[filled : filled + len(rows)] = x
+            ids[filled : filled + len(rows)] = rows
+            filled += len(rows)
+        if filled != count:
+            raise UserError(f"{where}: the parts hold {filled} vectors, expected {count}")
+        if len(np.unique(ids)) != count:
+            raise UserError(f"{where}: the parts give some id twice")
+        out.flush()
+    except BaseException:
+        del out
+        tmp.unlink(missing_ok=True)
+        raise
+    del out
+    os.replace(tmp, path)
+    return np.load(path, mmap_mode="r"), ids
+
+
+def _save_array(path: Path, array: np.ndarray) -> None:
+    """`np.save`, made visible by one rename (a reader mapping the old file keeps it whole)."""
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
 
 
 class ExactIndex(MemoryIndex):
@@ -128,8 +202,44 @@ class ExactIndex(MemoryIndex):
             result.ids[start : start + block, :hits] = row_ids[top.indices]
         return result
 
+    def add_parts(
+        self,
+        parts: Iterable[tuple[Tensor | np.ndarray, Tensor | np.ndarray]],
+        count: int,
+        directory: str | Path,
+    ) -> None:
+        """Fill an empty index with vectors given part by part, saved to `directory` at once.
+
+        The parts stream into `directory`'s `vectors.npy` (`write_vectors`), which the index
+        then maps, as `load` does: the vectors are never held twice, and the index is saved
+        there (`save` again after changing it).
+
+        Args:
+            parts: `(vectors, ids)`: `(n, dim)` float vectors and their `(n,)` int64 ids,
+                e.g. a bank's embedding shards, memory-mapped.
+            count: The number of vectors in all parts.
+            directory: Where to save the index (created if needed).
+
+        Raises:
+            UserError: For an index that holds vectors already, or parts that
+                `write_vectors` refuses.
+        """
+        if len(self):
+            raise UserError("ExactIndex.add_parts: the index holds vectors already")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        vectors, ids = write_vectors(path / "vectors.npy", parts, count, dim=self.dim,
+                                     metric=self.metric, where="ExactIndex.add_parts")  # fmt: skip
+        del vectors
+        _save_array(path / "ids.npy", ids)
+        self._save_manifest(path, count)
+        self._rows = ExactIndex.load(path)._rows
+
     def save(self, directory: str | Path) -> None:
         """Write `vectors.npy` `(N, dim)` float32, `ids.npy` `(N,)` int64 and `index.json`.
+
+        Each file is replaced by one rename, so a process that mapped the previous ones
+        keeps reading them whole.
 
         Args:
             directory: Where to write (created if needed).
@@ -137,26 +247,31 @@ class ExactIndex(MemoryIndex):
         path = Path(directory)
         path.mkdir(parents=True, exist_ok=True)
         vectors, ids = self._rows.trimmed()
-        np.save(path / "vectors.npy", vectors.numpy())
-        np.save(path / "ids.npy", ids)
+        _save_array(path / "vectors.npy", vectors.numpy())
+        _save_array(path / "ids.npy", ids)
+        self._save_manifest(path, len(self))
+
+    def _save_manifest(self, path: Path, size: int) -> None:
         manifest = {"class": "ExactIndex", "dim": self.dim, "metric": self.metric,
-                    "block_bytes": self.block_bytes, "size": len(self)}  # fmt: skip
-        (path / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+                    "block_bytes": self.block_bytes, "size": size}  # fmt: skip
+        tmp = path / f"{MANIFEST}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        os.replace(tmp, path / MANIFEST)
 
     @classmethod
     def load(cls, directory: str | Path) -> ExactIndex:
-        """Read an index that `save` wrote.
+        """Read an index that `save` wrote, its vectors memory-mapped (copy on write).
 
         Args:
             directory: Where it was written.
 
         Returns:
-            The index.
+            The index; changing it changes this process's copy only, never the files.
         """
         path = Path(directory)
         data = read_manifest(path, cls)
         index = cls(data["dim"], metric=data["metric"], block_bytes=data["block_bytes"])
-        vectors = torch.from_numpy(np.load(path / "vectors.npy"))
+        vectors = torch.from_numpy(np.load(path / "vectors.npy", mmap_mode="c"))
         ids = np.load(path / "ids.npy")
         if vectors.shape != (ids.size, index.dim):
             raise UserError(

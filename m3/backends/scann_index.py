@@ -40,7 +40,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -60,6 +60,7 @@ from m3.backends.checks import (
     empty_result,
     read_manifest,
 )
+from m3.backends.exact_index import write_vectors
 from m3.backends.slots import Rows, VectorRows
 from m3.core.checks import check_int
 from m3.core.errors import UserError
@@ -316,6 +317,44 @@ class ScannIndex(MemoryIndex):
         else:  # everything was removed
             vectors, ids = np.zeros((0, self.dim), np.float32), np.zeros(0, np.int64)
         self._searcher = self._train(vectors) if ids.size else None
+        self._rows = Rows(ids)
+        self._staged = None if ids.size else VectorRows(self.dim)
+        self._built, self._changed = True, False
+
+    def add_parts(
+        self,
+        parts: Iterable[tuple[Tensor | np.ndarray, Tensor | np.ndarray]],
+        count: int,
+        directory: str | Path,
+    ) -> None:
+        """Build an empty index from vectors given part by part, trained from a mapped file.
+
+        The parts stream into a scratch file in `directory` (`write_vectors`); ScaNN
+        trains on it memory-mapped and keeps its own copy, so the fp32 copy that `add`
+        stages until `build` is never made. The scratch file is deleted; `save` after.
+
+        Args:
+            parts: `(vectors, ids)`: `(n, dim)` float vectors and their `(n,)` int64 ids,
+                e.g. a bank's embedding shards, memory-mapped.
+            count: The number of vectors in all parts.
+            directory: A folder for the scratch file (created if needed).
+
+        Raises:
+            UserError: For an index that holds vectors already, or parts that
+                `write_vectors` refuses.
+        """
+        if len(self) or self._built:
+            raise UserError("ScannIndex.add_parts: the index holds vectors already")
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        scratch = path / f"vectors-{os.getpid()}.scratch.npy"
+        try:
+            vectors, ids = write_vectors(scratch, parts, count, dim=self.dim, metric=self.metric,
+                                         where="ScannIndex.add_parts")  # fmt: skip
+            self._searcher = self._train(vectors) if ids.size else None
+            del vectors
+        finally:
+            scratch.unlink(missing_ok=True)
         self._rows = Rows(ids)
         self._staged = None if ids.size else VectorRows(self.dim)
         self._built, self._changed = True, False

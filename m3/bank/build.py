@@ -4,11 +4,11 @@ The knowledge base (`data.knowledge` sources) is tokenized and cut into referenc
 reference's id is its position in that list, the same ids the continual stage uses, so a
 retriever maps ids back to token ids. The weights named by `training.init_weights` encode
 every reference through Lightning's `Trainer.predict`, in length-sorted batches;
-`BankWriter`, a prediction writer, appends each batch to its rank's HDF5 shard. Then every
-reference's text is embedded with the recipe's embedder (fitted on the references first) and
-an index is built. The bank folder holds:
-
-The folder's files are listed in `m3.bank.layout`.
+`BankWriter`, a prediction writer, appends each batch to its rank's HDF5 shard. Then each
+rank embeds its own references with the recipe's embedder (its fit split across the ranks)
+into embedding shards (`m3.bank.embeddings`), and the rank that finds every shard written
+builds the index from them (`m3.bank.vectors`). The folder's files are listed in
+`m3.bank.layout` (and the embedding shards' in `m3.bank.embeddings`).
 
 `m3.bank.open.open_bank(folder)` opens the shards as one store (`ShardedStore`, read-only)
 with the index and the embedder. An interrupted build resumes: each shard is reopened in
@@ -53,13 +53,13 @@ from m3.model.memory3 import Memory3
 
 if TYPE_CHECKING:
     from m3.data.chunking import Chunker
-    from m3.data.documents import Document
     from m3.data.tokenizer import Tokenizer
     from m3.memory.quantize import MemoryQuantizer
     from m3.recipes import Recipe
     from m3.retrieval.embedders import Embedder
 
 from m3.backends.hdf5_salvage import interrupted_writer
+from m3.bank.embeddings import embed_references, fit_embedder
 from m3.bank.inputs import (
     BuildInputs,
     bank_problems,
@@ -68,7 +68,7 @@ from m3.bank.inputs import (
     read_manifest,
     shard_problem,
 )
-from m3.bank.knowledge import KnowledgeBase, empty_knowledge, read_documents
+from m3.bank.knowledge import KnowledgeBase, KnowledgeDocuments, empty_knowledge
 from m3.bank.layers import collect_garbage, edited_ids, replay_edits
 from m3.bank.layout import (
     EDIT_JOURNAL,
@@ -79,8 +79,10 @@ from m3.bank.layout import (
     layered_edits,
     shard_name,
 )
-from m3.bank.table import TABLE_MANIFEST, ReferenceTable, documents_fingerprint, write_table
+from m3.bank.table import TABLE_MANIFEST, ReferenceTable, write_table
+from m3.bank.vectors import EMBEDDINGS, finish_embeddings, index_from_shards, new_index
 from m3.bank.writer import BankEncoder, BankWriter, PendingReferences
+from m3.recipes.defaults import default_spec
 
 
 def _folder_bytes(paths: Sequence[Path]) -> int:
@@ -102,7 +104,10 @@ def build_index(
     progress: bool = True,
     index: Any = None,
 ) -> MemoryIndex:
-    """Fit the embedder on the references' texts, embed them and build an index.
+    """Fit the embedder on the references' texts, embed them and build an index, in one process.
+
+    The continual stage's pairing builds its index this way; `m3 build-memory` embeds per
+    rank instead (`m3.bank.embeddings`) and builds the same index from the shards.
 
     Args:
         references: Every reference (id = position).
@@ -119,12 +124,10 @@ def build_index(
     """
     from tqdm.auto import tqdm
 
-    from m3.recipes.defaults import default_spec
-
     # texts are decoded a batch at a time, never all at once: the fit streams over them
     embedder.fit(tokenizer.decode(r.ids) for r in references)
     spec = index if index is not None else default_spec("index", references=len(references))
-    index = registry.instantiate("index", spec, dim=embedder.dim)
+    index = new_index(spec, embedder)
     for start in tqdm(
         range(0, len(references), batch_size), desc="embedding references", disable=not progress
     ):
@@ -200,13 +203,14 @@ def build_memory(
     chunker, encoder = build(recipe, "chunker"), build(recipe, "encoder")
     sparsifier, embedder = build(recipe, "sparsifier"), build(recipe, "embedder")
     sources = [registry.instantiate("source", s) for s in recipe.data.knowledge]
-    documents, skipped = read_documents(sources)
-    if not any(d.text.strip() for d in documents):
-        raise empty_knowledge(sources, skipped)
+    documents = KnowledgeDocuments(sources)  # streamed: read again by every pass
+    digest = documents.check(tokenizer, chunker)
+    if not documents.has_text:
+        raise empty_knowledge(sources, documents.skipped)
     table_folder = run.path / TABLE
     if run.complete and not overwrite:
         inputs = BuildInputs(
-            knowledge=_knowledge_of(table_folder, documents, tokenizer, chunker),
+            knowledge=_knowledge_of(table_folder, documents, digest, tokenizer, chunker),
             tokenizer=tokenizer.fingerprint(),
             model=model.memory_fingerprint(),
         )
@@ -219,7 +223,7 @@ def build_memory(
     keep = ("accelerator", "devices", "num_nodes", "strategy", "precision",
             "enable_progress_bar", "deterministic")  # fmt: skip
 
-    def make_trainer(writer: BankWriter | None) -> L.Trainer:
+    def make_trainer(writer: L.Callback | None) -> L.Trainer:
         return build_trainer(
             {k: v for k, v in options.items() if k in keep},
             default_root_dir=run.path,
@@ -235,12 +239,11 @@ def build_memory(
     run.claim(overwrite=overwrite)  # everything above is checked: now the folder is ours
     # the references, cut once into the bank's reference table (m3.bank.table) and read by
     # id from there on, by every rank
-    rank, world_size = shard or (int(os.environ.get("LOCAL_RANK", 0)), 1)
+    rank, world_size = shard or _launched_rank()
     table = write_table(
-        table_folder, documents, tokenizer, chunker=chunker, skipped=skipped, rank=rank,
-        world=world_size,
+        table_folder, documents, tokenizer, chunker=chunker, skipped=documents.skipped,
+        rank=rank, world=world_size, digest=digest, count=documents.documents,
     )  # fmt: skip
-    del documents
     if len(table) == 0:
         raise empty_knowledge(sources, table.skipped)
     knowledge = KnowledgeBase(table, table.documents, table.skipped)
@@ -278,6 +281,15 @@ def build_memory(
         )
     seconds = _now() - start
     writer.finish_shard(trainer)  # also when nothing was left to encode (no predict loop ran)
+    # each rank embeds its own references into embedding shards (m3.bank.embeddings)
+    rank, world_size = writer.rank_and_size(trainer)
+    fit_embedder(
+        embedder, table, tokenizer, run.path / EMBEDDINGS, rank=rank, world=world_size,
+        barrier=trainer.strategy.barrier if trainer.world_size > 1 else None,
+        progress=recipe.trainer.enable_progress_bar,
+    )  # fmt: skip
+    embedded = embed_references(make_trainer, embedder, table, tokenizer,
+                                run.path / EMBEDDINGS, shard=shard)  # fmt: skip
     if trainer.world_size > 1:
         trainer.strategy.barrier()
         if not trainer.is_global_zero:
@@ -294,6 +306,7 @@ def build_memory(
         quantizer=quantizer,
         inputs=inputs,
         written=writer.written,
+        embedded=embedded,
         seconds=seconds,
         progress=recipe.trainer.enable_progress_bar,
     )
@@ -387,6 +400,19 @@ def bank_quantizer(
     return quantizer
 
 
+def _launched_rank() -> tuple[int, int]:
+    """This process's rank and the ranks started with it, before Lightning sets them up.
+
+    torchrun sets `RANK`/`WORLD_SIZE`, `srun` `SLURM_PROCID`/`SLURM_NTASKS`; Lightning's own
+    launcher starts the other ranks later (`LOCAL_RANK`), once the table is written. Any
+    answer is safe: a table writer also writes the shards it finds missing.
+    """
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in os.environ and world in os.environ:
+            return int(os.environ[rank]), max(1, int(os.environ[world]))
+    return int(os.environ.get("LOCAL_RANK", 0)), 1
+
+
 def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
     """`--overwrite`: delete what an earlier build left, whoever wrote it.
 
@@ -406,21 +432,21 @@ def _start_again(folder: Path, shard: tuple[int, int] | None) -> None:
 
 
 def _knowledge_of(
-    table: Path, documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
-) -> str:
+    table: Path, documents: KnowledgeDocuments, digest: str, tokenizer: Tokenizer,
+    chunker: Chunker,
+) -> str:  # fmt: skip
     """The knowledge fingerprint of these inputs, without holding their references.
 
-    The bank's table's when it was cut from them (a hash of the texts tells), else computed
-    in one streaming pass (a bank built before the table, or a changed knowledge base).
+    The bank's table's when it was cut from them (`digest`, their `documents_fingerprint`,
+    tells), else computed in one streaming pass (a bank built before the table, or a changed
+    knowledge base).
     """
     if (table / TABLE_MANIFEST).is_file():
         try:
             opened = ReferenceTable(table)
         except UserError:
             opened = None
-        if opened is not None and opened.manifest.get(
-            "documents_fingerprint"
-        ) == documents_fingerprint(documents, tokenizer, chunker):
+        if opened is not None and opened.manifest.get("documents_fingerprint") == digest:
             return opened.knowledge
     tokenized = ((d.id, tokenizer.encode(d.text) if d.text.strip() else []) for d in documents)
     return knowledge_fingerprint(iter_references(tokenized, chunker))
@@ -510,6 +536,7 @@ def _finish(
     quantizer: MemoryQuantizer | None = None,
     inputs: BuildInputs,
     written: int,
+    embedded: int = 0,
     seconds: float,
     progress: bool,
 ) -> Path:
@@ -530,12 +557,16 @@ def _finish(
         shards.append({"file": path.name, "references": count})
     previous = read_manifest(folder) if (folder / MANIFEST).is_file() else {}
     edits = layered_edits(previous)  # a resumed bank keeps its edits (checked at the start)
-    index = build_index(
-        knowledge.references, tokenizer, embedder, progress=progress, index=index_spec
-    )
+    vectors = finish_embeddings(folder / EMBEDDINGS, knowledge.references, embedder)
+    if vectors is None:  # another rank's embedding shards are not written yet
+        return folder
+    count = len(knowledge.references)
+    index = new_index(index_spec or default_spec("index", references=count), embedder)
+    saved = index_from_shards(index, vectors, folder / "index")
     if edits:
         replay_edits(folder, edits, index, tokenizer, embedder)
-    index.save(folder / "index")
+    if edits or not saved:
+        index.save(folder / "index")
     if hasattr(embedder, "save"):
         embedder.save(folder / "embedder")
     manifest = {
@@ -558,6 +589,7 @@ def _finish(
             "spec": embedder_spec,
         },
         "index": {"class": registry.identity(type(index))},
+        "embeddings": {"path": EMBEDDINGS, "shards": len(vectors.shards)},
         "built_from": inputs.to_dict(),
         "saved": ["index"] + (["embedder"] if hasattr(embedder, "save") else []),
     }
@@ -567,13 +599,14 @@ def _finish(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2))
     collect_garbage(folder, manifest)  # indexes of earlier edits, unfinished edits' layers
     outputs = [folder / s["file"] for s in shards]
-    outputs += [folder / "index", folder / "embedder", folder / QUANTIZER]
+    outputs += [folder / "index", folder / "embedder", folder / QUANTIZER, folder / EMBEDDINGS]
     summary = {
         "stage": "build_memory",
         "documents": knowledge.documents,
         "references": len(knowledge.references),
         "skipped": knowledge.skipped,
         "encoded_this_run": written,
+        "embedded_this_run": embedded,
         "bytes_written": _folder_bytes(outputs),
         "store_bytes": _folder_bytes(outputs[: len(shards)]),
         "references_per_second": round(written / seconds, 1) if seconds > 0 and written else None,

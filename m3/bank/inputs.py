@@ -188,4 +188,11 @@ def bank_problems(folder: Path, inputs: BuildInputs | None = None) -> tuple[list
         damaged.append("embedder/ is missing")
     if manifest.get("quantizer") is not None and not (folder / QUANTIZER).is_file():
         damaged.append(f"{QUANTIZER} is missing")
+    from m3.bank.vectors import bank_embeddings  # the embedding shards (checked cheaply)
+
+    shards = bank_embeddings(folder, manifest)
+    if isinstance(shards, str):
+        damaged.append(shards)
+    elif shards is not None:
+        damaged += shards.problems().values()
     return changed, damaged

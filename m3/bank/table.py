@@ -35,8 +35,10 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Collection, Iterator, Sequence
+from array import array
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, overload
 
@@ -58,15 +60,15 @@ TABLE_MANIFEST = "manifest.json"
 
 
 def documents_fingerprint(
-    documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
+    documents: Iterable[Document], tokenizer: Tokenizer, chunker: Chunker
 ) -> str:
     """A sha256 digest of what a table is cut from: every document, the tokenizer, the chunker.
 
-    Cheap next to tokenizing (it hashes the texts' bytes), so that a build can tell whether
-    a table on disk is the one these inputs would write.
+    Cheap next to tokenizing (it hashes the texts' bytes, streamed), so that a build can
+    tell whether a table on disk is the one these inputs would write.
 
     Args:
-        documents: The knowledge base's documents, in order.
+        documents: The knowledge base's documents, in order (one pass).
         tokenizer: The tokenizer that cuts them.
         chunker: The chunker that cuts them.
 
@@ -244,7 +246,7 @@ class ReferenceTable(Sequence[Reference]):
 
 def write_table(
     folder: str | Path,
-    documents: Sequence[Document],
+    documents: Iterable[Document],
     tokenizer: Tokenizer,
     *,
     chunker: Chunker,
@@ -252,28 +254,41 @@ def write_table(
     rank: int = 0,
     world: int = 1,
     documents_per_shard: int = DOCUMENTS_PER_SHARD,
+    digest: str | None = None,
+    count: int | None = None,
 ) -> ReferenceTable:
     """Write the reference table of a knowledge base (or finish one), and open it.
 
     A finished table of the same documents, tokenizer and chunker is kept as it is; one of
     other inputs is replaced. Shards another writer finished are kept; this writer starts at
-    shard `rank` and takes every `world`-th, then any still missing.
+    shard `rank` and takes every `world`-th, then any still missing. The documents are
+    streamed: one pass writes this writer's shards, another (only when some are still
+    missing then) the rest; none holds more than one document's tokens at a time beyond the
+    shard being written.
 
     Args:
         folder: The table's folder (created).
-        documents: The knowledge base's documents, in order (`m3.bank.knowledge`).
+        documents: The knowledge base's documents, in order (`m3.bank.knowledge`): a list,
+            or anything that streams them anew each time it is iterated
+            (`KnowledgeDocuments`).
         tokenizer: Tokenizes them.
         chunker: Cuts each into references.
         skipped: Documents the reading already left out (empty), for the counts.
         rank: This writer's rank.
         world: Writers working on the table at once.
         documents_per_shard: Documents per shard.
+        digest: `documents_fingerprint` of the documents, when the caller computed it
+            already (`KnowledgeDocuments.check`); computed here (one pass) when None.
+        count: How many documents there are; `len(documents)` when None.
 
     Returns:
         The table.
     """
     folder = Path(folder)
-    digest = documents_fingerprint(documents, tokenizer, chunker)
+    if digest is None:
+        digest = documents_fingerprint(documents, tokenizer, chunker)
+    if count is None:
+        count = len(documents)  # type: ignore[arg-type]
     if (folder / TABLE_MANIFEST).is_file():
         try:
             table = ReferenceTable(folder)
@@ -290,17 +305,19 @@ def write_table(
             shutil.rmtree(stale)
         else:
             stale.unlink()
-    starts = list(range(0, len(documents), documents_per_shard)) or [0]
+    starts = list(range(0, count, documents_per_shard)) or [0]
     names = [f"shard-{n:05d}" for n in range(len(starts))]
-    mine = [*range(rank % len(starts), len(starts), max(world, 1))]
-    for n in [*mine, *(n for n in range(len(starts)) if n not in mine)]:
-        if not (folder / names[n]).is_dir():
-            _write_shard(
-                folder / names[n],
-                documents[starts[n] : starts[n] + documents_per_shard],
-                tokenizer,
-                chunker,
-            )
+    mine = set(range(rank % len(starts), len(starts), max(world, 1)))
+    for wanted in (mine, set(range(len(starts)))):  # this writer's shards, then any missing
+        todo = {n for n in wanted if not (folder / names[n]).is_dir()}
+        stream = iter(documents)
+        for n in range(max(todo, default=-1) + 1):
+            part = islice(stream, documents_per_shard)
+            if n in todo and not (folder / names[n]).is_dir():
+                _write_shard(folder / names[n], part, tokenizer, chunker)
+            else:
+                for _ in part:  # read past another writer's shard
+                    pass
     shards = [_Shard.open(folder / name) for name in names]
     given = sum(len(s.documents) for s in shards)
     manifest = {
@@ -308,7 +325,7 @@ def write_table(
         "format_version": 1,
         "references": int(sum(len(s.offsets) - 1 for s in shards)),
         "documents": given,
-        "skipped": skipped + len(documents) - given,
+        "skipped": skipped + count - given,
         "documents_fingerprint": digest,
         "tokenizer": tokenizer.fingerprint(),
         "chunker": repr(chunker),
@@ -322,37 +339,58 @@ def write_table(
 
 
 def _write_shard(
-    path: Path, documents: Sequence[Document], tokenizer: Tokenizer, chunker: Chunker
+    path: Path, documents: Iterable[Document], tokenizer: Tokenizer, chunker: Chunker
 ) -> None:
     """Tokenize and cut a shard's documents, then make the shard visible by one rename."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    tokens: list[np.ndarray] = []
-    offsets, spans, kept, position = [0], [], [], 0
+    # tokens stream to a raw file (a shard of 65,536 documents can hold 10^8 tokens);
+    # offsets and spans are packed arrays, 8 and 24 bytes a reference
+    offsets, spans, kept, position = array("q", [0]), array("q"), [], 0
     rows: dict[Any, int] = {}
+    buffer = array("i")  # C int: int32 on the platforms m3 runs on
 
     def tokenized() -> Iterator[tuple[Any, list[int]]]:
         for document in documents:
             yield document.id, tokenizer.encode(document.text) if document.text.strip() else []
 
-    for reference in iter_references(tokenized(), chunker):
-        if reference.doc_id not in rows:
-            rows[reference.doc_id] = len(kept)
-            kept.append(reference.doc_id)
-        tokens.append(np.asarray(reference.ids, dtype=np.int32))
-        position += len(reference.ids)
-        offsets.append(position)
-        spans.append((rows[reference.doc_id], reference.start, reference.end))
-    np.save(tmp / "tokens.npy", np.concatenate(tokens) if tokens else np.zeros(0, np.int32))
-    np.save(tmp / "offsets.npy", np.asarray(offsets, dtype=np.int64))
-    np.save(tmp / "spans.npy", np.asarray(spans, dtype=np.int64).reshape(-1, 3))
+    with (tmp / "tokens.raw").open("wb") as raw:
+        for reference in iter_references(tokenized(), chunker):
+            if reference.doc_id not in rows:
+                rows[reference.doc_id] = len(kept)
+                kept.append(reference.doc_id)
+            buffer.extend(reference.ids)
+            position += len(reference.ids)
+            offsets.append(position)
+            spans.extend((rows[reference.doc_id], reference.start, reference.end))
+            if len(buffer) >= 1 << 18:
+                buffer.tofile(raw)
+                del buffer[:]
+        buffer.tofile(raw)
+    _raw_to_npy(tmp / "tokens.raw", tmp / "tokens.npy", position)
+    np.save(tmp / "offsets.npy", np.frombuffer(offsets, dtype=np.int64))
+    np.save(tmp / "spans.npy", np.frombuffer(spans, dtype=np.int64).reshape(-1, 3))
     (tmp / "documents.json").write_text(json.dumps(kept))
     try:
         os.rename(tmp, path)
     except OSError:  # another writer finished this shard first: the same bytes
         shutil.rmtree(tmp)
+
+
+def _raw_to_npy(raw: Path, path: Path, count: int) -> None:
+    """Make a raw file of `count` int32 values a `.npy` file: a header, then the bytes copied.
+
+    (Written through the file, not a memory map: the pages stay page cache, not this
+    process's memory.)
+    """
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.int32)),
+              "fortran_order": False, "shape": (count,)}  # fmt: skip
+    with path.open("wb") as out, raw.open("rb") as source:
+        np.lib.format.write_array_header_1_0(out, header)
+        shutil.copyfileobj(source, out, 1 << 16)
+    raw.unlink()
 
 
 def _alive(pid: int) -> bool:

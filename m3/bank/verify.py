@@ -4,16 +4,19 @@
 their crc32 and its slot table against the rows (`HDF5Store.verify`), the provenance
 against its checksum, the shard each reference lives in (`id % world_size == rank`), the
 index's ids against the ids the bank serves, the manifest against the files, and the
-fingerprints the files record against the manifest's. `repair_bank` then rebuilds exactly
-the damaged references: it salvages shards whose writer died, deletes the damaged rows and
-resumes the bank's own build, which encodes what is missing, indexes again and keeps the
-bank's edits.
+fingerprints the files record against the manifest's, and every embedding shard
+(`m3.bank.vectors`) against its crc32. `repair_bank` then rebuilds exactly the damaged
+references: it salvages shards whose writer died, deletes the damaged rows and embedding
+shards and resumes the bank's own build, which encodes and embeds what is missing, indexes
+again and keeps the bank's edits.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -25,6 +28,7 @@ from m3.bank.inputs import bank_problems, read_manifest
 from m3.bank.layers import edited_ids
 from m3.bank.layout import DONE, EDIT_JOURNAL, SHARD_FILE, TABLE, index_path, layered_edits
 from m3.bank.table import ReferenceTable
+from m3.bank.vectors import EMBEDDINGS, bank_embeddings, shard_name
 from m3.core import registry
 from m3.core.errors import UserError
 
@@ -131,7 +135,24 @@ def verify_bank(folder: str | Path, *, progress: bool = True) -> BankReport:
     report.damaged = np.setdiff1d(expected, sound).tolist()
     _verify_index(folder, manifest, expected, report)
     _verify_table(folder, manifest, report)
+    _verify_embeddings(folder, manifest, report)
     return report
+
+
+def _verify_embeddings(folder: Path, manifest: dict, report: BankReport) -> None:
+    """Read every embedding shard against its crc32 and the manifest's embedder."""
+    shards = bank_embeddings(folder, manifest)
+    if shards is None or isinstance(shards, str):
+        return  # a bank built before the shards, or named by bank_problems
+    for problem in shards.problems(checksums=True).values():
+        if problem not in report.problems:
+            report.problems.append(problem)
+    embedder = (manifest.get("embedder") or {}).get("fingerprint")
+    if embedder is not None and shards.manifest.get("embedder") != embedder:
+        report.problems.append(f"{EMBEDDINGS}/ holds the vectors of another embedder")
+    built = (manifest.get("built_from") or {}).get("knowledge")
+    if built is not None and shards.manifest.get("knowledge") != built:
+        report.problems.append(f"{EMBEDDINGS}/ holds the vectors of another knowledge base")
 
 
 def _verify_table(folder: Path, manifest: dict, report: BankReport) -> None:
@@ -204,6 +225,23 @@ def _verify_index(folder: Path, manifest: dict, expected: np.ndarray, report: Ba
         report.problems.append(f"{name}/ cannot be loaded ({type(error).__name__}: {error})")
         return
     try:
+        _check_index(name, index, manifest, expected, report)
+    finally:
+        if hasattr(index, "close"):
+            index.close()
+
+
+def _check_index(
+    name: str, index: Any, manifest: dict, expected: np.ndarray, report: BankReport
+) -> None:
+    recorded = getattr(index, "embedder_fingerprint", "")  # an index that records its embedder
+    built = (manifest.get("embedder") or {}).get("fingerprint")
+    if recorded and built and recorded != built:
+        report.problems.append(
+            f"{name}/ holds the vectors of another embedder ({recorded[:12]}, the bank's is "
+            f"{built[:12]})"
+        )
+    try:
         ids = index.ids().numpy()
     except NotImplementedError:
         if len(index) != len(expected):
@@ -272,6 +310,10 @@ def repair_bank(folder: str | Path) -> None:
                 store.delete(damaged)
         finally:
             store.close()
+    shards = bank_embeddings(folder, read_manifest(folder))
+    if shards is not None and not isinstance(shards, str):
+        for n in shards.problems(checksums=True):  # embedded again by the resumed build
+            shutil.rmtree(shards.folder / shard_name(n), ignore_errors=True)
     (folder / DONE).unlink(missing_ok=True)
     build_memory(recipe)
 

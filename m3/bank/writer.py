@@ -43,13 +43,16 @@ class ReferenceBatches(torch.utils.data.Dataset):
         batch_size: References per batch.
     """
 
-    def __init__(self, references: Sequence[Reference], ids: Sequence[int], *, batch_size: int):
+    def __init__(
+        self, references: Sequence[Reference], ids: Sequence[int] | np.ndarray, *, batch_size: int
+    ) -> None:
         self.references = references
+        ids = np.asarray(ids, dtype=np.int64)
         if hasattr(references, "lengths"):  # a reference table: lengths without the tokens
-            lengths = references.lengths()
-            order = sorted(ids, key=lambda i: (int(lengths[i]), i))
+            lengths = references.lengths()[ids]
         else:
-            order = sorted(ids, key=lambda i: (len(references[i].ids), i))
+            lengths = np.fromiter((len(references[i].ids) for i in ids.tolist()), np.int64)
+        order = ids[np.lexsort((ids, lengths))]  # by length, then id: 8 bytes a reference
         self.batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
     def __len__(self) -> int:
@@ -57,7 +60,7 @@ class ReferenceBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         """One batch: `ids` `(N,)`, right-padded `tokens` `(N, T)` and `lengths` `(N,)`."""
-        ids = self.batches[index]
+        ids = self.batches[index].tolist()
         tokens, lengths = right_pad([self.references[i].ids for i in ids], 0)
         return {"ids": torch.tensor(ids, dtype=torch.long), "tokens": tokens, "lengths": lengths}
 
@@ -212,7 +215,7 @@ class BankWriter(BasePredictionWriter):
         """
         return self.shard if self.shard is not None else (trainer.global_rank, trainer.world_size)
 
-    def pending(self, trainer: L.Trainer) -> list[int]:
+    def pending(self, trainer: L.Trainer) -> np.ndarray:
         """The ids of this rank's references that its shard does not hold yet.
 
         Opens (or creates) the shard. A rank owns the references `id % world_size == rank`.
@@ -221,12 +224,12 @@ class BankWriter(BasePredictionWriter):
             trainer: The predict run's trainer (gives the rank, see `rank_and_size`).
 
         Returns:
-            The ids still to encode, ascending; empty when the shard is full.
+            The ids still to encode, `(n,)` int64 ascending; empty when the shard is full.
         """
         rank, world = self.rank_and_size(trainer)
         store = self.open(rank, world)
         ids = np.arange(rank, len(self.references), world)
-        return ids[~np.isin(ids, store.ids().numpy())].tolist()
+        return ids[~np.isin(ids, store.ids().numpy())]
 
     def write_on_batch_end(
         self,

@@ -12,7 +12,10 @@ data:
 ```
 
 Subclass `TextSource` to read anything else (a database, a dataset on disk) and name your
-class by dotted path in a recipe.
+class by dotted path in a recipe. Sources stream: `documents()` returns an iterator (a list
+does too), and a knowledge base is read more than once — checked, then cut into references
+(`m3.bank.knowledge`) — each time by a new call, so no stage holds all its texts at once. A
+`files` source reads one file at a time.
 
 The documents of one role (`data.train`, `data.val`, `data.knowledge`) must have distinct
 ids, across all of its sources (`m3.data.documents.check_unique_ids`). A `files` source
@@ -27,43 +30,124 @@ default), naming it, before anything is tokenized:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
+import numpy as np
+
 from m3.core.errors import UserError
 from m3.core.registry import Bounds, InputPath
-from m3.data.documents import MAX_DOCUMENT_BYTES, Corpus, Document, check_unique_ids, read_corpus
+from m3.data.documents import (
+    MAX_DOCUMENT_BYTES,
+    Corpus,
+    Document,
+    check_unique_ids,
+    expand_paths,
+    iter_documents,
+    read_corpus,
+)
 
 if TYPE_CHECKING:
     from m3.data.world import World
+
+
+class SeenIds:
+    """The ids of a stream of documents, 8 bytes each: `check_unique_ids` in bounded memory.
+
+    Each id is kept as its 64-bit `hash()` (stable within one process). Only when two
+    digests are equal is the stream read again, keeping just the documents whose digest
+    repeats, to name both places with `check_unique_ids`'s message.
+    """
+
+    def __init__(self) -> None:
+        self._digests = array("q")
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def add(self, doc_id: object) -> None:
+        """Record one document's id.
+
+        Args:
+            doc_id: The id.
+        """
+        self._digests.append(hash(doc_id))
+
+    def check(self, again: Callable[[], Iterable[tuple[str, str]]], *, start: int = 0) -> None:
+        """Refuse an id given twice among those added from `start` on.
+
+        Args:
+            again: Streams `(id, place)` of those documents once more, in the same order
+                (called only when two digests are equal).
+            start: The first id to check (those of one source among several).
+
+        Raises:
+            UserError: `check_unique_ids`'s error for the first id given twice.
+        """
+        digests = np.sort(np.array(self._digests[start:], dtype=np.int64))
+        repeated = digests[1:][digests[1:] == digests[:-1]]
+        if repeated.size:
+            suspects = set(repeated.tolist())
+            check_unique_ids((i, place) for i, place in again() if hash(i) in suspects)
 
 
 class TextSource(ABC):
     """Something that yields documents."""
 
     @abstractmethod
-    def documents(self) -> list[Document]:
+    def documents(self) -> Iterable[Document]:
         """The source's documents, in a deterministic order.
 
         Returns:
-            Non-empty documents.
+            Non-empty documents, streamed (an iterator; a list does too). Every call reads
+            them anew: a knowledge base is read more than once.
         """
 
     def describe(self) -> str:
         """One line naming the source (for logs and reports)."""
         return type(self).__name__
 
+    def placed(self) -> Iterator[tuple[str, Document | None]]:
+        """The documents, streamed, each with where it was read (for messages).
+
+        Raises what `documents()` raises for malformed input; the checks of the whole
+        source (a `files` source's distinct ids) are `check_whole`'s.
+
+        Yields:
+            `(place, document)`: the place is the document's position in this source
+            (`FilesSource` names the file and line); None stands for an empty document
+            that was skipped.
+        """
+        where = self.describe()
+        for number, document in enumerate(self.documents(), 1):
+            yield f"{where}, document {number} (id {document.id!r})", document
+
+    def check_whole(self, seen: SeenIds, skipped: int, *, start: int = 0) -> None:  # noqa: B027
+        """The checks of the whole source, after one pass over `placed()`: none by default.
+
+        Args:
+            seen: The ids of the pass (this source's from `start` on).
+            skipped: Empty documents the pass skipped.
+            start: Where this source's ids begin in `seen`.
+        """
+
     def read(self) -> Corpus:
         """The documents with where each came from (for messages) and what was skipped.
 
         Returns:
-            `documents()`, each placed as its position in this source (`FilesSource` names
-            the file and line).
+            `documents()` as lists, each placed as its position in this source (`FilesSource`
+            names the file and line).
         """
-        documents = self.documents()
-        where = self.describe()
-        places = [f"{where}, document {i} (id {d.id!r})" for i, d in enumerate(documents, 1)]
-        return Corpus(documents=documents, places=places)
+        corpus = Corpus()
+        for place, document in self.placed():
+            if document is None:
+                corpus.skipped += 1
+            else:
+                corpus.documents.append(document)
+                corpus.places.append(place)
+        return corpus
 
 
 class FilesSource(TextSource):
@@ -97,9 +181,51 @@ class FilesSource(TextSource):
         self.text_field = text_field
         self.max_document_bytes = max_document_bytes
 
-    def documents(self) -> list[Document]:
-        """Read the files (see `m3.data.documents.read_corpus`)."""
-        return self.read().documents
+    def documents(self) -> Iterator[Document]:
+        """Stream the files' documents, one file read at a time (see `read_corpus`).
+
+        Malformed input is refused when its file is reached; after the last document, the
+        same checks as `read_corpus`: distinct ids, and some text.
+        """
+        seen, skipped = SeenIds(), 0
+        for _, document in self.placed():
+            if document is None:
+                skipped += 1
+                continue
+            seen.add(document.id)
+            yield document
+        self.check_whole(seen, skipped)
+
+    def placed(self) -> Iterator[tuple[str, Document | None]]:
+        """The files' documents with their file, one file read at a time.
+
+        (`read()` also names each document's line, for messages.)
+
+        Yields:
+            `(file, document)`, None for an empty document.
+        """
+        for path in expand_paths(self.paths):
+            for document in iter_documents(
+                path, text_field=self.text_field, max_document_bytes=self.max_document_bytes
+            ):
+                yield str(path), document
+
+    def check_whole(self, seen: SeenIds, skipped: int, *, start: int = 0) -> None:
+        """Refuse an id given twice, and files without text, as `read_corpus` does.
+
+        Args:
+            seen: The ids of a pass over `placed()` (this source's from `start` on).
+            skipped: Empty documents the pass skipped.
+            start: Where this source's ids begin in `seen`.
+
+        Raises:
+            UserError: For an id given twice (naming both places: the files are read again,
+                by `read_corpus`, only then) or no text at all.
+        """
+        seen.check(lambda: ((d.id, p) for d, p in self.read().placed()), start=start)
+        if len(seen) == start:
+            names = ", ".join(str(p) for p in expand_paths(self.paths))
+            raise UserError(f"no text in {names} ({skipped} empty documents skipped)")
 
     def read(self) -> Corpus:
         """Read the files, with the file and line of each document and the count skipped."""
@@ -144,14 +270,14 @@ class WorldSource(TextSource):
 
         return World.generate(self.seed, **self.sizes)
 
-    def documents(self) -> list[Document]:
-        """The split's documents."""
+    def documents(self) -> Iterator[Document]:
+        """The split's documents (the world is generated in memory, then streamed)."""
         world = self.world()
         if self.split == "kb":
-            return world.knowledge_base()
+            return iter(world.knowledge_base())
         if self.split == "heldout":
-            return world.heldout_documents()
-        return world.training_documents()
+            return iter(world.heldout_documents())
+        return iter(world.training_documents())
 
     def describe(self) -> str:
         """The split, seed and sizes."""
@@ -168,11 +294,11 @@ class StdlibSource(TextSource):
     def __init__(self, *, max_chars: Annotated[int, Bounds(ge=1)] = 1_000_000) -> None:
         self.max_chars = max_chars
 
-    def documents(self) -> list[Document]:
+    def documents(self) -> Iterator[Document]:
         """Help topics and module docstrings of the standard library."""
         from m3.data.stdlib_text import stdlib_documents
 
-        return stdlib_documents(max_chars=self.max_chars)
+        return iter(stdlib_documents(max_chars=self.max_chars))
 
     def describe(self) -> str:
         """The character cap."""

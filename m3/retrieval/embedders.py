@@ -86,6 +86,37 @@ class Embedder(ABC):
                 take its length or read it twice.
         """
 
+    @property
+    def needs_fit(self) -> bool:
+        """Whether `fit` does anything (a subclass overrides it)."""
+        return type(self).fit is not Embedder.fit
+
+    def fit_partial(self, texts: Iterable[str]) -> dict[str, Tensor] | None:
+        """The statistics of one part of the corpus, for a fit split across ranks.
+
+        `fit_merge` of the parts of a corpus, in any order, fits exactly as `fit` on all of
+        it. The bank's ranks each count their own references (`m3.bank.embeddings`).
+
+        Args:
+            texts: The part's texts, streamed (one pass).
+
+        Returns:
+            Tensors by name; None when the fit cannot be split (the default): `fit` then
+            reads the whole corpus.
+        """
+        return None
+
+    def fit_merge(self, parts: Sequence[Mapping[str, Tensor]]) -> None:
+        """Fit on the statistics of every part of the corpus (`fit_partial`'s).
+
+        Args:
+            parts: Every part's statistics.
+
+        Raises:
+            NotImplementedError: For an embedder whose fit cannot be split.
+        """
+        raise NotImplementedError(f"{type(self).__name__} fits on the whole corpus only")
+
     def fingerprint(self) -> str:
         """A sha256 digest of everything that decides the vectors.
 
@@ -220,7 +251,19 @@ class HashedNgramEmbedder(Embedder):
         """Fit smoothed IDF weights per bucket: `log((1 + N) / (1 + df)) + 1`.
 
         Args:
-            texts: The corpus (e.g. the knowledge base's references).
+            texts: The corpus (e.g. the knowledge base's references), streamed.
+        """
+        self.fit_merge([self.fit_partial(texts)])
+
+    def fit_partial(self, texts: Iterable[str]) -> dict[str, Tensor]:
+        """Count one part of the corpus: its texts and, per bucket, the texts that hit it.
+
+        Args:
+            texts: The part's texts, streamed (one pass).
+
+        Returns:
+            `documents` (a 0-dim int64 count) and `document_frequency` `(dim,)` float64
+            (whole numbers: sums of parts are exact below 2⁵³).
         """
         document_frequency = torch.zeros(self._dim, dtype=torch.float64)
         count = 0
@@ -229,8 +272,23 @@ class HashedNgramEmbedder(Embedder):
             if buckets:
                 document_frequency[list(buckets)] += 1
             count += 1
+        return {"documents": torch.tensor(count), "document_frequency": document_frequency}
+
+    def fit_merge(self, parts: Sequence[Mapping[str, Tensor]]) -> None:
+        """Fit the IDF weights on the counts of every part of the corpus.
+
+        Args:
+            parts: `fit_partial`'s counts of each part.
+
+        Raises:
+            UserError: When the parts hold no text at all.
+        """
+        count = sum(int(part["documents"]) for part in parts)
         if count == 0:
             raise UserError("cannot fit an embedder on an empty corpus")
+        document_frequency = torch.zeros(self._dim, dtype=torch.float64)
+        for part in parts:
+            document_frequency += part["document_frequency"]
         self.idf = (torch.log((1 + count) / (1 + document_frequency)) + 1).float()
 
     def embed(self, texts: Sequence[str]) -> Tensor:
