@@ -552,6 +552,8 @@ def test_an_edit_killed_at_any_moment_leaves_the_old_bank_or_the_new_one(parts, 
     assert "old" in outcomes  # at least one kill struck before the commit
     if outcomes[-1] == "old":
         assert main([argv[0], str(folder), *argv[1:]]) == 0
+    else:  # a kill after the commit may leave the index it replaced: --resume deletes it
+        assert main([argv[0], str(folder), "--resume"]) == 0
     assert _snapshot(folder) == new
     check_consistent(folder)
 
