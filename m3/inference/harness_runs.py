@@ -153,6 +153,22 @@ class _tasks_named:
 
 
 # -------------------------------------------------------------------------- the tasks
+def _local_task(cloze: str | Path, name: str) -> dict[str, Any]:
+    """What both local tasks share: the questions' file as the test split, their fields."""
+    cloze = Path(cloze)
+    if not cloze.is_file():
+        raise UserError(f"evaluation.cloze: {cloze} does not exist (the {name} task reads it)")
+    return {
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(cloze.resolve())}},
+        "test_split": "test",
+        "doc_to_text": "prompt",
+        "doc_to_choice": "options",
+        "doc_to_target": "answer",
+    }
+
+
 def cloze_task(cloze: str | Path, *, name: str = CLOZE_TASK) -> dict[str, Any]:
     """A local lm-eval task over cloze questions (`prompt`, `options`, `answer`).
 
@@ -170,18 +186,8 @@ def cloze_task(cloze: str | Path, *, name: str = CLOZE_TASK) -> dict[str, Any]:
     Raises:
         UserError: When the questions' file does not exist.
     """
-    cloze = Path(cloze)
-    if not cloze.is_file():
-        raise UserError(f"evaluation.cloze: {cloze} does not exist (the {name} task reads it)")
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(cloze.resolve())}},
-        "test_split": "test",
+    return _local_task(cloze, name) | {
         "output_type": "multiple_choice",
-        "doc_to_text": "prompt",
-        "doc_to_choice": "options",
-        "doc_to_target": "answer",
         "target_delimiter": "",
         "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
     }
@@ -263,18 +269,8 @@ def generation_task(
     Raises:
         UserError: When the questions' file does not exist.
     """
-    cloze = Path(cloze)
-    if not cloze.is_file():
-        raise UserError(f"evaluation.cloze: {cloze} does not exist (the {name} task reads it)")
-    return {
-        "task": name,
-        "dataset_path": "json",
-        "dataset_kwargs": {"data_files": {"test": str(cloze.resolve())}},
-        "test_split": "test",
+    return _local_task(cloze, name) | {
         "output_type": "generate_until",
-        "doc_to_text": "prompt",
-        "doc_to_choice": "options",
-        "doc_to_target": "answer",
         "generation_kwargs": {
             "until": [],
             "max_gen_toks": max_new_tokens,
