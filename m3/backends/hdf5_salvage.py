@@ -48,6 +48,7 @@ from m3.backends.hdf5_file import (
 from m3.backends.hdf5_layout import RowLayout, meta_crc
 from m3.backends.hdf5_reader import RowBuffers, read_rows
 from m3.core.errors import UserError
+from m3.core.runs import process_alive
 
 if TYPE_CHECKING:
     from m3.memory.quantize import MemoryQuantizer
@@ -79,16 +80,6 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def interrupted_writer(path: Path) -> dict | None:
     """The marker of a writer that stopped without closing the file, if there is one.
 
@@ -115,7 +106,7 @@ def interrupted_writer(path: Path) -> dict | None:
         return record
     if pid == os.getpid():
         return None if path.resolve() in _WRITING else record
-    return None if _alive(pid) else record
+    return None if process_alive(pid) else record
 
 
 def running_writer(path: Path) -> dict | None:

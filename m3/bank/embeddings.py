@@ -48,6 +48,7 @@ from torch import Tensor
 
 from m3.bank.vectors import shard_name, shard_problem, shard_ranges, vectors_crc
 from m3.core.errors import UserError
+from m3.core.runs import process_alive
 
 if TYPE_CHECKING:
     from m3.bank.table import ReferenceTable
@@ -77,18 +78,8 @@ def _discard_dead_writers(folder: Path) -> None:
             pid = int(stale.name.split(".tmp")[0].split(".")[-1])
         except ValueError:
             continue
-        if not _alive(pid):
+        if not process_alive(pid):
             _remove(stale)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ------------------------------------------------------------------------------ fitting

@@ -47,6 +47,7 @@ import numpy as np
 from m3.bank.inputs import knowledge_fingerprint
 from m3.core.errors import UserError
 from m3.core.references import Reference
+from m3.core.runs import process_alive
 from m3.data.chunking import Chunker, iter_references
 
 if TYPE_CHECKING:
@@ -299,7 +300,7 @@ def write_table(
         shutil.rmtree(folder)  # another knowledge base's, or damaged: it is derived data
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob("*.tmp"):  # what writers that died left; live ones keep theirs
-        if _alive(int(stale.name.split(".")[-2])):
+        if process_alive(int(stale.name.split(".")[-2])):
             continue
         if stale.is_dir():
             shutil.rmtree(stale)
@@ -391,14 +392,3 @@ def _raw_to_npy(raw: Path, path: Path, count: int) -> None:
         np.lib.format.write_array_header_1_0(out, header)
         shutil.copyfileobj(source, out, 1 << 16)
     raw.unlink()
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of this machine runs with this pid."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

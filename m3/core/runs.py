@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,24 @@ def recipe_fingerprint(recipe_dict: dict[str, Any]) -> str:
     trainer.pop("enable_progress_bar", None)
     keep["trainer"] = trainer
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine runs with this pid (a writer that left a marker).
+
+    Args:
+        pid: The process id.
+
+    Returns:
+        True when it runs, another user's process included.
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 class RunFolder:
