@@ -198,58 +198,35 @@ def main() -> None:
 def report(results: dict[int, dict], sizes: list[int]) -> None:
     mib = 2**20
     first = results[sizes[0]]
-    header = f"{'':<34}" + "".join(f"{s:>14,}" for s in sizes)
-    print("\n" + header)
-    print(f"{'references':<34}" + "".join(f"{results[s]['references']:>14,}" for s in sizes))
-    print(f"{'wall seconds':<34}" + "".join(f"{results[s]['seconds']:>14.1f}" for s in sizes))
-    rate = {s: results[s]["references"] / results[s]["seconds"] for s in sizes}
-    print(f"{'references / s (whole build)':<34}" + "".join(f"{rate[s]:>14.1f}" for s in sizes))
-    print(
-        f"{'  ÷ the first size':<34}" + "".join(f"{rate[s] / rate[sizes[0]]:>14.2f}" for s in sizes)
-    )
-    for stage in STAGES:
-        if stage not in first["stages"]:
-            continue
-        per = {s: results[s]["references"] / max(results[s]["stages"][stage]["seconds"], 1e-9)
-               for s in sizes}  # fmt: skip
-        print(f"{'  refs/s, ' + stage:<34}" + "".join(f"{per[s]:>14.0f}" for s in sizes))
+
+    def row(label: str, values: list[float], spec: str = ">14.0f") -> None:
+        print(f"{label:<34}" + "".join(f"{v:{spec}}" for v in values))
+
+    print("\n" + f"{'':<34}" + "".join(f"{s:>14,}" for s in sizes))
+    row("references", [results[s]["references"] for s in sizes], ">14,")
+    row("wall seconds", [results[s]["seconds"] for s in sizes], ">14.1f")
+    rate = [results[s]["references"] / results[s]["seconds"] for s in sizes]
+    row("references / s (whole build)", rate, ">14.1f")
+    row("  ÷ the first size", [r / rate[0] for r in rate], ">14.2f")
+    stages = [stage for stage in STAGES if stage in first["stages"]]
+    for stage in stages:
+        row(f"  refs/s, {stage}", [
+            results[s]["references"] / max(results[s]["stages"][stage]["seconds"], 1e-9)
+            for s in sizes
+        ])  # fmt: skip
     print()
-    for stage in STAGES:
-        if stage not in first["stages"]:
-            continue
-        peaks = [results[s]["stages"][stage]["peak"] / mib for s in sizes]
-        print(f"{'peak RSS MiB, ' + stage:<34}" + "".join(f"{p:>14.0f}" for p in peaks))
-    outside = {s: max(v["peak"] for k, v in results[s]["stages"].items() if k != "index")
-               for s in sizes}  # fmt: skip
-    print(
-        f"{'peak RSS MiB, all but the index':<34}"
-        + "".join(f"{outside[s] / mib:>14.0f}" for s in sizes)
-    )
-    print(
-        f"{'  ÷ the first size':<34}"
-        + "".join(f"{outside[s] / outside[sizes[0]]:>14.2f}" for s in sizes)
-    )
-    print(
-        f"{'index: RSS added, MiB':<34}"
-        + "".join(f"{(results[s]['index_rss'] or 0) / mib:>14.0f}" for s in sizes)
-    )
-    print(
-        f"{'  of it file-backed (mapped)':<34}"
-        + "".join(f"{(results[s]['index_rss_file'] or 0) / mib:>14.0f}" for s in sizes)
-    )
-    print(
-        f"{'children peak RSS MiB':<34}"
-        + "".join(f"{results[s]['children_peak'] / mib:>14.0f}" for s in sizes)
-    )
+    for stage in stages:
+        row(f"peak RSS MiB, {stage}", [results[s]["stages"][stage]["peak"] / mib for s in sizes])
+    outside = [max(v["peak"] for k, v in results[s]["stages"].items() if k != "index")
+               for s in sizes]  # fmt: skip
+    row("peak RSS MiB, all but the index", [o / mib for o in outside])
+    row("  ÷ the first size", [o / outside[0] for o in outside], ">14.2f")
+    row("index: RSS added, MiB", [(results[s]["index_rss"] or 0) / mib for s in sizes])
+    row("  of it file-backed (mapped)", [(results[s]["index_rss_file"] or 0) / mib for s in sizes])
+    row("children peak RSS MiB", [results[s]["children_peak"] / mib for s in sizes])
     for name in ("references", "embeddings", "index"):
-        print(
-            f"{'disk MiB, ' + name:<34}"
-            + "".join(f"{results[s]['bytes'][name] / mib:>14.1f}" for s in sizes)
-        )
-    print(
-        f"{'disk MiB, store':<34}"
-        + "".join(f"{results[s]['store_bytes'] / mib:>14.1f}" for s in sizes)
-    )
+        row(f"disk MiB, {name}", [results[s]["bytes"][name] / mib for s in sizes], ">14.1f")
+    row("disk MiB, store", [results[s]["store_bytes"] / mib for s in sizes], ">14.1f")
 
 
 if __name__ == "__main__":
