@@ -422,6 +422,31 @@ def test_a_fit_split_into_parts_and_merged_is_exactly_todays_fit(texts, cuts, di
     assert torch.equal(split.idf, want) and split.fingerprint() == whole.fingerprint()
 
 
+def embedded_one_feature_at_a_time(embedder: HashedNgramEmbedder, texts: list[str]):
+    """`HashedNgramEmbedder.embed` as it was before its one scatter (the reference)."""
+    out = torch.zeros(len(texts), embedder.dim)
+    for row, text in enumerate(texts):
+        for signed, tf in embedder._features(text).items():
+            out[row, abs(signed) - 1] += math.copysign(1.0 + math.log(tf), signed)
+    if embedder.idf is not None:
+        out *= embedder.idf
+    return torch.nn.functional.normalize(out, dim=1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.text(alphabet=st.sampled_from("ab cd\n字é1"), max_size=60), min_size=1,
+             max_size=20),
+    st.sampled_from([1, 8, 64, 1000]),  # dim 1: every feature in one bucket, both signs
+    st.booleans(),
+)  # fmt: skip
+def test_embedding_is_bit_for_bit_the_per_feature_loop(texts, dim, fitted):
+    embedder = HashedNgramEmbedder(dim=dim, ngrams=(1, 2))
+    if fitted:
+        embedder.fit(texts)
+    assert torch.equal(embedder.embed(texts), embedded_one_feature_at_a_time(embedder, texts))
+
+
 def test_which_embedders_fit_and_how() -> None:
     from m3.retrieval.embedders import ModelStateEmbedder
 

@@ -9,7 +9,7 @@ from functools import cache
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from m3.backends.base import StoreInfo
@@ -22,6 +22,7 @@ from m3.data.tokenizer import ByteTokenizer
 from m3.data.world import ClozeQuestion
 from m3.inference.evaluate import evaluate_cloze, evaluate_heldout, wilson_interval
 from m3.inference.rag import rag_prefixes
+from m3.inference.scoring import scored_continuations
 from m3.memory.encoder import encode_references
 from m3.model.config import Config
 from m3.model.memory3 import Memory3
@@ -130,6 +131,50 @@ def slow_accuracy(model: Memory3, retriever: Retriever, mode: str, order: list[i
 
 
 # ----------------------------------------------------------------------------- cloze
+
+
+def slow_warmup_scores(model: Memory3, context: list[int], option: list[int]) -> float:
+    """One row at a time in warmup mode: no prefix, no memories."""
+    logp = torch.log_softmax(model(torch.tensor([context + option])).double(), -1)[0]
+    return sum(float(logp[len(context) + t - 1, tok]) for t, tok in enumerate(option))
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 150),  # context tokens after <s>: up to 3 chunks of 64
+            st.lists(st.integers(1, 20), min_size=1, max_size=4),  # continuation lengths
+            st.integers(0, len(FACTS) - 1),  # the reference the row reads
+        ),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from(["memory", "empty", "warmup"]),
+    st.integers(0, 2**16),
+)
+@settings(max_examples=30, deadline=None)
+def test_continuations_sharing_their_context_score_as_full_rows(rows, mode, seed) -> None:
+    """One prefill and decoding from copies of the cache = every full row read alone."""
+    model, retriever = setup()
+    rng = random.Random(seed)
+    contexts = [[TOKENIZER.bos_id, *(rng.randrange(3, 259) for _ in range(n))] for n, _, _ in rows]
+    options = [[[rng.randrange(3, 259) for _ in range(m)] for m in sizes] for _, sizes, _ in rows]
+    read = torch.tensor([ref for _, _, ref in rows])
+    memories = None
+    if mode == "memory":  # one reference per row, seen by every chunk of it
+        memories = Memories.from_references(
+            retriever.store.read(read), torch.arange(len(rows))[:, None]
+        )
+    prefix = None if mode == "warmup" else torch.tensor(TOKENIZER.reference_prefix())
+    fast = scored_continuations(model, contexts, options, memories, prefix)
+    for r, (context, row_options) in enumerate(zip(contexts, options, strict=True)):
+        one = None if memories is None else memories.take_rows(torch.tensor([r]))
+        slow = [
+            slow_warmup_scores(model, context, o) if mode == "warmup"
+            else slow_option_scores(model, context, o, one)
+            for o in row_options
+        ]  # fmt: skip
+        assert fast[r].tolist() == pytest.approx(slow, rel=1e-4, abs=1e-3)
 
 
 @pytest.mark.parametrize("mode", ["memory", "none", "rag"])

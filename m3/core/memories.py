@@ -251,6 +251,17 @@ class Memories:
         index = order.indices[..., :most]
         return index, order.values[..., :most].bool()
 
+    def take_rows(self, rows: Tensor) -> Memories:
+        """The memories of chosen rows (a row may be taken several times).
+
+        Args:
+            rows: `(R,)` long indices into the pool's `B` rows.
+
+        Returns:
+            The pool of `R` rows.
+        """
+        return Memories(self.keys[rows], self.values[rows], self.valid[rows], self.visible[rows])
+
     def for_chunks(self, chunks: Tensor) -> Memories:
         """The memories one chunk of each sequence sees, as a compact one-chunk pool.
 

@@ -47,7 +47,7 @@ from m3.inference.rag import rag_prefixes
 from m3.inference.scoring import (
     heldout_memories,
     reference_prefix_ids,
-    rows_of,
+    scored_continuations,
     scored_tokens,
 )
 
@@ -193,7 +193,6 @@ def evaluate_cloze(
         retrieved = retriever.retrieve(
             [[q.prompt] for q in questions], leak_texts=[c[1:] for c in contexts]
         ).memories
-    order = torch.arange(len(questions))
     shuffled = torch.randperm(len(questions), generator=torch.Generator().manual_seed(seed))
     results: dict[str, ClozeScore] = {}
     for mode in modes:
@@ -202,27 +201,22 @@ def evaluate_cloze(
             before = rag_prefixes(retriever, tokenizer, [q.prompt for q in questions])  # type: ignore[arg-type]
             rows = [[c[0], *b, *c[1:]] for c, b in zip(contexts, before, strict=True)]
         correct = SumMetric()
+        # questions of similar lengths together: less padding; each is scored on its own
+        by_length = sorted(range(len(questions)), key=lambda q: len(rows[q]))
         starts = range(0, len(questions), batch_size)
         for start in tqdm(starts, desc=f"cloze, {mode}", disable=not progress, leave=False):
-            batch = range(start, min(start + batch_size, len(questions)))
-            lines, scored_from, owner = [], [], []
-            for q in batch:
-                for option in option_ids[q]:
-                    lines.append(rows[q] + option)
-                    scored_from.append(len(rows[q]))
-                    owner.append(q)
+            batch = by_length[start : start + batch_size]
             memories = None
             if mode in ("memory", "shuffled"):
-                source = (order if mode == "memory" else shuffled)[torch.tensor(owner)]
-                memories = rows_of(retrieved, source)  # type: ignore[arg-type]
+                source = torch.tensor(batch)
+                source = source if mode == "memory" else shuffled[source]
+                memories = retrieved.take_rows(source)  # type: ignore[union-attr]
             reading = None if mode == "none" and without_memory == "warmup" else prefix
-            token_logp, _, mask = scored_tokens(model, lines, scored_from, memories, reading)
-            scores = (token_logp * mask).sum(-1).cpu()
-            at = 0
-            for q in batch:
-                n = len(questions[q].options)
-                correct.update(float(int(scores[at : at + n].argmax()) == questions[q].answer))
-                at += n
+            scores = scored_continuations(
+                model, [rows[q] for q in batch], [option_ids[q] for q in batch], memories, reading
+            )
+            for q, option_scores in zip(batch, scores, strict=True):
+                correct.update(float(int(option_scores.argmax()) == questions[q].answer))
         hits = round(float(correct.compute()))
         low, high = wilson_interval(hits, len(questions))
         results[mode] = ClozeScore(

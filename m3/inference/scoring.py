@@ -9,7 +9,10 @@ are read in one forward pass and their tokens from a given position on are score
 - `heldout_memories` retrieves the memories of held-out windows under the paper's protocol
   (each 64-token chunk retrieves with its own text) or the causal one (chunk `c` reads what
   chunk `c − 1` retrieved);
-- `reference_prefix_ids` and `rows_of` are the small pieces both need.
+- `scored_continuations` scores several continuations of each context (a cloze question's
+  options) reading the context once: one prefill, then each continuation decoded from a copy
+  of the cache; the same scores as `scored_tokens` on the full rows;
+- `reference_prefix_ids` is the small piece all of them need.
 
 ```python
 token_logp, hits, mask = scored_tokens(model, rows, scored_from, memories, prefix)
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     from m3.model.memory3 import Memory3
     from m3.retrieval.retriever import Retriever
 
-__all__ = ["heldout_memories", "reference_prefix_ids", "rows_of", "scored_tokens"]
+__all__ = ["heldout_memories", "reference_prefix_ids", "scored_continuations", "scored_tokens"]
 
 
 def reference_prefix_ids(tokenizer: Tokenizer, device: torch.device) -> Tensor:
@@ -47,21 +50,6 @@ def reference_prefix_ids(tokenizer: Tokenizer, device: torch.device) -> Tensor:
         `(b,)` long ids.
     """
     return torch.tensor(tokenizer.reference_prefix(), dtype=torch.long, device=device)
-
-
-def rows_of(memories: Memories, rows: Tensor) -> Memories:
-    """The memories of chosen rows (a row may be taken several times).
-
-    Args:
-        memories: A pool of `B` rows.
-        rows: `(R,)` long indices into the pool's rows.
-
-    Returns:
-        The pool of `R` rows.
-    """
-    return Memories(
-        memories.keys[rows], memories.values[rows], memories.valid[rows], memories.visible[rows]
-    )
 
 
 @torch.no_grad()
@@ -109,6 +97,58 @@ def scored_tokens(
     start = torch.tensor(scored_from, device=device)[:, None]
     mask = (position >= start - 1) & (position < lengths[:, None] - 1)
     return token_logp, hits, mask
+
+
+@torch.no_grad()
+def scored_continuations(
+    model: Memory3,
+    contexts: list[list[int]],
+    continuations: list[list[list[int]]],
+    memories: Memories | None,
+    prefix: Tensor | None,
+) -> list[Tensor]:
+    """Summed log-probabilities of several continuations per context, the context read once.
+
+    Scores what `scored_tokens` scores on the rows `context + continuation` (every chunk
+    reading the memories of the context's chunks, as there), at the cost of one context pass
+    instead of one per continuation: the contexts fill a decoding cache (`Memory3.prefill`),
+    which is copied once per continuation (`KVCache.take_rows`) and decoded token by token.
+
+    Args:
+        model: The model.
+        contexts: `B` token-id rows, each starting with `<s>`.
+        continuations: Per context, its continuations (each at least one token).
+        memories: One-chunk memories per context (`B` rows; the memories every chunk of the
+            row reads), or None to read none.
+        prefix: The reference prefix ids (memory mode), or None for warmup mode (then
+            `memories` must be None).
+
+    Returns:
+        Per context, `(n_i,)` float32 summed log-probabilities of its `n_i` continuations.
+    """
+    if prefix is None:
+        assert memories is None, "warmup mode reads no memories"
+    device = next(model.parameters()).device
+    idx, lengths = right_pad(contexts, 0)
+    idx, lengths = idx.to(device), lengths.to(device)
+    counts = torch.tensor([len(row) for row in continuations])
+    tokens, ends = right_pad([c for row in continuations for c in row], 0)
+    tokens, ends = tokens.to(device), ends.to(device)
+    owner = torch.repeat_interleave(torch.arange(len(contexts)), counts).to(device)
+    cache = model.new_cache(len(contexts), idx.shape[1] + tokens.shape[1], prefix=prefix)
+    if memories is not None:
+        chunks = math.ceil(idx.shape[1] / model.config.chunk_length)
+        visible = memories.visible.expand(-1, chunks, -1)
+        memories = Memories(memories.keys, memories.values, memories.valid, visible)
+        memories = memories.to(device=device, dtype=next(model.parameters()).dtype)
+    logits = model.prefill(idx, cache, lengths=lengths, memories=memories)
+    last = logits[torch.arange(len(contexts), device=device), lengths - 1].float()
+    total = torch.log_softmax(last, -1)[owner].gather(-1, tokens[:, :1])[:, 0]
+    cache = cache.take_rows(owner)  # one copy per continuation; later chunks keep the memories
+    for step in range(1, tokens.shape[1]):
+        logp = torch.log_softmax(model.decode(tokens[:, step - 1], cache).float(), -1)
+        total = total + logp.gather(-1, tokens[:, step : step + 1])[:, 0] * (step < ends)
+    return list(total.cpu().split(counts.tolist()))
 
 
 def heldout_memories(

@@ -125,6 +125,34 @@ class KVCache:
         first = 0 if layer in self.memory_layers else start
         return keys[:, :, first:], values[:, :, first:]
 
+    def take_rows(self, rows: Tensor) -> KVCache:
+        """A new cache of chosen rows (a row may be taken several times), e.g. one per option.
+
+        Several continuations of one prompt then share its prefill: the prompt is read once
+        and each copy decodes its own continuation.
+
+        Args:
+            rows: `(R,)` long indices into this cache's rows.
+
+        Returns:
+            A cache of `R` rows with their keys, values, lengths and memories (copies).
+        """
+        rows = rows.to(self.lengths.device)
+        taken = KVCache(
+            [buffer[rows] for buffer in self.keys],
+            [buffer[rows] for buffer in self.values],
+            prefix=self.prefix,
+            chunk_length=self.chunk_length,
+            memory_layers=self.memory_layers,
+        )
+        taken.lengths = self.lengths[rows]
+        taken.memory_slots = self.memory_slots
+        if self.memory_mask is not None:
+            taken.memory_mask = self.memory_mask[rows]
+        if self.memories is not None:
+            taken.memories = self.memories.take_rows(rows)
+        return taken
+
     def with_memory_region(self, mask: Tensor) -> Tensor:
         """A decoding step's mask for a memory layer: the memory region's valid slots in front.
 

@@ -293,10 +293,22 @@ class HashedNgramEmbedder(Embedder):
 
     def embed(self, texts: Sequence[str]) -> Tensor:
         """Embed texts (see `Embedder.embed`)."""
-        out = torch.zeros(len(texts), self._dim)
+        rows: list[int] = []
+        columns: list[int] = []
+        weights: list[float] = []
         for row, text in enumerate(texts):
             for signed, tf in self._features(text).items():
-                out[row, abs(signed) - 1] += math.copysign(1.0 + math.log(tf), signed)
+                rows.append(row)
+                columns.append(abs(signed) - 1)
+                weights.append(math.copysign(1.0 + math.log(tf), signed))
+        out = torch.zeros(len(texts), self._dim)
+        # one scatter, not a tensor write per feature; a bucket gets at most two terms (one
+        # per sign), whose float sum does not depend on their order
+        out.index_put_(
+            (torch.tensor(rows, dtype=torch.long), torch.tensor(columns, dtype=torch.long)),
+            torch.tensor(weights, dtype=torch.float32),
+            accumulate=True,
+        )
         if self.idf is not None:
             out *= self.idf
         return torch.nn.functional.normalize(out, dim=1)
