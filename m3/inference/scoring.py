@@ -112,7 +112,8 @@ def scored_continuations(
     Scores what `scored_tokens` scores on the rows `context + continuation` (every chunk
     reading the memories of the context's chunks, as there), at the cost of one context pass
     instead of one per continuation: the contexts fill a decoding cache (`Memory3.prefill`),
-    which is copied once per continuation (`KVCache.take_rows`) and decoded token by token.
+    which is copied once per continuation (`KVCache.take_rows`) and extended by all its
+    tokens in one pass.
 
     Args:
         model: The model.
@@ -144,10 +145,12 @@ def scored_continuations(
     logits = model.prefill(idx, cache, lengths=lengths, memories=memories)
     last = logits[torch.arange(len(contexts), device=device), lengths - 1].float()
     total = torch.log_softmax(last, -1)[owner].gather(-1, tokens[:, :1])[:, 0]
-    cache = cache.take_rows(owner)  # one copy per continuation; later chunks keep the memories
-    for step in range(1, tokens.shape[1]):
-        logp = torch.log_softmax(model.decode(tokens[:, step - 1], cache).float(), -1)
-        total = total + logp.gather(-1, tokens[:, step : step + 1])[:, 0] * (step < ends)
+    if tokens.shape[1] > 1:  # the continuations' own next tokens, read in one pass
+        cache = cache.take_rows(owner)  # later chunks keep reading the context's memories
+        logits = model.extend(tokens[:, :-1], cache, across_chunks=True).float()
+        logp = torch.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]
+        scored = torch.arange(1, tokens.shape[1], device=device)[None] < ends[:, None]
+        total = total + (logp * scored).sum(-1)
     return list(total.cpu().split(counts.tolist()))
 
 

@@ -647,16 +647,20 @@ class Memory3(nn.Module):
             )
         return self.extend(tokens[:, None], cache)[:, 0]
 
-    def extend(self, tokens: Tensor, cache: KVCache) -> Tensor:
+    def extend(self, tokens: Tensor, cache: KVCache, *, across_chunks: bool = False) -> Tensor:
         """Append the same number of tokens to every row of a filled cache.
 
         In memory mode all new tokens read the cache's current memories, so they must lie in
-        one chunk of each row (swap memories between chunks). Processing a long prompt chunk by
-        chunk this way is the paper's loop; `prefill` does it in one pass.
+        one chunk of each row (swap memories between chunks), unless `across_chunks` says
+        that the next chunks read the same memories. Processing a long prompt chunk by chunk
+        this way is the paper's loop; `prefill` does it in one pass.
 
         Args:
             tokens: `(B, T)` new tokens per row.
             cache: A cache filled by `prefill`.
+            across_chunks: Let the tokens cross chunk boundaries, every one of them reading
+                the current memories (e.g. scoring continuations whose chunks all read the
+                memories of the context's chunks).
 
         Returns:
             `(B, T, vocab_size)` logits.
@@ -669,8 +673,10 @@ class Memory3(nn.Module):
         if bool((cache.lengths + length > cache.capacity).any()):
             raise ValueError(f"the cache is full ({cache.capacity} context tokens per row)")
         chunk = self.config.chunk_length
-        if cache.memories is not None and bool(
-            (cache.lengths // chunk != (cache.lengths + length - 1) // chunk).any()
+        if (
+            not across_chunks
+            and cache.memories is not None
+            and bool((cache.lengths // chunk != (cache.lengths + length - 1) // chunk).any())
         ):
             raise ValueError(f"tokens appended at once must lie in one chunk of {chunk} tokens")
         steps = torch.arange(length, device=cache.lengths.device)
